@@ -1,0 +1,1 @@
+"""Chat adapters (terminal, Telegram, Discord) over one platform-neutral command core."""

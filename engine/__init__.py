@@ -1,0 +1,1 @@
+"""The RAP engine: remember, retrieve and answer about a chat's concepts; no chat-platform code."""

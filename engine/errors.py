@@ -1,0 +1,35 @@
+"""Errors a user or operator can cause.
+
+Every subclass of :class:`RapbotError` carries a message written for the person in the chat
+(or at the terminal): adapters show ``str(error)`` as is and never a traceback.
+"""
+
+from __future__ import annotations
+
+
+class RapbotError(Exception):
+    """Base class: the message is safe and meant to be shown to the user."""
+
+
+class ImageError(RapbotError):
+    """The upload is not a usable image (empty, not an image, truncated, too large...)."""
+
+
+class InvalidInputError(RapbotError):
+    """A name, description, box, scope or command argument is malformed."""
+
+
+class UnknownConceptError(RapbotError):
+    """A command names a concept that this chat has not remembered."""
+
+
+class PermissionDeniedError(RapbotError):
+    """The user may not change this concept (only its owner or a chat admin may)."""
+
+
+class MissingWeightError(RapbotError):
+    """A model weight file is not available locally and cannot be downloaded."""
+
+
+class StoreError(RapbotError):
+    """The concept store cannot be opened or used (wrong embedding model, corruption...)."""

@@ -1,0 +1,1 @@
+"""Concept stores: a protocol and its implementations (FAISS for local mode)."""

@@ -1,0 +1,1 @@
+"""Celery workers and the async engine client (distributed mode)."""
