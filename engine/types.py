@@ -139,3 +139,4 @@ class Answer:
     concepts: list[Recognition] = field(default_factory=list)
     unknown: list[UnknownObject] = field(default_factory=list)
     image: bytes | None = None
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage

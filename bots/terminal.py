@@ -1,0 +1,129 @@
+"""A local chat in the terminal, over the same command core as the Telegram and Discord bots.
+
+Type chat messages as in a group chat. A photo is attached with ``< PATH`` at the end of a
+message (``/remember Mochi | my grey cat < photos/mochi.jpg``); a line that is only a path
+posts a photo, and the next command that needs one uses it, as a reply to it would.
+Annotated photos are saved to the output folder and their path is printed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+from typing import TextIO
+
+from bots.core.commands import is_command
+from bots.core.handler import CommandCore
+from bots.core.messages import IncomingMessage, Reply
+from engine.errors import ImageError, RapbotError
+from engine.images import ImageLimits
+
+BANNER = (
+    "rapbot local chat — scope '{scope}' as user '{user}'. /help lists the commands; "
+    "attach a photo with '< PATH'; /quit or Ctrl-D leaves."
+)
+
+
+def split_attachment(line: str) -> tuple[str, str | None]:
+    """``"/who < party.jpg"`` → ``("/who", "party.jpg")``; a bare existing path is a photo post."""
+    text, sep, path = line.rpartition("<")
+    if sep and path.strip():
+        return text.strip(), path.strip().strip("'\"")
+    stripped = line.strip().strip("'\"")
+    if stripped and not is_command(stripped) and Path(stripped).expanduser().is_file():
+        return "", stripped
+    return line.strip(), None
+
+
+def read_photo(path: str, limits: ImageLimits) -> bytes:
+    """The file's bytes, refusing missing files and oversized ones before reading them."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ImageError(f"There is no file at {path}.")
+    size = file.stat().st_size
+    if size > limits.max_bytes:
+        raise ImageError(
+            f"The image is too large ({size / 2**20:.1f} MB); the limit is "
+            f"{limits.max_bytes / 2**20:.0f} MB."
+        )
+    return file.read_bytes()
+
+
+class TerminalChat:
+    def __init__(
+        self,
+        core: CommandCore,
+        scope: str,
+        user: str,
+        is_admin: bool = False,
+        out_dir: Path = Path("."),
+        limits: ImageLimits | None = None,
+        stdin: TextIO = sys.stdin,
+        stdout: TextIO = sys.stdout,
+    ) -> None:
+        self.core = core
+        self.scope = scope
+        self.user = user
+        self.is_admin = is_admin
+        self.out_dir = Path(out_dir)
+        self.limits = limits or ImageLimits()
+        self.stdin = stdin
+        self.stdout = stdout
+        self.last_photo: bytes | None = None
+        self.message_count = 0
+
+    def say(self, text: str) -> None:
+        print(text, file=self.stdout, flush=True)
+
+    def _save(self, reply: Reply) -> Path:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        path = self.out_dir / f"rapbot-{self.message_count:03d}-{reply.image_name}"
+        path.write_bytes(reply.image)
+        return path
+
+    async def handle_line(self, line: str) -> bool:
+        """Handle one typed line; False when the user wants to leave."""
+        text, photo_path = split_attachment(line)
+        if text.casefold() in {"/quit", "/exit"}:
+            return False
+        self.message_count += 1
+        photo = None
+        if photo_path is not None:
+            try:
+                photo = read_photo(photo_path, self.limits)
+            except RapbotError as error:
+                self.say(f"! {error}")
+                return True
+        if not text:
+            self.last_photo = photo
+            self.say("(photo posted: the next command that needs a photo uses it)")
+            return True
+        if not is_command(text):
+            text = f"/ask {text}"  # plain messages are questions to the bot, as mentions are
+        message = IncomingMessage(
+            scope=self.scope,
+            user_id=self.user,
+            text=text,
+            image=photo if photo is not None else self.last_photo,
+            is_admin=self.is_admin,
+            message_id=None,
+        )
+        reply = await self.core.handle(message)
+        self.say(("! " if reply.error else "") + reply.text)
+        if reply.image is not None:
+            self.say(f"(annotated photo saved to {self._save(reply)})")
+        return True
+
+    async def run(self) -> None:
+        self.say(BANNER.format(scope=self.scope, user=self.user))
+        loop = asyncio.get_running_loop()
+        while True:
+            if self.stdin.isatty():
+                print("> ", end="", file=self.stdout, flush=True)
+            line = await loop.run_in_executor(None, self.stdin.readline)
+            if not line:
+                break
+            if line.strip() and not await self.handle_line(line):
+                break
+        self.say("Bye.")

@@ -1,0 +1,289 @@
+"""The engine facade: remember, recognize, ask, caption and manage a scope's concepts.
+
+Inputs and outputs are plain data (image bytes, strings, dataclasses from :mod:`engine.types`)
+so the same object serves in-process (local mode) and behind a Celery task (distributed mode).
+Every method takes the scope explicitly and touches nothing outside it, except
+:meth:`Engine.forget_user`, which by design removes one user's data from every scope.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+from PIL import Image
+
+from engine.answers import ask_sentence, caption_sentence, rough_position, who_sentence
+from engine.categories import category_from_text
+from engine.errors import InvalidInputError, UnknownConceptError
+from engine.images import ImageLimits, crop, decode_image, encode_jpeg
+from engine.naming import clean_description, clean_name, clean_scope, clean_user
+from engine.permissions import Actor, ensure_can_edit
+from engine.render import annotate_jpeg
+from engine.retriever import CROP_PAD, Region, Retriever, regions_from_detections
+from engine.selection import select_region
+from engine.settings import EngineSettings
+from engine.store import open_store
+from engine.store.base import ConceptStore
+from engine.timing import StageTimer
+from engine.types import Answer, Box, Concept, Detection, Recognition, RememberResult, UnknownObject
+
+log = logging.getLogger(__name__)
+
+MAX_QUESTION_LENGTH = 1000
+
+
+class Engine:
+    """RAP's Remember and Retrieve steps over one store, with recognition-only answers."""
+
+    def __init__(self, settings: EngineSettings, models, store: ConceptStore) -> None:
+        self.settings = settings
+        self.models = models
+        self.store = store
+        self.limits = ImageLimits.from_settings(settings)
+        self.retriever = Retriever(
+            store, models.embedder, threshold=models.match_threshold, top_k=settings.top_k
+        )
+
+    @classmethod
+    def open(cls, settings: EngineSettings | None = None) -> Engine:
+        """Load the profile's models and open the local (FAISS) store in the data folder."""
+        from engine.models import load_models  # heavy imports only when an engine is built
+
+        settings = settings or EngineSettings()
+        models = load_models(settings)
+        store = open_store(
+            Path(settings.data_dir) / "store", models.embedder.model_id, models.embedder.dim
+        )
+        return cls(settings, models, store)
+
+    def close(self) -> None:
+        self.store.close()
+
+    # ----------------------------------------------------------------------------- helpers
+
+    def _decode(self, image: bytes, timer: StageTimer) -> Image.Image:
+        if not isinstance(image, (bytes, bytearray, memoryview)):
+            raise InvalidInputError("Send a photo (image bytes) with this command.")
+        with timer.stage("decode"):
+            return decode_image(bytes(image), self.limits)
+
+    def vocabulary(self, scope: str) -> list[str]:
+        """The detector's classes for a scope: its concepts' categories, then the general list."""
+        from engine.detector import GENERAL_VOCABULARY
+
+        seen: set[str] = set()
+        words: list[str] = []
+        for word in [*self.store.categories(scope), *GENERAL_VOCABULARY]:
+            if word and word.casefold() not in seen:
+                seen.add(word.casefold())
+                words.append(word)
+        return words
+
+    def _detect(self, scope: str, image: Image.Image, timer: StageTimer) -> list[Detection]:
+        vocabulary = self.vocabulary(scope)
+        with timer.stage("detect"):
+            return self.models.detector.detect([image], vocabulary)[0]
+
+    def concept(self, scope: str, name: str) -> Concept:
+        """The scope's concept called ``name`` (any case), or a helpful UnknownConceptError."""
+        scope = clean_scope(scope)
+        found = self.store.get_by_name(scope, (name or "").strip())
+        if found is not None:
+            return found
+        known = [c.name for c in self.store.list_concepts(scope)]
+        close = difflib.get_close_matches(name or "", known, n=1, cutoff=0.6)
+        hint = f" Did you mean {close[0]}?" if close else ""
+        if not known:
+            hint = " Nobody has been remembered in this chat yet."
+        raise UnknownConceptError(f"I don't know anyone called '{name}' here.{hint}")
+
+    # ----------------------------------------------------------------------------- remember
+
+    def remember(
+        self,
+        scope: str,
+        image: bytes,
+        name: str,
+        description: str = "",
+        user: str = "local",
+        box: Box | None = None,
+        source: str | None = None,
+        category: str | None = None,
+    ) -> RememberResult:
+        """Store a new concept, or add an example photo when the name exists in the scope.
+
+        ``source`` (e.g. the platform message id) makes the call idempotent: running it again
+        stores nothing new.
+        """
+        scope = clean_scope(scope)
+        name = clean_name(name, self.settings.max_name_length)
+        description = clean_description(description, self.settings.max_description_length)
+        user = clean_user(user)
+        category = clean_description(category, 64) if category else ""
+        timer = StageTimer()
+        picture = self._decode(image, timer)
+        existing = self.store.get_by_name(scope, name)
+        vocabulary = self.vocabulary(scope)
+        wanted = (
+            category
+            or (existing.category if existing else "")
+            or category_from_text(f"{name} {description}", vocabulary)
+        )
+        detections = [] if box is not None else self._detect(scope, picture, timer)
+        chosen = select_region(detections, *picture.size, category=wanted, user_box=box)
+        example = crop(picture, chosen.box, pad=CROP_PAD)
+        with timer.stage("embed"):
+            vector = self.models.embedder.embed_images([example])[0]
+        crop_jpeg = encode_jpeg(example)
+        if existing is not None:
+            concept = self.store.add_example(
+                scope,
+                existing.id,
+                embedding=vector,
+                crop_jpeg=crop_jpeg,
+                box=chosen.box,
+                source=source,
+            )
+            created = False
+        else:
+            concept = self.store.add_concept(
+                scope,
+                name=name,
+                description=description,
+                category=wanted or chosen.label,
+                owner=user,
+                embedding=vector,
+                crop_jpeg=crop_jpeg,
+                box=chosen.box,
+                source=source,
+            )
+            created = True
+        log.info(
+            "remember scope=%s concept=%s created=%s crop=%s (%s)",
+            scope,
+            concept.id,
+            created,
+            chosen.box.as_list(),
+            chosen.reason,
+        )
+        return RememberResult(concept=concept, box=chosen.box, created=created)
+
+    # ----------------------------------------------------------------------------- recognize
+
+    def _recognize(
+        self, scope: str, picture: Image.Image, timer: StageTimer
+    ) -> tuple[list[Recognition], list[UnknownObject], dict[str, str]]:
+        width, height = picture.size
+        regions: list[Region] = regions_from_detections(
+            self._detect(scope, picture, timer), width, height
+        )
+        matches = self.retriever.retrieve(scope, picture, regions, timer)
+        known: list[Recognition] = []
+        owners: dict[str, str] = {}
+        for match in matches:
+            concept = self.store.get(scope, match.concept_id)
+            if concept is None:  # forgotten between search and lookup
+                continue
+            box = regions[match.region].box
+            owners[concept.id] = concept.owner
+            known.append(
+                Recognition(
+                    concept_id=concept.id,
+                    name=concept.name,
+                    description=concept.description,
+                    category=concept.category,
+                    score=round(float(match.score), 4),
+                    box=box,
+                    position=rough_position(box, width, height),
+                )
+            )
+        matched = {m.region for m in matches}
+        unknown = [
+            UnknownObject(r.label, r.box, rough_position(r.box, width, height))
+            for i, r in enumerate(regions)
+            if i not in matched and r.label
+        ]
+        return known, unknown, owners
+
+    def recognize(
+        self, scope: str, image: bytes, user: str | None = None, annotate: bool = True
+    ) -> Answer:
+        """Who and what of this scope is in the photo, in words and (optionally) drawn boxes."""
+        scope = clean_scope(scope)
+        timer = StageTimer()
+        picture = self._decode(image, timer)
+        known, unknown, owners = self._recognize(scope, picture, timer)
+        if self.store.count(scope) == 0:
+            text = "I don't know anyone in this chat yet, so I can't name anything in this photo."
+        else:
+            text = who_sentence(known, unknown, owners, user)
+        rendered = None
+        if annotate:
+            with timer.stage("render"):
+                rendered = annotate_jpeg(picture, known, unknown)
+        return Answer(text, known, unknown, rendered, timer.seconds)
+
+    def ask(
+        self, scope: str, image: bytes | None, question: str, user: str | None = None
+    ) -> Answer:
+        """Answer a question about a photo or about remembered concepts (recognition-only)."""
+        scope = clean_scope(scope)
+        question = clean_description(question, MAX_QUESTION_LENGTH)
+        if not question:
+            raise InvalidInputError("Ask me something, for example: is Mochi here?")
+        timer = StageTimer()
+        named = self.retriever.named_in(scope, question)
+        if image is None:
+            concepts = [
+                Recognition(c.id, c.name, c.description, c.category, 1.0, None) for c in named
+            ]
+            return Answer(ask_sentence(named, [], [], {}, user, has_image=False), concepts)
+        picture = self._decode(image, timer)
+        known, unknown, owners = self._recognize(scope, picture, timer)
+        text = ask_sentence(named, known, unknown, owners, user, has_image=True)
+        with timer.stage("render"):
+            rendered = annotate_jpeg(picture, known, unknown)
+        return Answer(text, known, unknown, rendered, timer.seconds)
+
+    def caption(self, scope: str, image: bytes, user: str | None = None) -> Answer:
+        """A personalized caption: the photo described with the names of its concepts."""
+        scope = clean_scope(scope)
+        timer = StageTimer()
+        picture = self._decode(image, timer)
+        known, unknown, owners = self._recognize(scope, picture, timer)
+        return Answer(
+            caption_sentence(known, unknown, owners, user), known, unknown, None, timer.seconds
+        )
+
+    # ----------------------------------------------------------------------------- manage
+
+    def list_concepts(self, scope: str) -> list[Concept]:
+        return self.store.list_concepts(clean_scope(scope))
+
+    def rename(self, scope: str, name: str, new_name: str, actor: Actor) -> Concept:
+        concept = self.concept(scope, name)
+        ensure_can_edit(concept, actor, "rename")
+        new_name = clean_name(new_name, self.settings.max_name_length)
+        return self.store.rename(concept.scope, concept.id, new_name)
+
+    def describe(self, scope: str, name: str, description: str, actor: Actor) -> Concept:
+        concept = self.concept(scope, name)
+        ensure_can_edit(concept, actor, "change the description of")
+        description = clean_description(description, self.settings.max_description_length)
+        return self.store.describe(concept.scope, concept.id, description)
+
+    def forget(self, scope: str, name: str, actor: Actor) -> Concept:
+        concept = self.concept(scope, name)
+        ensure_can_edit(concept, actor, "forget")
+        self.store.delete(concept.scope, concept.id)
+        log.info("forget scope=%s concept=%s by=%s", concept.scope, concept.id, actor.user)
+        return replace(concept, examples=0)
+
+    def forget_user(self, user: str) -> int:
+        """Remove every concept the user remembered, in every scope; returns how many."""
+        removed = self.store.delete_user(clean_user(user))
+        log.info("forget_user removed=%d", removed)
+        return removed
