@@ -132,8 +132,15 @@ class Engine:
             or (existing.category if existing else "")
             or category_from_text(f"{name} {description}", vocabulary)
         )
+        # Choose among the same de-duplicated regions that recognition looks at, so that the
+        # photo a concept was remembered from is recognized from identical crop pixels.
         detections = [] if box is not None else self._detect(scope, picture, timer)
-        chosen = select_region(detections, *picture.size, category=wanted, user_box=box)
+        candidates = [
+            Detection(r.box, r.label, r.score)
+            for r in regions_from_detections(detections, *picture.size)
+            if r.label
+        ]
+        chosen = select_region(candidates, *picture.size, category=wanted, user_box=box)
         example = crop(picture, chosen.box, pad=CROP_PAD)
         with timer.stage("embed"):
             vector = self.models.embedder.embed_images([example])[0]
