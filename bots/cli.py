@@ -131,10 +131,9 @@ def _settings(args: argparse.Namespace):
 
 
 def _read_image(path: str, settings) -> bytes:
-    from bots.terminal import read_photo
-    from engine.images import ImageLimits
+    from engine.images import ImageLimits, read_image_file
 
-    return read_photo(path, ImageLimits.from_settings(settings))
+    return read_image_file(Path(path).expanduser(), ImageLimits.from_settings(settings))
 
 
 def _concept_json(concept: Concept, box: Box | None = None) -> dict[str, Any]:

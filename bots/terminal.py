@@ -16,8 +16,8 @@ from typing import TextIO
 from bots.core.commands import is_command
 from bots.core.handler import CommandCore
 from bots.core.messages import IncomingMessage, Reply
-from engine.errors import ImageError, RapbotError
-from engine.images import ImageLimits
+from engine.errors import RapbotError
+from engine.images import ImageLimits, read_image_file
 
 BANNER = (
     "rapbot local chat — scope '{scope}' as user '{user}'. /help lists the commands; "
@@ -34,20 +34,6 @@ def split_attachment(line: str) -> tuple[str, str | None]:
     if stripped and not is_command(stripped) and Path(stripped).expanduser().is_file():
         return "", stripped
     return line.strip(), None
-
-
-def read_photo(path: str, limits: ImageLimits) -> bytes:
-    """The file's bytes, refusing missing files and oversized ones before reading them."""
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise ImageError(f"There is no file at {path}.")
-    size = file.stat().st_size
-    if size > limits.max_bytes:
-        raise ImageError(
-            f"The image is too large ({size / 2**20:.1f} MB); the limit is "
-            f"{limits.max_bytes / 2**20:.0f} MB."
-        )
-    return file.read_bytes()
 
 
 class TerminalChat:
@@ -91,7 +77,7 @@ class TerminalChat:
         photo = None
         if photo_path is not None:
             try:
-                photo = read_photo(photo_path, self.limits)
+                photo = read_image_file(Path(photo_path).expanduser(), self.limits)
             except RapbotError as error:
                 self.say(f"! {error}")
                 return True

@@ -341,6 +341,15 @@ def load_image_file(
     path: str | os.PathLike[str], limits: ImageLimits = ImageLimits()
 ) -> Image.Image:
     """Read and decode an image file; every problem is an ImageError that names the path."""
+    data = read_image_file(path, limits)
+    try:
+        return decode_image(data, limits)
+    except ImageError as error:
+        raise ImageError(f"{_show_path(path)}: {error}") from None
+
+
+def read_image_file(path: str | os.PathLike[str], limits: ImageLimits = ImageLimits()) -> bytes:
+    """The bytes of an image file (not decoded), refusing folders, FIFOs and oversized files."""
     shown = _show_path(path)
     try:
         info = os.stat(path)
@@ -360,10 +369,9 @@ def load_image_file(
             data = file.read(limits.max_bytes + 1)  # +1: the file may have grown since stat
     except OSError as error:
         raise ImageError(f"The file {shown} cannot be read ({_reason(error)}).") from None
-    try:
-        return decode_image(data, limits)
-    except ImageError as error:
-        raise ImageError(f"{shown}: {error}") from None
+    if len(data) > limits.max_bytes:
+        raise ImageError(f"{shown}: {_too_many_bytes(len(data), limits)}")
+    return data
 
 
 def _reason(error: OSError) -> str:
