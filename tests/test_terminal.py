@@ -1,0 +1,110 @@
+"""The local chat: the command core and the terminal adapter over a real in-process engine."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+
+from bots.core.gateway import LocalGateway
+from bots.core.handler import CommandCore
+from bots.terminal import TerminalChat, split_attachment
+
+
+def chat(engine, lines: list[str], out_dir, user: str = "alice", admin: bool = False) -> list[str]:
+    """Type ``lines`` into a terminal chat and return what it printed, line by line."""
+    stdout = io.StringIO()
+
+    async def session() -> None:
+        gateway = LocalGateway(engine)
+        terminal = TerminalChat(
+            CommandCore(gateway),
+            "local",
+            user,
+            admin,
+            out_dir,
+            stdin=io.StringIO("\n".join(lines) + "\n"),
+            stdout=stdout,
+        )
+        await terminal.run()
+        gateway._executor.shutdown(wait=True)  # the engine is closed by its fixture
+
+    asyncio.run(session())
+    return stdout.getvalue().splitlines()
+
+
+def test_split_attachment(tmp_path) -> None:
+    photo = tmp_path / "p.jpg"
+    photo.write_bytes(b"x")
+    assert split_attachment("/who < party.jpg") == ("/who", "party.jpg")
+    assert split_attachment(f"  {photo}  ") == ("", str(photo))
+    assert split_attachment("/ask is Mochi here?") == ("/ask is Mochi here?", None)
+    assert split_attachment("a <b> tag") == ("a <b> tag", None)
+
+
+def test_remember_who_forget_in_the_local_chat(tiny_engine, dreambooth, tmp_path) -> None:
+    cat = dreambooth / "cat" / "00.jpg"
+    out = chat(
+        tiny_engine,
+        [
+            f"/remember Mochi | my grey cat < {cat}",
+            str(cat),
+            "/who",
+            "is Mochi here?",
+            "/concepts",
+            "/forget Mochi",
+            "/concepts",
+        ],
+        tmp_path,
+    )
+    assert out[0].startswith("rapbot local chat")
+    assert out[1] == "Got it: I'll remember Mochi (my grey cat)."
+    assert out[2].startswith("(photo posted")
+    assert out[3].startswith("Mochi (your grey cat) is")
+    assert out[4].startswith("(annotated photo saved to ")
+    saved = out[4].removeprefix("(annotated photo saved to ").removesuffix(")")
+    assert (tmp_path / saved.split("/")[-1]).read_bytes()[:2] == b"\xff\xd8"
+    assert out[5].startswith("Yes, Mochi (your grey cat) is")
+    assert "• Mochi — my grey cat (1 photo)" in out
+    assert "I've forgotten Mochi and all photos of them." in out
+    assert out[-2].startswith("I don't remember anyone in this chat yet")
+    assert out[-1] == "Bye."
+
+
+def test_errors_are_replies_not_tracebacks(tiny_engine, dreambooth, tmp_path) -> None:
+    cat = dreambooth / "cat" / "00.jpg"
+    text_file = tmp_path / "notes.jpg"
+    text_file.write_text("just some text")
+    out = chat(
+        tiny_engine,
+        [
+            "/who",
+            f"/who < {text_file}",
+            "/who < /no/such.jpg",
+            f"/remember <script> < {cat}",
+            "/rename Mochi",
+            "/frobnicate",
+            "/forget Ghost",
+            f"/remember Mochi < {cat}",
+        ],
+        tmp_path,
+    )
+    replies = out[1:-1]
+    assert replies[0].startswith("! Send a photo with this command")
+    assert replies[1].startswith("! ") and "not an image" in replies[1]
+    assert replies[2].startswith("! ") and "does not exist" in replies[2]
+    assert replies[3].startswith("! Names can use letters")
+    assert replies[4] == "! Usage: /rename OLD NAME | NEW NAME"
+    assert replies[5].startswith("! I don't know the command /frobnicate")
+    assert replies[6].startswith("! I don't know anyone called 'Ghost' here.")
+    assert replies[7].startswith("Got it")
+    assert not any("Traceback" in line for line in out)
+
+
+def test_others_cannot_forget_my_concepts(tiny_engine, dreambooth, tmp_path) -> None:
+    cat = dreambooth / "cat" / "00.jpg"
+    chat(tiny_engine, [f"/remember Mochi < {cat}"], tmp_path, user="alice")
+    bob = chat(tiny_engine, ["/forget Mochi"], tmp_path, user="bob")
+    assert bob[1].startswith("! Only the person who remembered Mochi or a chat admin")
+    assert [c.name for c in tiny_engine.list_concepts("local")] == ["Mochi"]
+    admin = chat(tiny_engine, ["/forget Mochi"], tmp_path, user="bob", admin=True)
+    assert admin[1].startswith("I've forgotten Mochi")
