@@ -27,11 +27,13 @@ BANNER = (
 
 def split_attachment(line: str) -> tuple[str, str | None]:
     """``"/who < party.jpg"`` → ``("/who", "party.jpg")``; a bare existing path is a photo post."""
-    text, sep, path = line.rpartition("<")
-    if sep and path.strip():
-        return text.strip(), path.strip().strip("'\"")
+    text, sep, rest = line.rpartition("<")
+    path = rest.strip().strip("'\"")
+    # "< PATH" (with a space) or any '<' followed by an existing file; "<b>" in text is not one.
+    if sep and path and (rest[:1].isspace() or Path(path).expanduser().is_file()):
+        return text.strip(), path
     stripped = line.strip().strip("'\"")
-    if stripped and not is_command(stripped) and Path(stripped).expanduser().is_file():
+    if stripped and Path(stripped).expanduser().is_file():  # absolute paths start with '/' too
         return "", stripped
     return line.strip(), None
 

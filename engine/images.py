@@ -14,6 +14,7 @@ import math
 import os
 import re
 import stat
+import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -184,7 +185,7 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Imag
 
 
 def _decode(data: bytes, limits: ImageLimits) -> Image.Image:
-    image = Image.open(io.BytesIO(data), formats=_available_formats())
+    image = _pillow_open()(io.BytesIO(data), formats=_available_formats())
     return _load_checked(image, limits)
 
 
@@ -210,6 +211,17 @@ def _load_checked(image: ImageFile.ImageFile, limits: ImageLimits) -> Image.Imag
         # Detach from the multi-frame file object (and the upload's bytes it holds).
         rgb = rgb.copy()
     return rgb
+
+
+def _pillow_open():
+    """Pillow's own ``Image.open``.
+
+    Importing ultralytics replaces ``Image.open`` with a wrapper that, on an unidentified
+    file, pip-installs a HEIF plugin at run time; a chat upload must never trigger that.
+    """
+    patches = sys.modules.get("ultralytics.utils.patches")
+    original = getattr(patches, "_image_open", None)
+    return original if Image.open.__module__ != "PIL.Image" and original else Image.open
 
 
 def _available_formats() -> tuple[str, ...]:

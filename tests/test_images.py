@@ -427,3 +427,15 @@ def test_every_real_photo_decodes(dreambooth: Path) -> None:
     assert photos, f"no .jpg under {dreambooth}"
     for path in photos:
         _assert_decodes(path)
+
+
+def test_ultralytics_open_patch_never_installs_plugins(monkeypatch) -> None:
+    """ultralytics wraps Image.open to pip-install a HEIF plugin on unknown files: bypassed."""
+    import ultralytics.utils.checks as checks
+    import ultralytics.utils.patches  # noqa: F401  (applies the patch)
+
+    calls: list[object] = []
+    monkeypatch.setattr(checks, "check_requirements", lambda *a, **k: calls.append(a))
+    with pytest.raises(ImageError, match="not an image"):
+        decode_image(b"just some text, not a photo")
+    assert calls == []
