@@ -1,0 +1,203 @@
+"""Build the models of a profile once: the CLIP embedder, YOLO-World's text tower, the detector.
+
+``load_models(settings)`` is the one entry point; it is memoised per settings so the engine,
+workers and tests share one set of loaded models per configuration.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path, PurePath
+
+from engine.detector import Detector, NullDetector, YoloDetector, YoloWorldDetector
+from engine.embedder import ClipEmbedder, load_clip, resolve_device, seeded
+from engine.errors import MissingWeightError, RapbotError
+from engine.profiles import Profile, parse_detector_spec, resolve_profile
+from engine.settings import EngineSettings
+from engine.weights import detector_weight, first_line, is_offline, looks_like_path
+
+log = logging.getLogger(__name__)
+
+_cache: dict[str, Models] = {}
+_cache_lock = threading.Lock()
+_owns_yolo_config = False  # True when we chose YOLO_CONFIG_DIR (inside the data folder)
+
+
+@dataclass
+class Models:
+    profile: Profile
+    embedder: ClipEmbedder
+    detector: Detector
+    match_threshold: float
+    text_encoder: ClipEmbedder | None = None  # YOLO-World's vocabulary tower (may be ``embedder``)
+    load_seconds: float = 0.0
+
+
+def prepare_environment(settings: EngineSettings) -> None:
+    """Safe defaults before ultralytics / huggingface_hub are imported (they read env at import).
+
+    Offline also stops ultralytics' import-time DNS "is online" probe; its config folder goes
+    into the data folder unless ``YOLO_CONFIG_DIR`` is set.
+    """
+    # ultralytics pip-installs missing packages at run time unless told not to: a service
+    # must never change its own environment while serving.
+    os.environ.setdefault("YOLO_AUTOINSTALL", "false")
+    if is_offline(settings):
+        os.environ.setdefault("YOLO_OFFLINE", "1")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    global _owns_yolo_config
+    if "YOLO_CONFIG_DIR" not in os.environ:
+        folder = Path(settings.data_dir).expanduser() / "ultralytics"
+        folder.mkdir(parents=True, exist_ok=True)
+        os.environ["YOLO_CONFIG_DIR"] = str(folder)
+        _owns_yolo_config = True
+
+
+def _import_ultralytics() -> None:
+    from ultralytics.utils import SETTINGS
+
+    # No usage analytics from a chat bot; only in our own config folder, never the user's.
+    if _owns_yolo_config and SETTINGS.get("sync"):
+        SETTINGS.update(sync=False)
+
+
+def build_embedder(profile: Profile, settings: EngineSettings) -> ClipEmbedder:
+    return load_clip(profile.clip_model, profile.clip_pretrained, settings, seed=profile.seed)
+
+
+def build_text_encoder(
+    profile: Profile, settings: EngineSettings, embedder: ClipEmbedder
+) -> ClipEmbedder:
+    """YOLO-World's text tower: the embedder itself when it is the same model (never load twice)."""
+    if (profile.detector_text_model, profile.detector_text_pretrained) == (
+        profile.clip_model,
+        profile.clip_pretrained,
+    ):
+        return embedder
+    pretrained = profile.detector_text_pretrained
+    encoder = load_clip(
+        profile.detector_text_model,
+        pretrained,
+        settings,
+        seed=profile.seed,
+        setting="RAPBOT_DETECTOR_TEXT_WEIGHTS",
+        # A file here is OpenAI's ViT-B/32 (what YOLO-World was trained with): QuickGELU.
+        quick_gelu=True if pretrained and looks_like_path(pretrained) else None,
+    )
+    encoder.drop_vision()
+    return encoder
+
+
+def build_detector(
+    profile: Profile, settings: EngineSettings, text_encoder: ClipEmbedder | None
+) -> Detector:
+    kind, weights = parse_detector_spec(profile.detector)
+    if kind == "none":
+        return NullDetector()
+    prepare_environment(settings)
+    _import_ultralytics()
+    from ultralytics import YOLO
+    from ultralytics.nn.tasks import WorldModel, load_checkpoint
+
+    device = resolve_device(settings.device)
+    is_yaml = PurePath(weights).suffix in (".yaml", ".yml")
+    path = (
+        weights
+        if is_yaml and not looks_like_path(weights)
+        else str(detector_weight(weights, settings))
+    )
+    common = dict(
+        name=profile.detector,
+        device=device,
+        confidence=settings.detector_confidence,
+        image_size=profile.detector_image_size,
+        max_detections=settings.max_detections,
+    )
+    try:
+        if kind == "yolo-world":
+            with seeded(profile.seed):  # a .yaml builds random weights: make them reproducible
+                model = (
+                    WorldModel(path, nc=80, verbose=False)
+                    if is_yaml
+                    else load_checkpoint(path, device="cpu")[0]
+                )
+        else:
+            with seeded(profile.seed):
+                yolo = YOLO(path, task="detect")
+            model = yolo.model
+    except RapbotError:
+        raise
+    except Exception as error:  # a missing packaged .yaml, a corrupt or foreign file
+        raise MissingWeightError(
+            f"Could not load detector '{profile.detector}' from {path}: {first_line(error)}"
+        ) from None
+
+    if isinstance(model, WorldModel):
+        if text_encoder is None:
+            raise RapbotError(
+                f"Detector '{profile.detector}' is a YOLO-World model: "
+                f"name it 'yolo-world:{weights}'."
+            )
+        text_dim = int(model.txt_feats.shape[-1])
+        if text_encoder.dim != text_dim:
+            raise RapbotError(
+                f"YOLO-World needs {text_dim}-d text features but "
+                f"{text_encoder.model_id} gives {text_encoder.dim}: "
+                "set RAPBOT_DETECTOR_TEXT_WEIGHTS to OpenAI ViT-B-32 weights."
+            )
+        return YoloWorldDetector(model, text_encoder.encode_text_for_yolo, **common)
+    if kind == "yolo-world":
+        raise MissingWeightError(f"Detector '{profile.detector}' is not a YOLO-World model: {path}")
+
+    # Exports (.tflite, .onnx ...) have a fixed batch of 1; PyTorch models batch.
+    detector = YoloDetector(yolo, batch_size=8 if PurePath(path).suffix == ".pt" else 1, **common)
+    try:  # load the runtime now (LiteRT, ONNX ...), so a broken file fails here and not mid-chat
+        from PIL import Image
+
+        detector.detect([Image.new("RGB", (64, 64))], [])
+    except Exception as error:
+        raise MissingWeightError(
+            f"Could not run detector '{profile.detector}' ({path}): {first_line(error)}"
+        ) from None
+    return detector
+
+
+def load_models(settings: EngineSettings, *, reuse: bool = True) -> Models:
+    """Load (once per configuration) the profile's embedder and detector; logs the time taken."""
+    key = settings.model_dump_json()
+    with _cache_lock:
+        if reuse and key in _cache:
+            return _cache[key]
+        prepare_environment(settings)
+        start = time.perf_counter()
+        profile = resolve_profile(settings)
+        embedder = build_embedder(profile, settings)
+        text_encoder = (
+            build_text_encoder(profile, settings, embedder)
+            if profile.detector_kind == "yolo-world"
+            else None
+        )
+        detector = build_detector(profile, settings, text_encoder)
+        seconds = time.perf_counter() - start
+        models = Models(profile, embedder, detector, profile.match_threshold, text_encoder, seconds)
+        log.info(
+            "loaded profile %s in %.1f s: embedder %s (%s), detector %s, match threshold %.4f",
+            profile.name,
+            seconds,
+            embedder.model_id,
+            embedder.device,
+            detector.name,
+            profile.match_threshold,
+        )
+        if reuse:
+            _cache[key] = models
+        return models
+
+
+def clear_model_cache() -> None:
+    with _cache_lock:
+        _cache.clear()
