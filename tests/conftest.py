@@ -12,6 +12,7 @@ import pytest
 _CONFIG_TMP = Path(tempfile.mkdtemp(prefix="rapbot-test-config-"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("YOLO_OFFLINE", "1")
+os.environ.setdefault("YOLO_AUTOINSTALL", "false")
 os.environ.setdefault("YOLO_CONFIG_DIR", str(_CONFIG_TMP / "yolo"))
 os.environ.setdefault("MPLCONFIGDIR", str(_CONFIG_TMP / "mpl"))
 os.environ.setdefault("RAPBOT_OFFLINE", "1")
