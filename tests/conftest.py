@@ -49,7 +49,6 @@ def coco_detector_path() -> Path:
 
 def _load(tmp_root: Path, **overrides):
     from engine.models import load_models
-
     from engine.settings import EngineSettings
 
     settings = EngineSettings(data_dir=tmp_root, profile="tiny", **overrides)

@@ -1,0 +1,177 @@
+"""The concept store protocol and the input checks every implementation shares.
+
+A store keeps, per scope (chat), the concepts (name, description, category, owner) and their
+example photos: a JPEG crop, the box it was cut from and its L2-normalised embedding. Nothing
+may cross scopes: every method but :meth:`ConceptStore.delete_user` reads and writes exactly one
+scope. Implementations: :class:`engine.store.faiss_store.FaissConceptStore` (local mode).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from engine.errors import InvalidInputError
+from engine.types import Box, Concept, ExampleHit
+
+
+@runtime_checkable
+class ConceptStore(Protocol):
+    """Per-scope concepts and their example vectors; see the module docstring."""
+
+    model_id: str  # embedding model identity, e.g. "open_clip:ViT-B-32:openai"
+    dim: int
+
+    def add_concept(
+        self,
+        scope: str,
+        *,
+        name: str,
+        description: str,
+        category: str,
+        owner: str,
+        embedding: np.ndarray,
+        crop_jpeg: bytes,
+        box: Box,
+        source: str | None = None,
+    ) -> Concept: ...
+
+    def add_example(
+        self,
+        scope: str,
+        concept_id: str,
+        *,
+        embedding: np.ndarray,
+        crop_jpeg: bytes,
+        box: Box,
+        source: str | None = None,
+    ) -> Concept: ...
+
+    def get(self, scope: str, concept_id: str) -> Concept | None: ...
+
+    def get_by_name(self, scope: str, name: str) -> Concept | None: ...
+
+    def find_by_source(self, scope: str, source: str) -> Concept | None: ...
+
+    def list_concepts(self, scope: str) -> list[Concept]: ...
+
+    def categories(self, scope: str) -> list[str]: ...
+
+    def rename(self, scope: str, concept_id: str, new_name: str) -> Concept: ...
+
+    def describe(self, scope: str, concept_id: str, description: str) -> Concept: ...
+
+    def delete(self, scope: str, concept_id: str) -> None: ...
+
+    def delete_user(self, owner: str) -> int: ...
+
+    def search(self, scope: str, queries: np.ndarray, k: int) -> list[list[ExampleHit]]: ...
+
+    def example_crops(self, scope: str, concept_id: str) -> list[bytes]: ...
+
+    def count(self, scope: str | None = None) -> int: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class NewConcept:
+    """One concept for a bulk load (``add_concepts_bulk``): the arguments of ``add_concept``."""
+
+    name: str
+    embedding: np.ndarray
+    crop_jpeg: bytes = b""
+    box: Box = Box(0, 0, 0, 0)
+    description: str = ""
+    category: str = ""
+    owner: str = ""
+    source: str | None = None
+
+
+# ----------------------------------------------------------------------------- shared checks
+
+
+def name_key(name: str) -> str:
+    """The key names are compared by: case-insensitive for every script (casefold)."""
+    return name.casefold()
+
+
+def check_scope(scope: str) -> str:
+    if not isinstance(scope, str) or not scope:
+        raise InvalidInputError("The chat (scope) must be a non-empty string.")
+    return scope
+
+
+def check_text(value: str, what: str) -> str:
+    if not isinstance(value, str):
+        raise InvalidInputError(f"The {what} must be text.")
+    return value
+
+
+def check_name(name: str) -> str:
+    name = check_text(name, "name").strip()
+    if not name:
+        raise InvalidInputError("A name cannot be empty.")
+    return name
+
+
+def check_source(source: str | None) -> str | None:
+    if source is not None and (not isinstance(source, str) or not source):
+        raise InvalidInputError("A source key must be a non-empty string or None.")
+    return source
+
+
+def check_box(box: Box) -> Box:
+    if not isinstance(box, Box):
+        raise InvalidInputError("The box must be an engine.types.Box.")
+    return box
+
+
+def check_crop(crop_jpeg: bytes) -> bytes:
+    if not isinstance(crop_jpeg, (bytes, bytearray, memoryview)):
+        raise InvalidInputError("The crop must be JPEG bytes.")
+    return bytes(crop_jpeg)
+
+
+def check_embedding(embedding: np.ndarray, dim: int) -> np.ndarray:
+    """A stored vector: exactly shape ``(dim,)``, float32 and finite."""
+    if not isinstance(embedding, np.ndarray) or embedding.shape != (dim,):
+        shape = getattr(embedding, "shape", type(embedding).__name__)
+        raise InvalidInputError(f"An embedding must have shape ({dim},), got {shape}.")
+    if embedding.dtype != np.float32:
+        raise InvalidInputError(f"An embedding must be float32, got {embedding.dtype}.")
+    if not np.isfinite(embedding).all():
+        raise InvalidInputError("An embedding must be finite (no NaN or infinity).")
+    return np.ascontiguousarray(embedding)
+
+
+def check_queries(queries: np.ndarray, dim: int) -> np.ndarray:
+    """Query rows as a C-contiguous float32 ``(n, dim)`` array; one ``(dim,)`` vector is one row.
+
+    Unlike stored embeddings any float dtype is accepted: queries are not kept.
+    """
+    if not isinstance(queries, np.ndarray) or not np.issubdtype(queries.dtype, np.floating):
+        raise InvalidInputError("Search queries must be a float NumPy array.")
+    if queries.ndim == 1:
+        queries = queries[None, :]
+    if queries.ndim != 2 or queries.shape[1] != dim:
+        raise InvalidInputError(f"Search queries must have shape (n, {dim}), got {queries.shape}.")
+    if not np.isfinite(queries).all():
+        raise InvalidInputError("Search queries must be finite (no NaN or infinity).")
+    return np.ascontiguousarray(queries, dtype=np.float32)
+
+
+def check_k(k: int) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise InvalidInputError(f"k must be a positive integer, got {k!r}.")
+    return int(k)
+
+
+def check_model(model_id: str, dim: int) -> tuple[str, int]:
+    if not isinstance(model_id, str) or not model_id:
+        raise InvalidInputError("The embedding model id must be a non-empty string.")
+    if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
+        raise InvalidInputError(f"The embedding dimension must be a positive integer, got {dim!r}.")
+    return model_id, int(dim)
