@@ -270,6 +270,7 @@ def run(args: argparse.Namespace) -> int:
 def _run_chat(args: argparse.Namespace, settings) -> int:
     from bots.core.gateway import LocalGateway
     from bots.core.handler import CommandCore
+    from bots.core.limits import Limits
     from bots.terminal import TerminalChat
     from engine.engine import Engine
     from engine.images import ImageLimits
@@ -278,7 +279,7 @@ def _run_chat(args: argparse.Namespace, settings) -> int:
         gateway = LocalGateway(Engine.open(settings))
         try:
             terminal = TerminalChat(
-                CommandCore(gateway),
+                CommandCore(gateway, limits=Limits(enabled=False)),  # one local user
                 args.chat,
                 args.user,
                 args.admin,

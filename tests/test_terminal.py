@@ -7,6 +7,7 @@ import io
 
 from bots.core.gateway import LocalGateway
 from bots.core.handler import CommandCore
+from bots.core.limits import Limits
 from bots.terminal import TerminalChat, split_attachment
 
 
@@ -17,7 +18,7 @@ def chat(engine, lines: list[str], out_dir, user: str = "alice", admin: bool = F
     async def session() -> None:
         gateway = LocalGateway(engine)
         terminal = TerminalChat(
-            CommandCore(gateway),
+            CommandCore(gateway, limits=Limits(enabled=False)),
             "local",
             user,
             admin,

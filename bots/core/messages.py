@@ -24,6 +24,7 @@ class IncomingMessage:
     is_admin: bool = False
     user_name: str = ""
     message_id: str | None = None  # makes /remember idempotent when delivered twice
+    from_bot: bool = False  # other bots' messages are ignored (no loops between bots)
 
 
 @dataclass(frozen=True)

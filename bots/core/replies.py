@@ -19,12 +19,14 @@ def help_text(platform_notes: str = "") -> str:
     return "\n".join(lines)
 
 
-def remembered(result: RememberResult) -> str:
+def remembered(result: RememberResult, created: bool | None = None) -> str:
+    """``created`` is whether the first photo of an album created the concept."""
     concept = result.concept
-    if result.created:
-        about = f" ({concept.description})" if concept.description else ""
-        return f"Got it: I'll remember {concept.name}{about}."
     photos = f"{concept.examples} photo{'s' if concept.examples != 1 else ''}"
+    if result.created if created is None else created:
+        about = f" ({concept.description})" if concept.description else ""
+        extra = f", from {photos}" if concept.examples > 1 else ""
+        return f"Got it: I'll remember {concept.name}{about}{extra}."
     return f"Added another photo of {concept.name} (now {photos})."
 
 
