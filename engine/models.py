@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 
+from engine.batching import micro_batching_from_settings
 from engine.detector import Detector, NullDetector, YoloDetector, YoloWorldDetector
 from engine.embedder import ClipEmbedder, load_clip, resolve_device, seeded
 from engine.errors import MissingWeightError, RapbotError
@@ -46,6 +47,8 @@ def prepare_environment(settings: EngineSettings) -> None:
     # ultralytics pip-installs missing packages at run time unless told not to: a service
     # must never change its own environment while serving.
     os.environ.setdefault("YOLO_AUTOINSTALL", "false")
+    # ultralytics prints banners to stdout, which would corrupt `rapbot --json` output.
+    os.environ.setdefault("YOLO_VERBOSE", "false")
     if is_offline(settings):
         os.environ.setdefault("YOLO_OFFLINE", "1")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -184,6 +187,8 @@ def load_models(settings: EngineSettings, *, reuse: bool = True) -> Models:
         detector = build_detector(profile, settings, text_encoder)
         seconds = time.perf_counter() - start
         models = Models(profile, embedder, detector, profile.match_threshold, text_encoder, seconds)
+        # Workers: concurrent requests share forwards (a no-op unless micro_batching is on).
+        models = micro_batching_from_settings(models, settings)
         log.info(
             "loaded profile %s in %.1f s: embedder %s (%s), detector %s, match threshold %.4f",
             profile.name,

@@ -136,6 +136,9 @@ def test_usage_errors_exit_2(cli, args) -> None:
 def test_persistence_across_processes(tmp_path, dreambooth) -> None:
     """Real `rapbot` processes: what one remembers, the next recognizes."""
     env = {**os.environ, "RAPBOT_DATA_DIR": str(tmp_path / "data"), "RAPBOT_PROFILE": "tiny"}
+    # A first run on a fresh machine: nothing but JSON may reach stdout.
+    for name in ("YOLO_CONFIG_DIR", "YOLO_VERBOSE"):
+        env.pop(name, None)
     exe = [sys.executable, "-m", "bots.cli"]
     cwd = Path(__file__).resolve().parent.parent
 
