@@ -57,7 +57,8 @@ def main() -> int:
     photos = sorted(photos_dir.glob("*/*.jpg"))
     subjects = sorted({p.parent.name for p in photos})[: args.concepts]
     for subject in subjects:
-        engine.remember("bench", (photos_dir / subject / "00.jpg").read_bytes(), subject, user="bench")
+        name = subject.replace("_", " ")  # names allow no markup characters
+        engine.remember("bench", (photos_dir / subject / "00.jpg").read_bytes(), name, user="bench")
     chosen = photos[:: max(1, len(photos) // args.photos)][: args.photos]
     engine.recognize("bench", chosen[0].read_bytes())  # warm-up
 
