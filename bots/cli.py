@@ -26,7 +26,11 @@ examples:
   rapbot who party.jpg --out party-named.jpg
   rapbot ask party.jpg "is Mochi here?"
   rapbot concepts
+  rapbot export --chat tg:-100123 --out chat.zip      (--all: every chat, a backup)
+  rapbot import chat.zip --chat tg:-100456
   rapbot chat
+  TELEGRAM_BOT_TOKEN=... rapbot serve telegram
+  DISCORD_BOT_TOKEN=... rapbot serve discord --sync --guild ID    (once), then without --sync
 """
 
 
@@ -40,7 +44,8 @@ def _global_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
         default=keep(None),
         help="model profile (env RAPBOT_PROFILE; default cpu)",
     )
-    parser.add_argument("--chat", default=keep("local"), help="the chat (scope); default 'local'")
+    # None = not given: `import` tells "keep the archive's chats" from "into this chat".
+    parser.add_argument("--chat", default=keep(None), help="the chat (scope); default 'local'")
     parser.add_argument(
         "--user",
         default=keep(os.environ.get("RAPBOT_USER", "local")),
@@ -114,9 +119,143 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("forget-user", parents=[common], help="forget a user's data in every chat")
     p.add_argument("target_user", metavar="USER")
 
+    p = sub.add_parser("export", parents=[common], help="save a chat's concepts to one file")
+    p.add_argument("--out", required=True, help="the archive to write (e.g. mochi-chat.zip)")
+    p.add_argument("--all", action="store_true", help="every chat (a backup of the store)")
+
+    p = sub.add_parser("import", parents=[common], help="add the concepts of an exported file")
+    p.add_argument("file", help="an archive written by `rapbot export`")
+    p.add_argument(
+        "--replace", action="store_true", help="forget the chat's concepts first (restore)"
+    )
+
     p = sub.add_parser("chat", parents=[common], help="a local chat with the bot")
     p.add_argument("--out-dir", default=".", help="where annotated photos are saved")
+
+    p = sub.add_parser("serve", parents=[common], help="run the chat bot on a platform")
+    p.add_argument("platform", choices=["telegram", "discord"], help="the chat platform")
+    p.add_argument(
+        "--gateway",
+        choices=["local", "celery"],
+        default=os.environ.get("RAPBOT_GATEWAY", "local"),
+        help="run the engine in-process (local) or on Celery workers (celery); env RAPBOT_GATEWAY",
+    )
+    p.add_argument(
+        "--sync",
+        action="store_true",
+        help="discord: register the slash commands with Discord, then exit (once per release)",
+    )
+    p.add_argument(
+        "--guild", type=int, default=None, metavar="ID", help="discord: --sync to one server only"
+    )
+    p.add_argument(
+        "--no-message-content",
+        action="store_true",
+        help="discord: run without the privileged message content intent",
+    )
+
+    p = sub.add_parser("worker", parents=[common], help="run a distributed-mode engine worker")
+    p.add_argument("--queues", default="gpu,cpu", help="gpu (model work), cpu (store only)")
+    p.add_argument("--device", default=None, help="cuda:N (one worker per GPU) or cpu")
+    p.add_argument("--concurrency", type=int, default=None, help="threads (GPU 16, CPU cores)")
+    p.add_argument("--pool", choices=["threads", "solo", "prefork"], default="threads")
+    p.add_argument("--loglevel", default="info", help="Celery log level")
+
+    p = sub.add_parser("models", parents=[common], help="model files (convert RAP checkpoints)")
+    actions = p.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    c = actions.add_parser(
+        "convert",
+        parents=[common],
+        help="an original LLaVA-format checkpoint (RAP-LLaVA, RAP-Phi3) -> transformers format",
+    )
+    c.add_argument("src", help="the original checkpoint's folder (config, weights, tokenizer)")
+    c.add_argument("dst", help="folder to write the transformers checkpoint to")
+    c.add_argument(
+        "--template",
+        choices=["llava_v1", "phi3"],
+        default=None,
+        help="conversation template (default: phi3 for Phi-3 models, else llava_v1)",
+    )
+    c.add_argument(
+        "--vision-tower", default=None, help="local CLIP folder when the checkpoint has none"
+    )
+    _add_train_eval(sub, common)
     return parser
+
+
+def _add_train_eval(sub, common: argparse.ArgumentParser) -> None:
+    """`rapbot train KIND ...` and `rapbot eval KIND ...`: one KIND per method (rap; cir next).
+
+    A KIND's parser sets ``handler`` (called as ``handler(args, settings)``), so adding one is
+    a parser plus a function, with nothing to change in :func:`run`.
+    """
+    train = sub.add_parser("train", parents=[common], help="fine-tune models (rap)")
+    train_kinds = train.add_subparsers(dest="train_command", required=True, metavar="KIND")
+    evaluate = sub.add_parser("eval", parents=[common], help="evaluate models (rap)")
+    eval_kinds = evaluate.add_subparsers(dest="eval_command", required=True, metavar="KIND")
+
+    t = train_kinds.add_parser(
+        "rap", parents=[common], help="LoRA fine-tuning on RAP-format data (accelerate-ready)"
+    )
+    t.set_defaults(handler=_run_train_rap)
+    t.add_argument("--data", required=True, help="RAP records: a JSON list or JSON lines")
+    t.add_argument("--images", default=None, help="image root (default: the data's folder)")
+    t.add_argument(
+        "--base", required=True, help="base model: folder, hub name, tiny-llava, rap-llava..."
+    )
+    t.add_argument("--out", required=True, help="output folder: adapter and checkpoints")
+    t.add_argument("--lora-r", type=int, default=8)
+    t.add_argument("--lora-alpha", type=int, default=16)
+    t.add_argument("--lora-dropout", type=float, default=0.05)
+    t.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (cosine decay)")
+    t.add_argument("--epochs", type=int, default=1)
+    t.add_argument("--max-steps", type=int, default=0, help="optimizer steps (0: the epochs')")
+    t.add_argument("--batch-size", type=int, default=1, help="per device")
+    t.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
+    t.add_argument("--max-concepts", type=int, default=2, help="concepts per prompt (RAP's K)")
+    t.add_argument("--noise-concepts", type=int, default=1, help="random extra concepts")
+    t.add_argument("--max-length", type=int, default=None, help="longest sequence in tokens")
+    t.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPU)")
+    t.add_argument("--gradient-checkpointing", action="store_true")
+    t.add_argument("--train-projector", action="store_true", help="also train the projector")
+    t.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        default=None,
+        metavar="CHECKPOINT",
+        help="continue from the newest checkpoint in --out (or the one given)",
+    )
+    t.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps")
+    t.add_argument("--keep-checkpoints", type=int, default=2)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--workers", type=int, default=0, help="data loader processes")
+    t.add_argument("--cpu", action="store_true", help="train on the CPU even with a GPU")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    e = eval_kinds.add_parser(
+        "rap", parents=[common], help="RAP's captioning, QA and recognition metrics"
+    )
+    e.set_defaults(handler=_run_eval_rap)
+    e.add_argument("set", nargs="?", help="evaluation set (JSON; see the README)")
+    e.add_argument("--images", default=None, help="image root (default: the set's folder)")
+    who = e.add_mutually_exclusive_group()
+    who.add_argument("--generator", default=None, help="a generator model (as for --base)")
+    who.add_argument(
+        "--engine", action="store_true", help="the whole engine (--profile, RAPBOT_GENERATOR)"
+    )
+    e.add_argument("--adapter", default=None, help="a LoRA adapter for --generator")
+    e.add_argument("--name", default=None, help="the method's name in the tables")
+    e.add_argument("--tasks", default="caption,visual_qa,text_qa,recognition")
+    e.add_argument("--limit", type=int, default=None, help="at most N items per task")
+    e.add_argument("--k", type=int, default=2, help="concepts in a caption prompt")
+    e.add_argument("--no-distractors", action="store_true", help="captions: true concepts only")
+    e.add_argument("--max-new-tokens", type=int, default=128)
+    e.add_argument("--device", default="auto", help="--generator's device")
+    e.add_argument("--out", default=None, help="save the answers (predictions JSON) here")
+    e.add_argument(
+        "--score", nargs="+", default=None, metavar="PRED", help="only table saved predictions"
+    )
 
 
 def _settings(args: argparse.Namespace):
@@ -183,9 +322,22 @@ def run(args: argparse.Namespace) -> int:
     from engine.engine import Engine
     from engine.permissions import Actor
 
+    args.chat_given = args.chat is not None
+    if args.chat is None:
+        args.chat = "local"
     settings = _settings(args)
+    if args.command in ("export", "import"):
+        return _run_transfer(args, settings)
     if args.command == "chat":
         return _run_chat(args, settings)
+    if args.command == "serve":
+        return _run_serve(args, settings)
+    if args.command == "worker":
+        return _run_worker(args)
+    if args.command == "models":
+        return _run_models(args, settings)
+    if args.command in ("train", "eval"):
+        return args.handler(args, settings)
     # Read the photo before loading models: a bad path fails at once.
     image = _read_image(args.image, settings) if hasattr(args, "image") else None
     engine = Engine.open(settings)
@@ -264,6 +416,227 @@ def run(args: argparse.Namespace) -> int:
                 )
     finally:
         engine.close()
+    return 0
+
+
+def _run_transfer(args: argparse.Namespace, settings) -> int:
+    """`export` / `import`: the store alone; models only to re-embed another model's archive."""
+    from engine.engine import Engine
+    from engine.transfer import export_scopes, import_archive, read_archive
+
+    if args.command == "export":
+        if args.all and args.chat_given:
+            raise InvalidInputError("Give either --chat CHAT or --all, not both.")
+        engine = Engine.open(settings, load_models=False)
+        try:
+            report = export_scopes(engine.store, None if args.all else [args.chat], args.out)
+        finally:
+            engine.close()
+        chats = f"{report.scopes} chat{'s' if report.scopes != 1 else ''}"
+        counts = {"scopes": report.scopes, "concepts": report.concepts, "examples": report.examples}
+        text = (
+            f"Exported {report.concepts} concept(s) with {report.examples} photo(s)"
+            f" from {chats} to {report.path}."
+        )
+        _emit(args, {"exported": counts, "path": report.path}, text)
+        return 0
+
+    # Check the file before opening the store or loading any model: a bad file fails at once.
+    with read_archive(args.file) as archive:
+        scopes = sorted({c.scope for c in archive.concepts})
+        scope_map = None
+        if args.chat_given:
+            if len(scopes) != 1:
+                raise InvalidInputError(
+                    f"{Path(args.file).name} holds {len(scopes)} chats; --chat needs a one-chat"
+                    " export (import it without --chat to keep each chat's own id)."
+                )
+            scope_map = {scopes[0]: args.chat}
+        engine = Engine.open(settings, load_models=False)
+        try:
+            embedder = None
+            if archive.model_id != engine.store.model_id:  # another CLIP: embed crops again
+                from engine.models import load_models
+
+                embedder = load_models(settings).embedder
+            report = import_archive(
+                archive,
+                engine.store,
+                embedder=embedder,
+                scope_map=scope_map,
+                mode="replace" if args.replace else "merge",
+            )
+        finally:
+            engine.close()
+    counts = {
+        "scopes": report.scopes,
+        "concepts": report.concepts,
+        "examples": report.examples,
+        "merged": report.merged,
+        "skipped": report.skipped,
+    }
+    text = (
+        f"Imported {report.concepts} new concept(s) and {report.examples} photo(s)"
+        f" into {report.scopes} chat(s); {report.merged} name(s) already existed,"
+        f" {report.skipped} photo(s) were already there."
+        + (" Photos were embedded again for this model." if report.reembedded else "")
+    )
+    payload = {"imported": counts, "reembedded": report.reembedded, "path": str(args.file)}
+    _emit(args, payload, text)
+    return 0
+
+
+def _run_worker(args: argparse.Namespace) -> int:
+    """`rapbot worker`: the engine settings reach the worker through the environment."""
+    from workers.main import run_worker
+
+    if args.data_dir:
+        os.environ["RAPBOT_DATA_DIR"] = str(Path(args.data_dir).expanduser())
+    if args.profile:
+        os.environ["RAPBOT_PROFILE"] = args.profile
+    return run_worker(
+        queues=args.queues,
+        device=args.device,
+        concurrency=args.concurrency,
+        pool=args.pool,
+        loglevel=args.loglevel,
+    )
+
+
+def _run_serve(args: argparse.Namespace, settings) -> int:
+    """`rapbot serve telegram|discord`: tokens come from the environment."""
+    if args.platform == "telegram":
+        from bots.telegram_adapter import run_bot
+    else:
+        from bots.discord_adapter import run_bot
+
+        return run_bot(
+            settings,
+            args.gateway,
+            sync=args.sync,
+            guild_id=args.guild,
+            message_content=not args.no_message_content,
+        )
+    return run_bot(settings, args.gateway)
+
+
+def _run_train_rap(args: argparse.Namespace, settings) -> int:
+    from engine.generator.load import generator_location
+    from engine.train.rap_train import TrainConfig, train
+    from engine.weights import is_offline, models_dir
+
+    data = Path(args.data).expanduser()
+    result = train(
+        TrainConfig(
+            data=data,
+            images=Path(args.images).expanduser() if args.images else data.parent,
+            base=generator_location(args.base, settings) or args.base,
+            out=Path(args.out).expanduser(),
+            lora_r=args.lora_r,
+            lora_alpha=args.lora_alpha,
+            lora_dropout=args.lora_dropout,
+            lr=args.lr,
+            epochs=args.epochs,
+            max_steps=args.max_steps,
+            batch_size=args.batch_size,
+            grad_accum=args.grad_accum,
+            max_concepts=args.max_concepts,
+            noise_concepts=args.noise_concepts,
+            max_length=args.max_length,
+            bf16=args.bf16,
+            gradient_checkpointing=args.gradient_checkpointing,
+            train_projector=args.train_projector,
+            resume=args.resume,
+            save_every=args.save_every,
+            keep_checkpoints=args.keep_checkpoints,
+            seed=args.seed,
+            num_workers=args.workers,
+            cpu=args.cpu,
+            progress=not args.no_progress,
+            cache_dir=models_dir(settings) / "hf",
+            local_files_only=is_offline(settings),
+        )
+    )
+    if not result.main_process:  # `accelerate launch`: one summary, not one per GPU
+        return 0
+    last = result.losses[-1] if result.losses else None
+    payload = {"step": result.step, "adapter": str(result.adapter), "loss": last}
+    text = f"Trained to step {result.step}; adapter saved in {result.adapter}"
+    _emit(args, payload, text + (f" (last loss {last:.4f})" if last is not None else ""))
+    return 0
+
+
+def _run_eval_rap(args: argparse.Namespace, settings) -> int:
+    from engine.eval.rap_eval import (
+        GeneratorAnswerer,
+        evaluate_engine,
+        load_eval_set,
+        read_predictions,
+        report,
+        run_eval,
+        score_json,
+    )
+
+    if args.score:
+        runs = [read_predictions(path) for path in args.score]
+    else:
+        if not args.set or not (args.generator or args.engine):
+            raise InvalidInputError(
+                "Give an evaluation set and --generator MODEL or --engine (or --score FILES)."
+            )
+        eval_set = load_eval_set(args.set, args.images)
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        progress = not args.json
+        if args.engine:
+            from engine.engine import Engine
+
+            engine = Engine.open(settings)
+            try:
+                name = args.name or f"engine ({settings.profile})"
+                run = evaluate_engine(
+                    engine, eval_set, method=name, tasks=tasks, limit=args.limit, progress=progress
+                )
+            finally:
+                engine.close()
+        else:
+            from engine.generator.hf import Generator
+            from engine.generator.load import generator_location
+            from engine.weights import is_offline, models_dir
+
+            generator = Generator.load(
+                generator_location(args.generator, settings) or args.generator,
+                device=args.device,
+                adapter=args.adapter,
+                cache_dir=models_dir(settings) / "hf",
+                local_files_only=is_offline(settings),
+                max_new_tokens=args.max_new_tokens,
+            )
+            answerer = GeneratorAnswerer(
+                generator, eval_set, k=args.k, distractors=not args.no_distractors
+            )
+            name = args.name or args.generator + (" + adapter" if args.adapter else "")
+            run = run_eval(
+                eval_set, answerer, method=name, tasks=tasks, limit=args.limit, progress=progress
+            )
+        if args.out:
+            Path(args.out).expanduser().write_text(json.dumps(run, indent=1, ensure_ascii=False))
+        runs = [run]
+    _emit(args, {"results": [score_json(run) for run in runs]}, report(runs))
+    return 0
+
+
+def _run_models(args: argparse.Namespace, settings) -> int:
+    from engine.generator.convert import convert_checkpoint
+    from engine.weights import is_offline
+
+    dst = convert_checkpoint(
+        args.src,
+        args.dst,
+        template=args.template,
+        vision_tower=args.vision_tower,
+        local_files_only=is_offline(settings),
+    )
+    _emit(args, {"converted": str(dst)}, f"Converted {args.src} -> {dst} (RAPBOT_GENERATOR={dst})")
     return 0
 
 

@@ -180,6 +180,47 @@ def _file_tag(path: Path) -> str:
     return f"file-{path.stem}-{digest.hexdigest()[:8]}"
 
 
+def _model_id(model_name: str, pretrained: str, checkpoint: Path | None, seed: int) -> str:
+    """The identity a store records for an embedding model (what its vectors are comparable to)."""
+    if not pretrained:
+        if model_name == TINY_CLIP:
+            return f"open_clip:{model_name}:seed{seed}"
+        return f"open_clip:{model_name}:random-seed{seed}"
+    if looks_like_path(pretrained) and checkpoint is not None:
+        return f"open_clip:{model_name}:{_file_tag(checkpoint)}"
+    return f"open_clip:{model_name}:{pretrained}"
+
+
+def clip_identity(
+    model_name: str,
+    pretrained: str,
+    settings: EngineSettings,
+    *,
+    seed: int = 0,
+    setting: str = "RAPBOT_CLIP_PRETRAINED",
+) -> tuple[str, int]:
+    """``(model_id, dim)`` that :func:`load_clip` would give, without building the model.
+
+    Store-only engines (distributed mode's cpu queue) open the store with it and never load
+    weights; a pretrained tag is not even resolved to a file.
+    """
+    import open_clip
+
+    register_tiny_config()
+    model_name = model_name.replace("/", "-")
+    config = open_clip.get_model_config(model_name)
+    if config is None:
+        raise MissingWeightError(
+            f"Unknown open_clip model '{model_name}': see open_clip.list_models()."
+        )
+    checkpoint = (
+        clip_checkpoint(model_name, pretrained, settings, setting)
+        if pretrained and looks_like_path(pretrained)
+        else None
+    )
+    return _model_id(model_name, pretrained, checkpoint, seed), int(config["embed_dim"])
+
+
 def load_clip(
     model_name: str,
     pretrained: str,
@@ -209,20 +250,15 @@ def load_clip(
     preprocess_override: dict[str, Any] = {}
     if not pretrained:
         checkpoint = None
-        model_id = (
-            f"open_clip:{model_name}:seed{seed}"
-            if model_name == TINY_CLIP
-            else f"open_clip:{model_name}:random-seed{seed}"
-        )
+        model_id = _model_id(model_name, pretrained, None, seed)
         quick_gelu = bool(quick_gelu)
     else:
         checkpoint = clip_checkpoint(model_name, pretrained, settings, setting)
+        model_id = _model_id(model_name, pretrained, checkpoint, seed)
         if looks_like_path(pretrained):
-            model_id = f"open_clip:{model_name}:{_file_tag(checkpoint)}"
             if quick_gelu is None:
                 quick_gelu = "openai" in str(checkpoint).lower()
         else:
-            model_id = f"open_clip:{model_name}:{pretrained}"
             tag_cfg = open_clip.get_pretrained_cfg(model_name, pretrained)
             quick_gelu = bool(tag_cfg.get("quick_gelu", False))
             keys = ("mean", "std", "interpolation", "resize_mode")

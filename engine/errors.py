@@ -33,3 +33,15 @@ class MissingWeightError(RapbotError):
 
 class StoreError(RapbotError):
     """The concept store cannot be opened or used (wrong embedding model, corruption...)."""
+
+
+class EngineUnavailableError(RapbotError):
+    """Distributed mode: the broker, the result backend or every worker is down or too busy."""
+
+
+class PhotoExpiredError(RapbotError):
+    """Distributed mode: a photo's blob expired (or vanished) before a worker fetched it."""
+
+
+class RepeatedCrashError(RapbotError):
+    """Distributed mode: a request crashed its worker on every delivery up to the retry cap."""

@@ -12,14 +12,19 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path, PurePath
+from typing import TYPE_CHECKING
 
 from engine.batching import micro_batching_from_settings
 from engine.detector import Detector, NullDetector, YoloDetector, YoloWorldDetector
 from engine.embedder import ClipEmbedder, load_clip, resolve_device, seeded
 from engine.errors import MissingWeightError, RapbotError
+from engine.generator.load import load_generator
 from engine.profiles import Profile, parse_detector_spec, resolve_profile
 from engine.settings import EngineSettings
 from engine.weights import detector_weight, first_line, is_offline, looks_like_path
+
+if TYPE_CHECKING:
+    from engine.generator.hf import Generator
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +41,7 @@ class Models:
     match_threshold: float
     text_encoder: ClipEmbedder | None = None  # YOLO-World's vocabulary tower (may be ``embedder``)
     load_seconds: float = 0.0
+    generator: Generator | None = None  # the multimodal LLM; None = recognition-only answers
 
 
 def prepare_environment(settings: EngineSettings) -> None:
@@ -185,8 +191,17 @@ def load_models(settings: EngineSettings, *, reuse: bool = True) -> Models:
             else None
         )
         detector = build_detector(profile, settings, text_encoder)
+        generator = load_generator(profile, settings)
         seconds = time.perf_counter() - start
-        models = Models(profile, embedder, detector, profile.match_threshold, text_encoder, seconds)
+        models = Models(
+            profile,
+            embedder,
+            detector,
+            profile.match_threshold,
+            text_encoder,
+            seconds,
+            generator,
+        )
         # Workers: concurrent requests share forwards (a no-op unless micro_batching is on).
         models = micro_batching_from_settings(models, settings)
         log.info(

@@ -61,6 +61,8 @@ class Profile:
     # pixels are reliably close (measured, random ViT-B-32: different DreamBooth photos up to
     # 0.9996, JPEG q75 re-encode >= 0.99995; random ViT-L-14-336: up to 0.9994 / >= 0.99998).
     random_match_threshold: float = 0.9998
+    # Multimodal LLM for answers and captions (engine.generator.load); "" = recognition-only.
+    generator: str = ""
 
     @property
     def detector_kind(self) -> str:
@@ -118,6 +120,8 @@ PROFILES: dict[str, Profile] = {
         detector_text_pretrained="openai",
         match_threshold=0.8,
         detector_image_size=640,
+        # The released RAP-LLaVA-13b, converted once with `rapbot models convert`.
+        generator="rap-llava",
     ),
 }
 
@@ -143,6 +147,8 @@ def resolve_profile(settings: EngineSettings) -> Profile:
         changes["detector"] = settings.detector
     if settings.detector_text_weights:
         changes["detector_text_pretrained"] = settings.detector_text_weights
+    if settings.generator:
+        changes["generator"] = settings.generator
     # detector_image_size always has a value; it overrides only when set explicitly.
     if "detector_image_size" in settings.model_fields_set:
         changes["detector_image_size"] = settings.detector_image_size
@@ -154,6 +160,8 @@ def resolve_profile(settings: EngineSettings) -> Profile:
             clip_pretrained="",
             detector_text_pretrained="",
             detector=_random_detector(profile.detector),
+            # Random weights are for retrieval benchmarks; a generator only when asked for.
+            generator=settings.generator,
         )
     if not profile.clip_pretrained:  # a random embedder: only identical pixels are close
         profile = replace(

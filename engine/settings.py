@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ProfileName = Literal["tiny", "cpu", "gpu"]
@@ -30,6 +30,22 @@ class EngineSettings(BaseSettings):
     profile: ProfileName = Field("cpu", description="model profile: tiny, cpu or gpu")
     device: str = Field("auto", description="torch device: auto, cpu, cuda, cuda:1 ...")
 
+    # Concept store: FAISS in <data_dir>/store (local mode) or a Qdrant server (distributed).
+    store: Literal["faiss", "qdrant"] = Field("faiss", description="concept store: faiss or qdrant")
+    qdrant_url: str = Field(
+        "",
+        description="Qdrant server, e.g. http://qdrant:6333 (empty: on-disk in <data_dir>/qdrant,"
+        " one process only; ':memory:' for tests)",
+    )
+    qdrant_api_key: SecretStr = Field(SecretStr(""), description="Qdrant API key (if any)")
+    qdrant_https: bool | None = Field(None, description="force TLS on/off (default: from the URL)")
+    qdrant_timeout: float = Field(10.0, gt=0, description="seconds per Qdrant request")
+    qdrant_prefix: str = Field(
+        "rapbot",
+        pattern=r"^[A-Za-z0-9_-]{1,64}$",
+        description="collection name prefix (<prefix>_concepts__<model>)",
+    )
+
     # Model overrides (empty = the profile's choice).
     clip_model: str = Field("", description="open_clip architecture, e.g. ViT-B-32")
     clip_pretrained: str = Field("", description="open_clip pretrained tag or a local weights file")
@@ -48,6 +64,23 @@ class EngineSettings(BaseSettings):
         False, description="never download weights (also implied by HF_HUB_OFFLINE=1)"
     )
 
+    # Generation (RAP's Generate step); see engine.generator.load for the values.
+    generator: str = Field(
+        "",
+        description="multimodal LLM: a folder, a hub name, rap-llava, rap-phi3, tiny-llava, "
+        "tiny-qwen2-vl, or none (recognition-only answers); empty = the profile's",
+    )
+    generator_adapter: str = Field("", description="a peft (LoRA) adapter folder for the generator")
+    generator_load_in_4bit: bool = Field(False, description="4-bit weights (bitsandbytes, CUDA)")
+    generator_load_in_8bit: bool = Field(False, description="8-bit weights (bitsandbytes, CUDA)")
+    generator_max_new_tokens: int = Field(128, ge=1, le=4096, description="longest answer, tokens")
+    generator_context_tokens: int = Field(
+        0, ge=0, description="the model's context in tokens for choosing K (0 = from the model)"
+    )
+    generator_max_concepts: int = Field(
+        3, ge=0, le=16, description="most concepts (K) shown to the model in one prompt"
+    )
+
     # Detection and retrieval.
     detector_confidence: float = Field(0.25, ge=0.0, le=1.0)
     detector_image_size: int = Field(640, ge=32)
@@ -60,6 +93,15 @@ class EngineSettings(BaseSettings):
     )
     top_k: int = Field(5, ge=1, description="examples looked at per crop")
     embed_batch_size: int = Field(32, ge=1)
+
+    # Micro-batching (engine.batching): concurrent requests in one worker share model forwards.
+    micro_batching: bool = Field(
+        False, description="coalesce concurrent CLIP and detector calls (GPU workers)"
+    )
+    batch_max_size: int = Field(16, ge=1, description="most items in one coalesced forward")
+    batch_max_wait_ms: float = Field(
+        5.0, ge=0.0, le=1000.0, description="longest a request waits for others to batch with"
+    )
 
     # Untrusted image limits.
     max_image_bytes: int = Field(20 * 1024 * 1024, ge=1)

@@ -1,7 +1,9 @@
-"""The ConceptStore contract, run against every implementation (FAISS today, Qdrant later).
+"""The ConceptStore contract, run against every implementation: FAISS and Qdrant.
 
 Each implementation is one entry of ``IMPLEMENTATIONS``: a function that opens a store in a
-folder for a model id and dimension. Reopening the same folder must give the same store.
+folder for a model id and dimension. Reopening the same folder must give the same store. For
+Qdrant the "folder" names one in-process Qdrant (``:memory:``) that stands in for a server:
+each open is a new connection to it, as another worker process would make.
 """
 
 from __future__ import annotations
@@ -24,10 +26,12 @@ from hypothesis.stateful import (
     rule,
     run_state_machine_as_test,
 )
+from qdrant_client import QdrantClient
 
 from engine.errors import InvalidInputError, StoreError, UnknownConceptError
 from engine.store import ConceptStore, open_store
 from engine.store.faiss_store import FaissConceptStore
+from engine.store.qdrant_store import QdrantConceptStore
 from engine.types import Box, Concept
 
 DIM = 16
@@ -35,8 +39,18 @@ MODEL = "test:model"
 BOX = Box(1, 2, 30, 40)
 
 Opener = Callable[..., ConceptStore]
+_QDRANT_SERVERS: dict[str, QdrantClient] = {}  # folder -> its stand-in Qdrant "server"
+
+
+def open_qdrant(root: Path, model_id: str = MODEL, dim: int = DIM) -> QdrantConceptStore:
+    if str(root) not in _QDRANT_SERVERS:
+        _QDRANT_SERVERS[str(root)] = QdrantClient(":memory:")
+    return QdrantConceptStore(_QDRANT_SERVERS[str(root)], model_id, dim, owns_client=False)
+
+
 IMPLEMENTATIONS: dict[str, Opener] = {
     "faiss": lambda root, model_id=MODEL, dim=DIM: FaissConceptStore(Path(root), model_id, dim),
+    "qdrant": open_qdrant,
 }
 
 
@@ -312,6 +326,43 @@ def test_bad_queries_and_names_are_rejected(store: ConceptStore) -> None:
         store.delete_user("")
 
 
+def test_scopes_and_examples_export_everything_of_a_scope(store: ConceptStore) -> None:
+    assert store.scopes() == [] and list(store.examples("tg:1")) == []
+    mochi = add(store, "tg:1", "Mochi", 1, description="grey", source="m1", crop=b"c1")
+    bo = add(store, "tg:1", "Bo", 2, owner="bob", category="dog", crop=b"c2")
+    add_example(store, "tg:1", mochi, 3, crop=b"c3", source="m3")
+    add(store, "dc:2", "Other", 4)
+    gone = add(store, "local", "Gone", 5)
+    store.delete("local", gone.id)
+    store.rename("tg:1", mochi.id, "Mochi-san")
+    assert store.scopes() == ["dc:2", "tg:1"]  # sorted; scopes emptied by deletes are gone
+    examples = list(store.examples("tg:1"))
+    assert [(e.concept_id, e.crop_jpeg) for e in examples] == [
+        (mochi.id, b"c1"),
+        (mochi.id, b"c3"),
+        (bo.id, b"c2"),
+    ]
+    first, second, third = examples
+    assert (first.scope, first.name, first.description, first.owner) == (
+        "tg:1",
+        "Mochi-san",
+        "grey",
+        "alice",
+    )
+    assert (third.name, third.category, third.owner) == ("Bo", "dog", "bob")
+    assert first.concept_created_at == mochi.created_at == second.concept_created_at
+    assert (first.source, second.source, third.source) == ("m1", "m3", None)
+    assert first.box == BOX and first.created_at > 0
+    assert first.embedding.dtype == np.float32
+    np.testing.assert_array_equal(first.embedding, unit(1))
+    np.testing.assert_array_equal(second.embedding, unit(3))
+    ids = {e.example_id for e in examples}
+    assert len(ids) == 3 and all(isinstance(i, int) for i in ids)
+    assert ids == {h.example_id for h in top(store, "tg:1", 1, k=10)}  # the ids search reports
+    assert [e.name for e in store.examples("dc:2")] == ["Other"]
+    assert list(store.examples("local")) == []
+
+
 def test_scope_names_are_arbitrary_text(store: ConceptStore) -> None:
     scopes = ["tg:-100123", "dc:987", "local", "чат/../ü 🐱", "a" * 300, "x\x00y"]
     made = {scope: add(store, scope, "Mochi", i) for i, scope in enumerate(scopes)}
@@ -353,14 +404,36 @@ def test_reopen_gives_the_same_answers(opener: Opener, tmp_path: Path) -> None:
         second.close()
 
 
-def test_other_model_or_dim_on_reopen_is_a_store_error(opener: Opener, tmp_path: Path) -> None:
+def test_other_dim_on_reopen_is_a_store_error(opener: Opener, tmp_path: Path) -> None:
     root = tmp_path / "store"
     opener(root).close()
     with pytest.raises(StoreError, match="embedding model"):
-        opener(root, model_id="open_clip:other")
-    with pytest.raises(StoreError, match="embedding model"):
         opener(root, dim=DIM * 2)
     opener(root).close()  # the right model still opens it
+
+
+def test_another_model_never_sees_these_memories(opener: Opener, tmp_path: Path) -> None:
+    """A folder refuses another model (FAISS); a server keeps one collection per model (Qdrant)."""
+    root = tmp_path / "store"
+    with opener(root) as first:
+        add(first, "tg:1", "Mochi", 1)
+    try:
+        other = opener(root, model_id="open_clip:other")
+    except StoreError as error:
+        assert "embedding model" in str(error)
+    else:
+        with other:
+            assert other.count() == 0 and other.list_concepts("tg:1") == []
+            add(other, "tg:1", "Mochi", 2)  # its own, separate memories
+    with opener(root) as first:
+        assert [c.name for c in first.list_concepts("tg:1")] == ["Mochi"]
+        assert first.count() == 1
+
+
+def test_faiss_folder_refuses_another_model(tmp_path: Path) -> None:
+    FaissConceptStore(tmp_path, MODEL, DIM).close()
+    with pytest.raises(StoreError, match="embedding model"):
+        FaissConceptStore(tmp_path, "open_clip:other", DIM)
 
 
 def test_concurrent_threads(store: ConceptStore) -> None:
@@ -536,6 +609,7 @@ class ScopeIsolation(RuleBasedStateMachine):
                 assert hits[0].concept_id == cid
                 assert hits[0].score == pytest.approx(1.0, abs=1e-4)
         assert self.store.count() == sum(len(c["seeds"]) for c in self.model.values())
+        assert self.store.scopes() == sorted({c["scope"] for c in self.model.values()})
 
     def teardown(self) -> None:
         for store in self.stores:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol, TypeVar
 
@@ -40,6 +42,17 @@ class EngineGateway(Protocol):
     ) -> Answer: ...
 
     async def caption(self, scope: str, image: bytes, user: str | None = None) -> Answer: ...
+
+    def ask_stream(
+        self, scope: str, image: bytes | None, question: str, user: str | None = None
+    ) -> AsyncIterator[str | Answer]:
+        """``ask`` as it is generated: text pieces, then the final Answer (its text is the
+        pieces joined). Adapters edit their message as the pieces arrive."""
+        ...
+
+    def caption_stream(
+        self, scope: str, image: bytes, user: str | None = None
+    ) -> AsyncIterator[str | Answer]: ...
 
     async def list_concepts(self, scope: str) -> list[Concept]: ...
 
@@ -79,6 +92,52 @@ class LocalGateway:
     async def caption(self, scope, image, user=None):
         return await self._run(self.engine.caption, scope, image, user)
 
+    def ask_stream(self, scope, image, question, user=None) -> AsyncIterator[str | Answer]:
+        return self._stream(self.engine.ask_stream, scope, image, question, user)
+
+    def caption_stream(self, scope, image, user=None) -> AsyncIterator[str | Answer]:
+        return self._stream(self.engine.caption_stream, scope, image, user)
+
+    async def _stream(self, fn: Callable[..., Iterator[T]], *args) -> AsyncIterator[T]:
+        """Runs a blocking generator on the engine thread and hands its items to the event
+        loop as they come; leaving the loop early stops the generator (and the generation)."""
+        loop = asyncio.get_running_loop()
+        items: asyncio.Queue = asyncio.Queue()
+        leave = threading.Event()
+        end = object()
+
+        def send(item, error=None) -> None:
+            try:
+                loop.call_soon_threadsafe(items.put_nowait, (item, error))
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                leave.set()
+
+        def produce() -> None:
+            iterator = fn(*args)
+            try:
+                for item in iterator:
+                    send(item)
+                    if leave.is_set():
+                        break
+            except BaseException as error:  # noqa: BLE001 - raised again in the consumer
+                send(end, error)
+                return
+            finally:
+                iterator.close()
+            send(end)
+
+        loop.run_in_executor(self._executor, produce)
+        try:
+            while True:
+                item, error = await items.get()
+                if item is end:
+                    if error is not None:
+                        raise error
+                    return
+                yield item
+        finally:
+            leave.set()
+
     async def list_concepts(self, scope):
         return await self._run(self.engine.list_concepts, scope)
 
@@ -97,3 +156,69 @@ class LocalGateway:
     async def close(self) -> None:
         await self._run(self.engine.close)
         self._executor.shutdown(wait=True)
+
+
+async def answer_stream(
+    gateway, kind: str, scope: str, image: bytes | None, *args
+) -> AsyncIterator[str | Answer]:
+    """``gateway.ask_stream`` / ``caption_stream`` (``kind`` "ask" or "caption"), or, for a
+    gateway that cannot stream, the whole answer as one piece followed by the Answer."""
+    streaming = getattr(gateway, f"{kind}_stream", None)
+    if streaming is not None:
+        async for item in streaming(scope, image, *args):
+            yield item
+        return
+    answer = await getattr(gateway, kind)(scope, image, *args)
+    yield answer.text
+    yield answer
+
+
+async def growing_text(
+    stream: AsyncIterator[str | Answer],
+    interval: float = 1.0,
+    clock: Callable[[], float] = time.monotonic,
+) -> AsyncIterator[tuple[str, Answer | None]]:
+    """The answer so far for a message that is edited as it grows: ``(text, None)`` at most
+    once per ``interval`` seconds (chat platforms rate-limit edits: about one a second per
+    chat on Telegram), then ``(full text, Answer)`` once at the end."""
+    text = ""
+    shown = ""
+    last = float("-inf")
+    async for item in stream:
+        if isinstance(item, Answer):
+            yield item.text, item
+            return
+        text += item
+        now = clock()
+        if text.strip() and text != shown and now - last >= interval:
+            shown, last = text, now
+            yield text, None
+
+
+GATEWAY_KINDS = ("local", "celery")
+
+
+def make_gateway(kind: str | None = None, settings=None, *, worker_settings=None) -> EngineGateway:
+    """The gateway the configuration asks for: ``RAPBOT_GATEWAY=local`` (default) runs the
+    engine in-process; ``celery`` talks to workers (distributed mode, see ``workers.client``).
+
+    ``settings``: the ``EngineSettings`` of the local engine; ``worker_settings``: the
+    ``workers.config.WorkerSettings`` of the Celery client (both default to the environment).
+    The Celery client is imported only here, so a bot in distributed mode never imports torch.
+    """
+    import os
+
+    from engine.errors import InvalidInputError
+
+    kind = (kind or os.environ.get("RAPBOT_GATEWAY") or "local").strip().lower()
+    if kind == "local":
+        from engine.engine import Engine
+
+        return LocalGateway(Engine.open(settings))
+    if kind == "celery":
+        from workers.client import CeleryGateway
+
+        return CeleryGateway(worker_settings)
+    raise InvalidInputError(
+        f"RAPBOT_GATEWAY must be one of {', '.join(GATEWAY_KINDS)}, not '{kind}'."
+    )

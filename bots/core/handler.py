@@ -3,56 +3,101 @@
 It parses the command, picks the photo, passes the user's identity and admin rights to the
 engine (which enforces owner-or-admin permissions), and turns every error a user can cause
 into a helpful reply: never silence, never a traceback.
+
+Streaming: adapters pass ``on_partial`` to :meth:`CommandCore.handle`; for /ask and /caption
+(mentions are /ask) it is awaited with the answer so far as it grows, paced by
+``stream_interval`` (chat platforms rate-limit message edits), and ``handle`` still returns the
+final Reply. An answer that arrives in one piece (no generator, or a gateway that cannot stream)
+produces no partial at all, so adapters send it as an ordinary reply.
+
+Admission: :meth:`CommandCore.admit` applies the rate limits and the in-flight bound before an
+adapter downloads a photo; the adapter then calls ``handle(..., admitted=True)`` so the same
+request is not counted twice.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from bots.core import commands as c
 from bots.core import replies
-from bots.core.gateway import EngineGateway
+from bots.core.gateway import EngineGateway, answer_stream, growing_text
 from bots.core.limits import InFlightLimiter, Limits, RateLimiter
 from bots.core.messages import IncomingMessage, Reply
 from engine.errors import RapbotError
 from engine.permissions import Actor
+from engine.types import Answer
 
 log = logging.getLogger(__name__)
 
 INTERNAL_ERROR = "Sorry, something went wrong on my side. Please try again in a minute."
+BUSY = "I'm still working on this chat's earlier requests; please try again in a moment."
+
+OnPartial = Callable[[str], Awaitable[None]]
 
 
 class CommandCore:
     def __init__(
-        self, gateway: EngineGateway, platform_help: str = "", limits: Limits | None = None
+        self,
+        gateway: EngineGateway,
+        platform_help: str = "",
+        limits: Limits | None = None,
+        stream_interval: float = 1.0,
     ) -> None:
         self.gateway = gateway
+        self.stream_interval = stream_interval  # seconds between partial answers
         self.platform_help = platform_help
         self.limits = limits or Limits()
         self._user_rate = RateLimiter(self.limits.user_per_minute, self.limits.user_burst)
         self._chat_rate = RateLimiter(self.limits.chat_per_minute, self.limits.chat_burst)
         self._in_flight = InFlightLimiter(self.limits.in_flight_per_chat)
 
-    async def handle(self, message: IncomingMessage) -> Reply | None:
-        """The reply to one message, or None when the message is not for the bot to answer."""
+    def admit(self, scope: str, user_id: str, text: str) -> Reply | None:
+        """Apply the rate limits (counting the request) and the in-flight bound before the
+        adapter does costly work such as downloading a photo: a refusal Reply, or None when
+        the request may go ahead; then call ``handle(..., admitted=True)``."""
+        if not self.limits.enabled:
+            return None
+        try:
+            command = c.parse_command(text)
+        except RapbotError:
+            return None  # handle() answers with the usage, as it always has (never limited)
+        if isinstance(command, c.Help):
+            return None
+        limited = self._rate_limited(scope, user_id)
+        if limited is not None:
+            return limited
+        if self._in_flight.is_full(scope):
+            return Reply(BUSY, error=True)
+        return None
+
+    async def handle(
+        self,
+        message: IncomingMessage,
+        *,
+        admitted: bool = False,
+        on_partial: OnPartial | None = None,
+    ) -> Reply | None:
+        """The reply to one message, or None when the message is not for the bot to answer.
+
+        ``admitted``: :meth:`admit` already counted this request. ``on_partial``: awaited with
+        the growing answer of /ask and /caption (see the module notes)."""
         if message.from_bot:
             return None
         try:
             command = c.parse_command(message.text)
             if not self.limits.enabled:
-                return await self.dispatch(command, message)
-            if not isinstance(command, c.Help):
-                limited = self._rate_limited(message)
+                return await self.dispatch(command, message, on_partial)
+            if not admitted and not isinstance(command, c.Help):
+                limited = self._rate_limited(message.scope, message.user_id)
                 if limited is not None:
                     return limited
             if not self._in_flight.try_enter(message.scope):
-                return Reply(
-                    "I'm still working on this chat's earlier requests; "
-                    "please try again in a moment.",
-                    error=True,
-                )
+                return Reply(BUSY, error=True)
             try:
-                return await self.dispatch(command, message)
+                return await self.dispatch(command, message, on_partial)
             finally:
                 self._in_flight.leave(message.scope)
         except RapbotError as error:
@@ -61,10 +106,10 @@ class CommandCore:
             log.exception("command failed scope=%s", message.scope)
             return Reply(INTERNAL_ERROR, error=True)
 
-    def _rate_limited(self, message: IncomingMessage) -> Reply | None:
-        wait = self._user_rate.acquire(f"{message.scope}/{message.user_id}")
+    def _rate_limited(self, scope: str, user_id: str) -> Reply | None:
+        wait = self._user_rate.acquire(f"{scope}/{user_id}")
         if wait == 0.0:
-            wait = self._chat_rate.acquire(message.scope)
+            wait = self._chat_rate.acquire(scope)
             who = "this chat is"
         else:
             who = "you are"
@@ -76,7 +121,28 @@ class CommandCore:
             error=True,
         )
 
-    async def dispatch(self, command: c.Command, message: IncomingMessage) -> Reply:
+    async def _answer(
+        self,
+        kind: str,
+        on_partial: OnPartial | None,
+        scope: str,
+        image: bytes | None,
+        *args,
+    ) -> Answer:
+        """``gateway.ask`` / ``caption``, or, with ``on_partial``, the same answer streamed."""
+        if on_partial is None:
+            return await getattr(self.gateway, kind)(scope, image, *args)
+        pieces = _all_but_last_piece(answer_stream(self.gateway, kind, scope, image, *args))
+        async with contextlib.aclosing(growing_text(pieces, self.stream_interval)) as growing:
+            async for text, answer in growing:
+                if answer is not None:
+                    return answer
+                await on_partial(text)
+        raise RuntimeError(f"the {kind} stream ended without an answer")
+
+    async def dispatch(
+        self, command: c.Command, message: IncomingMessage, on_partial: OnPartial | None = None
+    ) -> Reply:
         gateway, scope, user = self.gateway, message.scope, message.user_id
         actor = Actor(user, message.is_admin)
         match command:
@@ -97,12 +163,12 @@ class CommandCore:
                 if message.image is None:
                     return Reply(replies.NO_PHOTO, error=True)
                 if isinstance(command, c.Caption):
-                    answer = await gateway.caption(scope, message.image, user)
+                    answer = await self._answer("caption", on_partial, scope, message.image, user)
                     return Reply(answer.text, concepts=answer.concepts)
                 answer = await gateway.recognize(scope, message.image, user)
                 return Reply(answer.text, answer.image, "who.jpg", answer.concepts)
             case c.Ask(question):
-                answer = await gateway.ask(scope, message.image, question, user)
+                answer = await self._answer("ask", on_partial, scope, message.image, question, user)
                 image = answer.image if answer.concepts else None
                 return Reply(answer.text, image, "answer.jpg", answer.concepts)
             case c.Concepts():
@@ -127,3 +193,16 @@ class CommandCore:
             case c.Search() | c.Index():
                 return Reply("Photo search is not available on this engine yet.", error=True)
         raise AssertionError(f"unhandled command {command!r}")
+
+
+async def _all_but_last_piece(stream: AsyncIterator[str | Answer]) -> AsyncIterator[str | Answer]:
+    """The stream with its last text piece held back (the final Answer carries it): an answer
+    that comes in one piece then shows no partial at all and is sent as an ordinary reply."""
+    held: str | None = None
+    async for item in stream:
+        if isinstance(item, Answer):
+            yield item
+            return
+        if held is not None:
+            yield held
+        held = item

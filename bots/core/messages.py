@@ -36,3 +36,6 @@ class Reply:
     image_name: str = "rapbot.jpg"
     concepts: list[Recognition] = field(default_factory=list)
     error: bool = False
+    # Photos of the chat to send back by platform reference (search results: Telegram file
+    # ids, Discord attachment ids); adapters send them as one album.
+    photo_refs: tuple[str, ...] = ()

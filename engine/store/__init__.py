@@ -1,13 +1,25 @@
-"""Concept stores: a protocol and its implementations (FAISS for local mode)."""
+"""Concept stores: a protocol and its implementations (FAISS for local mode, Qdrant for servers)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from engine.store.base import ConceptStore, NewConcept
+from engine.errors import StoreError
+from engine.store.base import ConceptStore, NewConcept, StoredExample
 from engine.store.faiss_store import FaissConceptStore
 
-__all__ = ["ConceptStore", "FaissConceptStore", "NewConcept", "open_store"]
+if TYPE_CHECKING:
+    from engine.settings import EngineSettings
+
+__all__ = [
+    "ConceptStore",
+    "FaissConceptStore",
+    "NewConcept",
+    "StoredExample",
+    "open_concept_store",
+    "open_store",
+]
 
 
 def open_store(data_dir: str | Path, model_id: str, dim: int) -> ConceptStore:
@@ -16,3 +28,34 @@ def open_store(data_dir: str | Path, model_id: str, dim: int) -> ConceptStore:
     Raises :class:`engine.errors.StoreError` if the folder was created for another model or dim.
     """
     return FaissConceptStore(Path(data_dir), model_id, dim)
+
+
+def open_concept_store(settings: EngineSettings, model_id: str, dim: int) -> ConceptStore:
+    """The configured store (``settings.store``) for one embedding model.
+
+    ``faiss``: the folder ``<data_dir>/store``. ``qdrant``: the server at ``qdrant_url`` (or an
+    on-disk Qdrant in ``<data_dir>/qdrant`` when no URL is set). An unreachable server, a
+    collection of another vector size or a folder of another model is a one-line StoreError.
+    """
+    data_dir = Path(settings.data_dir).expanduser()
+    if settings.store == "faiss":
+        return open_store(data_dir / "store", model_id, dim)
+    try:
+        from engine.store.qdrant_store import QdrantConceptStore, connect
+    except ImportError as error:  # qdrant-client is an optional dependency
+        raise StoreError(
+            f"RAPBOT_STORE=qdrant needs the qdrant-client package ({error}):"
+            " pip install 'qdrant-client>=1.12'"
+        ) from None
+
+    path = data_dir / "qdrant"
+    if not settings.qdrant_url:
+        path.mkdir(parents=True, exist_ok=True)
+    client, where = connect(
+        settings.qdrant_url,
+        api_key=settings.qdrant_api_key.get_secret_value(),
+        https=settings.qdrant_https,
+        timeout=settings.qdrant_timeout,
+        path=str(path),
+    )
+    return QdrantConceptStore(client, model_id, dim, prefix=settings.qdrant_prefix, where=where)

@@ -3,11 +3,13 @@
 A store keeps, per scope (chat), the concepts (name, description, category, owner) and their
 example photos: a JPEG crop, the box it was cut from and its L2-normalised embedding. Nothing
 may cross scopes: every method but :meth:`ConceptStore.delete_user` reads and writes exactly one
-scope. Implementations: :class:`engine.store.faiss_store.FaissConceptStore` (local mode).
+scope. Implementations: :class:`engine.store.faiss_store.FaissConceptStore` (local mode) and
+:class:`engine.store.qdrant_store.QdrantConceptStore` (server mode).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -73,7 +75,38 @@ class ConceptStore(Protocol):
 
     def count(self, scope: str | None = None) -> int: ...
 
+    def scopes(self) -> list[str]:
+        """Every scope that holds at least one concept, sorted (exports and backups)."""
+        ...
+
+    def examples(self, scope: str) -> Iterator[StoredExample]:
+        """Every example of a scope with its concept's fields, crop and embedding (exports).
+
+        Grouped by concept (oldest concept first); a concept's examples in the order they were
+        added. Read in batches: changes made while iterating may or may not be seen.
+        """
+        ...
+
     def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class StoredExample:
+    """One stored example photo with everything needed to move it to another store."""
+
+    scope: str
+    concept_id: str
+    name: str
+    description: str
+    category: str
+    owner: str
+    concept_created_at: float
+    example_id: int
+    box: Box
+    crop_jpeg: bytes
+    embedding: np.ndarray  # (dim,) float32
+    source: str | None
+    created_at: float  # when this example was added
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,7 @@ import numpy as np
 from engine.errors import InvalidInputError, StoreError, UnknownConceptError
 from engine.store.base import (
     NewConcept,
+    StoredExample,
     check_box,
     check_crop,
     check_embedding,
@@ -269,6 +270,7 @@ class FaissConceptStore:
         self._lock = threading.RLock()
         self._cache: OrderedDict[str, _ScopeIndex] = OrderedDict()
         self._closed = False
+        self._deferred = 0  # open deferred_saves() blocks
         try:
             (self.root / INDEX_DIR).mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(
@@ -562,8 +564,24 @@ class FaissConceptStore:
                 self._save(old_scope, old)
 
     def _persist(self, scope: str, entry: _ScopeIndex) -> None:
-        if entry.dirty and entry.size <= self._eager_save_max:
+        if entry.dirty and entry.size <= self._eager_save_max and not self._deferred:
             self._save(scope, entry)
+
+    @contextmanager
+    def deferred_saves(self) -> Iterator[None]:
+        """Within it, index files are written once at the end, not after every change.
+
+        For bulk writes (imports): N adds would otherwise rewrite a scope's file N times.
+        """
+        with self._lock:
+            self._deferred += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._deferred -= 1
+                if not self._deferred and not self._closed:
+                    self.flush()
 
     def _save(self, scope: str, entry: _ScopeIndex) -> None:
         header = {
@@ -847,6 +865,61 @@ class FaissConceptStore:
                 (scope, concept_id),
             ).fetchall()
         return [bytes(r[0]) for r in rows]
+
+    def scopes(self) -> list[str]:
+        with self._read() as db:
+            rows = db.execute("SELECT DISTINCT scope FROM concepts ORDER BY scope").fetchall()
+        return [r[0] for r in rows]
+
+    def examples(self, scope: str, batch: int = 256) -> Iterator[StoredExample]:
+        """A scope's examples (see the protocol), read in batches so the lock is held briefly."""
+        scope = check_scope(scope)
+        with self._read() as db:
+            concepts = {
+                r[0]: r
+                for r in db.execute(
+                    "SELECT id, name, description, category, owner, created_at FROM concepts"
+                    " WHERE scope = ? ORDER BY created_at, id",
+                    (scope,),
+                ).fetchall()
+            }
+            ids = [
+                r[0]
+                for r in db.execute(
+                    "SELECT e.id FROM examples e JOIN concepts c ON c.id = e.concept_id"
+                    " WHERE e.scope = ? ORDER BY c.created_at, c.id, e.id",
+                    (scope,),
+                ).fetchall()
+            ]
+        for start in range(0, len(ids), batch):
+            chunk = ids[start : start + batch]
+            with self._read() as db:
+                rows = db.execute(
+                    "SELECT id, concept_id, x1, y1, x2, y2, source, created_at, embedding, crop"
+                    f" FROM examples WHERE scope = ? AND id IN ({','.join('?' * len(chunk))})",
+                    (scope, *chunk),
+                ).fetchall()
+            by_id = {r[0]: r for r in rows}
+            for example_id in chunk:
+                row = by_id.get(example_id)
+                concept = concepts.get(row[1]) if row else None
+                if concept is None:  # deleted while iterating
+                    continue
+                yield StoredExample(
+                    scope=scope,
+                    concept_id=concept[0],
+                    name=concept[1],
+                    description=concept[2],
+                    category=concept[3],
+                    owner=concept[4],
+                    concept_created_at=concept[5],
+                    example_id=int(row[0]),
+                    box=Box(*row[2:6]),
+                    crop_jpeg=bytes(row[9]),
+                    embedding=np.frombuffer(row[8], dtype=np.float32).copy(),
+                    source=row[6],
+                    created_at=row[7],
+                )
 
     def count(self, scope: str | None = None) -> int:
         """Example vectors in the scope's index (kept equal to SQLite's), or in all of SQLite."""

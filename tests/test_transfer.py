@@ -1,0 +1,558 @@
+"""Export and import of chats' concepts (engine.transfer and `rapbot export` / `rapbot import`)."""
+
+from __future__ import annotations
+
+import io
+import json
+import warnings
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from qdrant_client import QdrantClient
+
+from bots.cli import main
+from engine.errors import InvalidInputError
+from engine.store import ConceptStore, FaissConceptStore
+from engine.store.qdrant_store import QdrantConceptStore
+from engine.transfer import (
+    CONCEPTS,
+    EMBEDDINGS,
+    EXAMPLES,
+    MANIFEST,
+    ArchiveError,
+    ArchiveLimits,
+    export_scopes,
+    import_archive,
+    read_archive,
+)
+from engine.types import Box
+
+DIM = 16
+MODEL = "test:clip"
+
+
+def unit(seed: int, dim: int = DIM) -> np.ndarray:
+    vector = np.random.default_rng(seed).standard_normal(dim).astype(np.float32)
+    return vector / np.linalg.norm(vector)
+
+
+def jpeg(seed: int, size: int = 48) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="JPEG", quality=80)
+    return out.getvalue()
+
+
+def faiss(root: Path, model_id: str = MODEL, dim: int = DIM) -> FaissConceptStore:
+    return FaissConceptStore(root, model_id, dim)
+
+
+def qdrant(model_id: str = MODEL, dim: int = DIM) -> QdrantConceptStore:
+    return QdrantConceptStore(QdrantClient(":memory:"), model_id, dim)
+
+
+def fill(store: ConceptStore) -> None:
+    """Two chats: Mochi (2 photos) and Bo in tg:1, Luna in tg:2."""
+    mochi = store.add_concept(
+        "tg:1",
+        name="Mochi",
+        description="my grey cat",
+        category="cat",
+        owner="alice",
+        embedding=unit(1, store.dim),
+        crop_jpeg=jpeg(1),
+        box=Box(1, 2, 30, 40),
+        source="msg:1",
+    )
+    store.add_example(
+        "tg:1", mochi.id, embedding=unit(2, store.dim), crop_jpeg=jpeg(2), box=Box(5, 5, 20, 20)
+    )
+    for scope, name, owner, seed in (("tg:1", "Bo", "bob", 3), ("tg:2", "Luna", "carol", 4)):
+        store.add_concept(
+            scope,
+            name=name,
+            description=f"about {name}",
+            category="dog",
+            owner=owner,
+            embedding=unit(seed, store.dim),
+            crop_jpeg=jpeg(seed),
+            box=Box(0, 0, 10, 10),
+        )
+
+
+def snapshot(store: ConceptStore, scope: str) -> list[tuple]:
+    """A chat's concepts as the engine sees them, without ids and times."""
+    return [
+        (c.name, c.description, c.category, c.owner, c.examples, store.example_crops(scope, c.id))
+        for c in store.list_concepts(scope)
+    ]
+
+
+def answers(store: ConceptStore, scope: str, seeds=range(1, 9)) -> list[list[tuple[str, float]]]:
+    rows = store.search(scope, np.stack([unit(s, store.dim) for s in seeds]), 5)
+    return [[(store.get(scope, h.concept_id).name, round(h.score, 5)) for h in row] for row in rows]
+
+
+@pytest.fixture
+def source(tmp_path: Path):
+    store = faiss(tmp_path / "source")
+    fill(store)
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def archive(source: FaissConceptStore, tmp_path: Path) -> Path:
+    path = tmp_path / "chats.zip"
+    report = export_scopes(source, None, path, MODEL)
+    assert (report.scopes, report.concepts, report.examples) == (2, 3, 4)
+    return path
+
+
+# ----------------------------------------------------------------------------- round trips
+
+
+def test_faiss_export_imports_into_qdrant_and_fresh_faiss(source, archive, tmp_path) -> None:
+    with zipfile.ZipFile(archive) as zf:
+        manifest = json.loads(zf.read(MANIFEST))
+        assert {MANIFEST, CONCEPTS, EXAMPLES, EMBEDDINGS} <= set(zf.namelist())
+    assert (manifest["format"], manifest["version"], manifest["model_id"]) == (
+        "rapbot-concepts",
+        1,
+        MODEL,
+    )
+    assert manifest["dim"] == DIM
+    assert manifest["counts"] == {"scopes": 2, "concepts": 3, "examples": 4}
+    assert manifest["scopes"] == [
+        {"scope": "tg:1", "concepts": 2, "examples": 3},
+        {"scope": "tg:2", "concepts": 1, "examples": 1},
+    ]
+    for target in (qdrant(), faiss(tmp_path / "target")):
+        with target:
+            report = import_archive(archive, target)
+            assert (report.scopes, report.concepts, report.examples) == (2, 3, 4)
+            assert (report.merged, report.skipped, report.reembedded) == (0, 0, False)
+            assert target.scopes() == ["tg:1", "tg:2"]
+            for scope in ("tg:1", "tg:2"):
+                assert snapshot(target, scope) == snapshot(source, scope)
+                assert answers(target, scope) == answers(source, scope)
+
+
+def test_reimport_adds_nothing(source, archive, tmp_path) -> None:
+    target = qdrant()
+    import_archive(archive, target)
+    before = {scope: snapshot(target, scope) for scope in ("tg:1", "tg:2")}
+    again = import_archive(archive, target)
+    assert (again.concepts, again.examples, again.merged, again.skipped) == (0, 0, 3, 4)
+    # A new export of the target, and the way back into the source chat: nothing new either.
+    export_scopes(target, None, tmp_path / "back.zip")
+    assert import_archive(tmp_path / "back.zip", target).examples == 0
+    assert import_archive(tmp_path / "back.zip", source).examples == 0
+    assert {scope: snapshot(target, scope) for scope in before} == before
+    assert source.count() == 4
+
+    # A later export with one more photo adds just that one, even to a concept renamed since.
+    mochi = source.get_by_name("tg:1", "Mochi")
+    source.add_example("tg:1", mochi.id, embedding=unit(9), crop_jpeg=jpeg(9), box=Box(0, 0, 5, 5))
+    export_scopes(source, ["tg:1"], tmp_path / "later.zip")
+    target.rename("tg:1", target.get_by_name("tg:1", "Mochi").id, "Mochi-san")
+    later = import_archive(tmp_path / "later.zip", target)
+    assert (later.concepts, later.examples) == (0, 1)
+    assert target.get_by_name("tg:1", "Mochi-san").examples == 3
+    assert target.get_by_name("tg:1", "Mochi") is None
+
+
+def test_a_name_that_exists_gets_the_missing_photos(archive) -> None:
+    target = qdrant()
+    mine = target.add_concept(
+        "tg:1",
+        name="MOCHI",
+        description="the target's own",
+        category="cat",
+        owner="dave",
+        embedding=unit(50),
+        crop_jpeg=jpeg(50),
+        box=Box(0, 0, 5, 5),
+    )
+    report = import_archive(archive, target)
+    assert (report.concepts, report.merged, report.examples) == (2, 1, 4)
+    merged = target.get("tg:1", mine.id)
+    assert (merged.name, merged.description, merged.owner, merged.examples) == (
+        "MOCHI",
+        "the target's own",
+        "dave",
+        3,
+    )
+    assert [c.name for c in target.list_concepts("tg:1")] == ["Bo", "MOCHI"]
+
+
+def test_import_into_another_chat_touches_only_that_chat(source, tmp_path) -> None:
+    path = tmp_path / "one.zip"
+    assert export_scopes(source, ["tg:1"], path).scopes == 1
+    target = qdrant()
+    target.add_concept(
+        "tg:1",
+        name="Zed",
+        description="",
+        category="",
+        owner="erin",
+        embedding=unit(60),
+        crop_jpeg=jpeg(60),
+        box=Box(0, 0, 5, 5),
+    )
+    report = import_archive(path, target, scope_map={"tg:1": "dc:9"})
+    assert (report.scopes, report.concepts, report.examples) == (1, 2, 3)
+    assert snapshot(target, "dc:9") == snapshot(source, "tg:1")
+    assert [c.name for c in target.list_concepts("tg:1")] == ["Zed"]
+    assert target.scopes() == ["dc:9", "tg:1"]
+    assert answers(target, "dc:9") == answers(source, "tg:1")
+    with pytest.raises(InvalidInputError, match="no chat 'tg:2'"):
+        import_archive(path, target, scope_map={"tg:2": "x"})
+
+
+def test_replace_forgets_the_chat_first(archive) -> None:
+    target = qdrant()
+    fill(target)
+    target.add_concept(
+        "tg:1",
+        name="Zed",
+        description="",
+        category="",
+        owner="erin",
+        embedding=unit(60),
+        crop_jpeg=jpeg(60),
+        box=Box(0, 0, 5, 5),
+    )
+    report = import_archive(archive, target, mode="replace")
+    assert (report.concepts, report.examples) == (3, 4)
+    assert [c.name for c in target.list_concepts("tg:1")] == ["Bo", "Mochi"]
+    assert target.count() == 4
+
+
+def test_another_embedding_model_is_embedded_again(tiny_models, tmp_path) -> None:
+    from engine.images import decode_image
+
+    embedder = tiny_models[1].embedder
+    old = faiss(tmp_path / "old", "open_clip:retired-model", 8)  # random vectors, real crops
+    fill(old)
+    path = tmp_path / "old.zip"
+    export_scopes(old, None, path)
+    target = faiss(tmp_path / "new", embedder.model_id, embedder.dim)
+
+    with pytest.raises(InvalidInputError, match="embedded again"):
+        import_archive(path, target)  # no embedder: refused, nothing written
+    with pytest.raises(InvalidInputError, match="store uses"):
+        import_archive(path, target, embedder=_Renamed(embedder, "open_clip:yet-another"))
+    assert target.count() == 0
+
+    report = import_archive(path, target, embedder=embedder)
+    assert report.reembedded and (report.concepts, report.examples) == (3, 4)
+    assert [s[:5] for s in snapshot(target, "tg:1")] == [s[:5] for s in snapshot(old, "tg:1")]
+    for scope in ("tg:1", "tg:2"):
+        for concept in target.list_concepts(scope):
+            for crop in target.example_crops(scope, concept.id):
+                query = embedder.embed_images([decode_image(crop)])
+                hit = target.search(scope, query, 1)[0][0]
+                assert hit.concept_id == concept.id and hit.score == pytest.approx(1, abs=1e-3)
+    assert import_archive(path, target, embedder=embedder).examples == 0  # idempotent too
+
+
+class _Renamed:
+    """An embedder that claims another model id (for the mismatch check)."""
+
+    def __init__(self, embedder, model_id: str) -> None:
+        self.model_id, self.dim, self._embedder = model_id, embedder.dim, embedder
+
+    def embed_images(self, images):
+        return self._embedder.embed_images(images)
+
+
+# ----------------------------------------------------------------------------- export errors
+
+
+def test_export_errors_leave_no_file(source, tmp_path) -> None:
+    with pytest.raises(InvalidInputError, match="nothing to export in chat 'nobody'"):
+        export_scopes(source, ["nobody"], tmp_path / "x.zip")
+    with pytest.raises(InvalidInputError, match="folder"):
+        export_scopes(source, None, tmp_path)
+    with pytest.raises(InvalidInputError, match="Can't write"):
+        export_scopes(source, None, tmp_path / "no" / "such" / "x.zip")
+    with pytest.raises(InvalidInputError, match="not other:model"):
+        export_scopes(source, None, tmp_path / "x.zip", "other:model")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["source"]
+
+
+def test_an_empty_backup_is_a_valid_archive(tmp_path) -> None:
+    with faiss(tmp_path / "empty") as empty:
+        report = export_scopes(empty, None, tmp_path / "empty.zip")
+    assert (report.scopes, report.concepts, report.examples) == (0, 0, 0)
+    assert import_archive(tmp_path / "empty.zip", qdrant()).examples == 0
+
+
+# ----------------------------------------------------------------------------- bad archives
+
+
+def rewrite(src: Path, dst: Path, drop=(), put=None, extra=None) -> Path:
+    """A copy of an archive with members dropped, replaced (``put``) or added (``extra``)."""
+    put, extra = put or {}, extra or {}
+    with (
+        zipfile.ZipFile(src) as zin,
+        zipfile.ZipFile(dst, "w") as zout,
+        warnings.catch_warnings(),  # "Duplicate name": wanted here
+    ):
+        warnings.simplefilter("ignore", UserWarning)
+        for info in zin.infolist():
+            if info.filename in drop:
+                continue
+            zout.writestr(info.filename, put.get(info.filename, zin.read(info.filename)))
+        for name, data in extra.items():
+            zout.writestr(zipfile.ZipInfo(name), data)
+    return dst
+
+
+def manifest_with(src: Path, **changes) -> dict[str, bytes]:
+    with zipfile.ZipFile(src) as zf:
+        manifest = json.loads(zf.read(MANIFEST))
+    manifest.update(changes)
+    return {MANIFEST: json.dumps(manifest).encode()}
+
+
+def lines_with(src: Path, member: str, index: int, **changes) -> dict[str, bytes]:
+    with zipfile.ZipFile(src) as zf:
+        lines = [json.loads(line) for line in zf.read(member).decode().splitlines()]
+    lines[index].update(changes)
+    return {member: "".join(json.dumps(line) + "\n" for line in lines).encode()}
+
+
+def npy(array: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    np.save(out, array, allow_pickle=True)
+    return out.getvalue()
+
+
+def bad_crc(src: Path, dst: Path) -> Path:
+    """Flip one byte inside a stored JPEG: the zip's CRC no longer matches."""
+    data = bytearray(src.read_bytes())
+    at = data.index(jpeg(2)) + 200
+    data[at] ^= 0xFF
+    dst.write_bytes(bytes(data))
+    return dst
+
+
+BAD = {
+    "traversal": (lambda a, d: rewrite(a, d, extra={"../../evil.sh": b"rm -rf /"}), "unexpected"),
+    "absolute": (lambda a, d: rewrite(a, d, extra={"/etc/cron.d/x": b"x"}), "unexpected"),
+    "crop-traversal": (
+        lambda a, d: rewrite(a, d, extra={"crops/../../x.jpg": b"\xff\xd8\xff"}),
+        "unexpected",
+    ),
+    "duplicate": (lambda a, d: rewrite(a, d, extra={CONCEPTS: b""}), "twice"),
+    "newer-version": (lambda a, d: rewrite(a, d, put=manifest_with(a, version=2)), "version 2"),
+    "other-format": (lambda a, d: rewrite(a, d, put=manifest_with(a, format="x")), "not a rapbot"),
+    "counts": (
+        lambda a, d: rewrite(
+            a, d, put=manifest_with(a, counts={"scopes": 2, "concepts": 3, "examples": 5})
+        ),
+        "manifest says",
+    ),
+    "no-manifest": (lambda a, d: rewrite(a, d, drop={MANIFEST}), "has no manifest.json"),
+    "no-embeddings": (lambda a, d: rewrite(a, d, drop={EMBEDDINGS}), "has no embeddings.npy"),
+    "no-crop": (lambda a, d: rewrite(a, d, drop={"crops/00000002.jpg"}), "misses crops/00000002"),
+    "not-jpeg": (
+        lambda a, d: rewrite(a, d, put={"crops/00000001.jpg": b"GIF89a...."}),
+        "not a JPEG",
+    ),
+    "bad-crc": (lambda a, d: bad_crc(a, d), "damaged"),
+    "not-zip": (lambda a, d: d.write_bytes(b"hello, not a zip") and d, "not a rapbot export"),
+    "truncated": (lambda a, d: d.write_bytes(a.read_bytes()[:900]) and d, "not a rapbot export"),
+    "bad-json": (lambda a, d: rewrite(a, d, put={CONCEPTS: b'{"scope": "tg:1",\n'}), "bad line 1"),
+    "markup-name": (
+        lambda a, d: rewrite(a, d, put=lines_with(a, CONCEPTS, 0, name="<b>x</b>")),
+        "bad concept",
+    ),
+    "same-name": (
+        lambda a, d: rewrite(a, d, put=lines_with(a, CONCEPTS, 1, name="mochi")),
+        "twice in chat",
+    ),
+    "unknown-concept": (
+        lambda a, d: rewrite(a, d, put=lines_with(a, EXAMPLES, 0, concept_id="f" * 32)),
+        "unknown concept",
+    ),
+    "bad-box": (
+        lambda a, d: rewrite(a, d, put=lines_with(a, EXAMPLES, 0, box=[1, 2])),
+        "bad example",
+    ),
+    "embeddings-shape": (
+        lambda a, d: rewrite(a, d, put={EMBEDDINGS: npy(np.zeros((4, DIM + 1), np.float32))}),
+        "shape",
+    ),
+    "embeddings-nan": (
+        lambda a, d: rewrite(a, d, put={EMBEDDINGS: npy(np.full((4, DIM), np.nan, np.float32))}),
+        "not finite",
+    ),
+    "embeddings-long": (
+        lambda a, d: rewrite(a, d, put={EMBEDDINGS: npy(np.full((4, DIM), 9, np.float32))}),
+        "not unit length",
+    ),
+    "embeddings-pickle": (
+        lambda a, d: rewrite(a, d, put={EMBEDDINGS: npy(np.array([{"x": 1}] * 4, dtype=object))}),
+        "unreadable embeddings",
+    ),
+}
+
+
+@pytest.fixture
+def target():
+    """A store with its own chat, which a refused import must leave exactly as it was."""
+    store = qdrant()
+    store.add_concept(
+        "tg:1",
+        name="Zed",
+        description="mine",
+        category="",
+        owner="erin",
+        embedding=unit(60),
+        crop_jpeg=jpeg(60),
+        box=Box(0, 0, 5, 5),
+    )
+    yield store
+    store.close()
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_a_bad_archive_is_refused_and_the_store_is_unchanged(case, archive, target, tmp_path):
+    make, expected = BAD[case]
+    bad = make(archive, tmp_path / f"{case}.zip")
+    before = (target.scopes(), snapshot(target, "tg:1"), target.count())
+    with pytest.raises(ArchiveError) as caught:
+        import_archive(bad, target)
+    message = str(caught.value)
+    assert expected in message and "\n" not in message, message
+    assert message.endswith("Nothing was imported.")
+    assert (target.scopes(), snapshot(target, "tg:1"), target.count()) == before
+
+
+@pytest.mark.parametrize(
+    "limits, expected",
+    [
+        (ArchiveLimits(max_bytes=2000), "would unpack to"),
+        (ArchiveLimits(max_crop_bytes=100), "bytes (at most 100)"),
+        (ArchiveLimits(max_examples=3), "more"),
+    ],
+    ids=["total", "crop", "examples"],
+)
+def test_a_huge_archive_is_refused_up_front(archive, target, limits, expected) -> None:
+    with pytest.raises(ArchiveError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+        import_archive(archive, target, limits=limits)
+    assert target.count() == 1
+
+
+def test_a_missing_file_is_a_user_error(target, tmp_path) -> None:
+    with pytest.raises(InvalidInputError, match="No such file"):
+        read_archive(tmp_path / "nope.zip")
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+@pytest.fixture
+def cli(tiny_models, tmp_path, monkeypatch, capsys):
+    """`rapbot ARGS...` in-process on the tiny profile (as in test_cli.py)."""
+    import engine.models
+
+    monkeypatch.setattr(engine.models, "load_models", lambda settings: tiny_models[1])
+    monkeypatch.setenv("RAPBOT_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("RAPBOT_PROFILE", "tiny")
+
+    def run(*args) -> tuple[int, str, str]:
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as exit_:
+            code = exit_.code
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+def _photo(path: Path, seed: int) -> Path:
+    path.write_bytes(jpeg(seed, size=160))
+    return path
+
+
+def _concepts(cli, *args) -> list[dict]:
+    code, out, err = cli(*args, "--json", "concepts")
+    assert code == 0, err
+    return json.loads(out)["concepts"]
+
+
+def test_cli_export_import_round_trip(cli, tmp_path, monkeypatch) -> None:
+    box = ("--box", "10,10,150,150")
+    for user, name, seed in (("alice", "Mochi", 1), ("bob", "Bo", 2)):
+        photo = _photo(tmp_path / f"{name}.jpg", seed)
+        code, _, err = cli("--chat", "tg:1", "--user", user, "remember", photo, name, *box)
+        assert code == 0, err
+    cli("--chat", "tg:5", "remember", _photo(tmp_path / "l.jpg", 3), "Luna", "--desc", "x", *box)
+
+    one = tmp_path / "one.zip"
+    code, out, err = cli("--chat", "tg:1", "--json", "export", "--out", one)
+    assert code == 0, err
+    assert json.loads(out) == {
+        "exported": {"scopes": 1, "concepts": 2, "examples": 2},
+        "path": str(one),
+    }
+    code, out, err = cli("--json", "import", one, "--chat", "tg:2")
+    assert code == 0, err
+    assert json.loads(out) == {
+        "imported": {"scopes": 1, "concepts": 2, "examples": 2, "merged": 0, "skipped": 0},
+        "reembedded": False,
+        "path": str(one),
+    }
+    assert _concepts(cli, "--chat", "tg:2") == _concepts(cli, "--chat", "tg:1")
+    assert [c["owner"] for c in _concepts(cli, "--chat", "tg:2")] == ["bob", "alice"]
+    code, out, _ = cli("import", one, "--chat", "tg:2")  # again: nothing new, said in words
+    assert code == 0 and "0 new concept(s) and 0 photo(s)" in out
+
+    # A backup of every chat, restored into a Qdrant store (embedded, in another data folder).
+    scopes = ("tg:1", "tg:2", "tg:5")
+    expected = [_concepts(cli, "--chat", scope) for scope in scopes]
+    backup = tmp_path / "backup.zip"
+    code, out, err = cli("--json", "export", "--all", "--out", backup)
+    assert json.loads(out)["exported"] == {"scopes": 3, "concepts": 5, "examples": 5}
+    monkeypatch.setenv("RAPBOT_STORE", "qdrant")
+    elsewhere = ("--data-dir", tmp_path / "restored")
+    code, out, err = cli(*elsewhere, "--json", "import", backup)
+    assert code == 0, err
+    assert json.loads(out)["imported"]["concepts"] == 5
+    assert [_concepts(cli, *elsewhere, "--chat", scope) for scope in scopes] == expected
+    assert (tmp_path / "restored" / "qdrant").is_dir()
+    assert not (tmp_path / "restored" / "store").exists()  # not the FAISS folder
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (("import", "{tmp}/backup.zip", "--chat", "tg:9"), "holds 2 chats"),
+        (("import", "{tmp}/garbage.zip"), "not a rapbot export"),
+        (("import", "{tmp}/missing.zip"), "No such file"),
+        (("export", "--chat", "nobody", "--out", "{tmp}/x.zip"), "nothing to export"),
+        (("export", "--all", "--chat", "tg:1", "--out", "{tmp}/x.zip"), "either --chat"),
+    ],
+    ids=["multi-chat-into-one", "garbage", "missing", "empty-chat", "all-and-chat"],
+)
+def test_cli_transfer_user_errors_exit_1_with_one_line(cli, tmp_path, args, expected) -> None:
+    with faiss(tmp_path / "two") as store:
+        fill(store)
+        export_scopes(store, None, tmp_path / "backup.zip")
+    (tmp_path / "garbage.zip").write_bytes(b"PK\x03\x04 not really")
+    code, out, err = cli(*(a.format(tmp=tmp_path) for a in args))
+    assert code == 1 and out == ""
+    assert err.startswith("rapbot: ") and err.count("\n") == 1 and expected in err, err
+
+
+def test_cli_export_needs_an_output_file(cli) -> None:
+    code, _, err = cli("export", "--chat", "tg:1")
+    assert code == 2 and "--out" in err
