@@ -1,0 +1,257 @@
+"""Sending the core's replies to Telegram, and "typing…" while the engine works.
+
+A reply answers the user's message (``reply_parameters``), in HTML parse mode with every piece
+of text escaped. An annotated photo carries the text as its caption when it fits; longer text
+follows as messages of its own. Search results (``Reply.photo_refs``, Telegram file ids) go back
+as one media group. When Telegram refuses a rich reply, a plain-text one is tried, so the user
+never meets silence.
+
+/ask and /caption answers grow in place (:class:`GrowingMessage`): the first text is sent as a
+reply, then edited as the core hands over more (the core paces partials, one a second by
+default; unchanged text is never re-sent). The finished answer is a last edit with the full
+HTML text (text beyond one message follows as messages of its own); when the answer carries an
+annotated photo, the photo follows as its own reply, without a caption. An error after the
+answer started (a timeout, an engine failure) is sent as a new message below the partial one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from telegram import (
+    Bot,
+    InputFile,
+    InputMediaPhoto,
+    LinkPreviewOptions,
+    Message,
+    ReplyParameters,
+)
+from telegram.constants import ChatAction, ParseMode
+from telegram.error import BadRequest, Forbidden, TelegramError
+
+from bots.core.messages import Reply
+from bots.telegram_adapter.format import (
+    CAPTION_LIMIT,
+    MESSAGE_LIMIT,
+    split_text,
+    to_html,
+    visible_length,
+)
+
+log = logging.getLogger(__name__)
+
+CHAT_ACTION_EVERY_S = 4.0  # Telegram shows an action for about 5 s
+MAX_MEDIA_GROUP = 10  # Telegram's limit for one media group
+_NO_PREVIEW = LinkPreviewOptions(is_disabled=True)
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a reply goes: the chat, the forum topic if any, and the message it answers."""
+
+    chat_id: int
+    reply_to: int
+    thread_id: int | None = None
+
+    @classmethod
+    def of(cls, message: Message) -> Target:
+        thread = message.message_thread_id if message.is_topic_message else None
+        return cls(message.chat_id, message.message_id, thread)
+
+
+async def send_reply(bot: Bot, target: Target, reply: Reply) -> None:
+    """Send ``reply``; a refused rich reply falls back to plain text, errors are logged."""
+    try:
+        await _send_rich(bot, target, reply)
+    except Forbidden as error:  # blocked or removed from the chat: nobody to tell
+        log.warning("cannot reply in chat=%s: %s", target.chat_id, error)
+    except TelegramError as error:
+        log.warning(
+            "reply refused in chat=%s (%s); falling back to plain text", target.chat_id, error
+        )
+        await _send_plain_fallback(bot, target, reply)
+
+
+async def _send_rich(bot: Bot, target: Target, reply: Reply) -> None:
+    bold = [] if reply.error else [concept.name for concept in reply.concepts]
+    refs = list(reply.photo_refs)[:MAX_MEDIA_GROUP]
+    text_fits_caption = visible_length(reply.text) <= CAPTION_LIMIT
+    caption = to_html(reply.text, bold) if text_fits_caption and reply.text else None
+    if refs:
+        media = [InputMediaPhoto(ref) for ref in refs]
+        if caption:
+            media[0] = InputMediaPhoto(refs[0], caption=caption, parse_mode=ParseMode.HTML)
+        await bot.send_media_group(
+            target.chat_id,
+            media,
+            reply_parameters=_reply_parameters(target),
+            message_thread_id=target.thread_id,
+        )
+    elif reply.image is not None:
+        await bot.send_photo(
+            target.chat_id,
+            InputFile(reply.image, filename=reply.image_name),
+            caption=caption,
+            parse_mode=ParseMode.HTML,
+            reply_parameters=_reply_parameters(target),
+            message_thread_id=target.thread_id,
+        )
+    else:
+        caption = None  # no photo: the text goes as messages below
+    if caption is None and reply.text:
+        await _send_text(bot, target, reply.text, bold)
+
+
+async def _send_text(bot: Bot, target: Target, text: str, bold: list[str]) -> None:
+    for piece in split_text(text, MESSAGE_LIMIT):
+        try:
+            await bot.send_message(
+                target.chat_id,
+                to_html(piece, bold),
+                parse_mode=ParseMode.HTML,
+                reply_parameters=_reply_parameters(target),
+                message_thread_id=target.thread_id,
+                link_preview_options=_NO_PREVIEW,
+            )
+        except BadRequest as error:
+            if "entities" not in str(error).lower():
+                raise
+            # Our markup was refused (should not happen): the same words without any markup.
+            await bot.send_message(
+                target.chat_id,
+                piece,
+                reply_parameters=_reply_parameters(target),
+                message_thread_id=target.thread_id,
+                link_preview_options=_NO_PREVIEW,
+            )
+
+
+async def _send_plain_fallback(bot: Bot, target: Target, reply: Reply) -> None:
+    text = reply.text or "Sorry, I couldn't send my answer here."
+    if reply.image is not None or reply.photo_refs:
+        text += "\n(Telegram refused the photo, so here is my answer without it.)"
+    try:
+        for piece in split_text(text, MESSAGE_LIMIT):
+            await bot.send_message(
+                target.chat_id,
+                piece,
+                reply_parameters=_reply_parameters(target),
+                message_thread_id=target.thread_id,
+                link_preview_options=_NO_PREVIEW,
+            )
+    except TelegramError as error:
+        log.error("could not reply in chat=%s at all: %s", target.chat_id, error)
+
+
+def _reply_parameters(target: Target) -> ReplyParameters:
+    # The user may delete their message while we work: answer anyway.
+    return ReplyParameters(target.reply_to, allow_sending_without_reply=True)
+
+
+@contextlib.asynccontextmanager
+async def chat_action(
+    bot: Bot, target: Target, action: str = ChatAction.TYPING, every_s: float = CHAT_ACTION_EVERY_S
+) -> AsyncIterator[None]:
+    """Show ``action`` ("typing…", "sending a photo…") until the block ends.
+
+    The first action is sent before the work starts; a background task repeats it, since
+    Telegram clears it after about five seconds. Failures only cost the indicator.
+    """
+
+    async def send_once() -> None:
+        try:
+            await bot.send_chat_action(target.chat_id, action, message_thread_id=target.thread_id)
+        except TelegramError as error:
+            log.debug("chat action failed chat=%s: %s", target.chat_id, error)
+
+    async def repeat() -> None:
+        while True:
+            await asyncio.sleep(every_s)
+            await send_once()
+
+    await send_once()
+    task = asyncio.get_running_loop().create_task(repeat())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+class GrowingMessage:
+    """One reply that is edited as the answer grows; ``show`` is the core's ``on_partial``."""
+
+    def __init__(self, bot: Bot, target: Target) -> None:
+        self.bot = bot
+        self.target = target
+        self.message_id: int | None = None
+        self._shown = ""  # the HTML of the message as Telegram has it now
+
+    @property
+    def started(self) -> bool:
+        return self.message_id is not None
+
+    async def show(self, text: str) -> None:
+        """The core's ``on_partial``: a refused edit only costs the preview, the final
+        answer is still delivered."""
+        try:
+            await self._put(text, [])
+        except TelegramError as error:
+            log.info("a partial answer was refused in chat=%s: %s", self.target.chat_id, error)
+
+    async def _put(self, text: str, bold: list[str]) -> None:
+        """Send or edit the message to ``text`` (its first message-sized piece)."""
+        html = to_html(split_text(text, MESSAGE_LIMIT)[0], bold)
+        if html == self._shown:
+            return  # Telegram refuses edits that change nothing
+        target = self.target
+        if self.message_id is None:
+            sent = await self.bot.send_message(
+                target.chat_id,
+                html,
+                parse_mode=ParseMode.HTML,
+                reply_parameters=_reply_parameters(target),
+                message_thread_id=target.thread_id,
+                link_preview_options=_NO_PREVIEW,
+            )
+            self.message_id = sent.message_id
+        else:
+            await self.bot.edit_message_text(
+                html,
+                chat_id=target.chat_id,
+                message_id=self.message_id,
+                parse_mode=ParseMode.HTML,
+                link_preview_options=_NO_PREVIEW,
+            )
+        self._shown = html
+
+    async def finish(self, reply: Reply) -> None:
+        """The final answer: a last edit (and the photo after it), or an ordinary reply when
+        nothing was shown yet or the request ended in an error."""
+        if self.message_id is None or reply.error or not reply.text:
+            await send_reply(self.bot, self.target, reply)
+            return
+        target = self.target
+        bold = [concept.name for concept in reply.concepts]
+        _, *rest = split_text(reply.text, MESSAGE_LIMIT)
+        try:
+            await self._put(reply.text, bold)
+            for piece in rest:
+                await _send_text(self.bot, target, piece, bold)
+            if reply.image is not None:
+                await self.bot.send_photo(
+                    target.chat_id,
+                    InputFile(reply.image, filename=reply.image_name),
+                    reply_parameters=_reply_parameters(target),
+                    message_thread_id=target.thread_id,
+                )
+        except Forbidden as error:
+            log.warning("cannot reply in chat=%s: %s", target.chat_id, error)
+        except TelegramError as error:
+            log.warning("final answer refused in chat=%s (%s)", target.chat_id, error)
+            await _send_plain_fallback(self.bot, target, reply)

@@ -1,0 +1,754 @@
+"""The Telegram adapter, offline, through python-telegram-bot's own processing path.
+
+Updates are JSON as the Bot API sends them, run through ``Application.process_update``; the
+bot's HTTP client is a request class that records every Bot API call and answers as Telegram
+would, serving file downloads from the real photos in ../shared/data (or the bad-upload
+catalogue). The engine behind it is the real one, on tiny models.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from telegram import Update
+from telegram.request import BaseRequest, RequestData
+
+from bots.core.gateway import LocalGateway
+from bots.core.handler import INTERNAL_ERROR
+from bots.core.limits import Limits
+from bots.core.messages import Reply
+from bots.telegram_adapter import build_application, rapbot_of
+from bots.telegram_adapter.format import split_text, to_html
+from bots.telegram_adapter.handlers import TIMEOUT_TEXT
+from bots.telegram_adapter.send import Target, send_reply
+from engine.images import ImageLimits
+from tests.badfiles import BAD_IMAGE_REASONS, BAD_IMAGES
+from tests.test_core import generator_engine
+
+TOKEN = "123456:TEST-token"
+BOT = {"id": 999, "is_bot": True, "first_name": "rapbot", "username": "rapbot_test_bot"}
+ALICE, BOB, CAROL = 11, 22, 33
+GROUP_A, GROUP_B = -1001, -1002
+MIB = 1024 * 1024
+
+
+@dataclass
+class Call:
+    method: str  # a Bot API method, or "download" for a file fetch
+    params: dict[str, Any]
+    files: dict[str, bytes] = field(default_factory=dict)
+
+    @property
+    def text(self) -> str:
+        return str(self.params.get("text") or self.params.get("caption") or "")
+
+    @property
+    def reply_to(self) -> int | None:
+        return (self.params.get("reply_parameters") or {}).get("message_id")
+
+
+class RecordingRequest(BaseRequest):
+    """Answers Bot API calls like Telegram and records them; downloads come from ``files``."""
+
+    def __init__(self) -> None:
+        self.calls: list[Call] = []
+        self.files: dict[str, bytes] = {}  # file_id -> bytes
+        self.members: dict[tuple[int, int], str] = {}  # (chat, user) -> member status
+        self.failures: dict[str, tuple[int, str]] = {}  # method -> (HTTP code, description)
+        self._message_ids = itertools.count(5000)
+        self.updates: list[dict[str, Any]] = []  # what getUpdates hands out (polling tests)
+        self.on_idle: Callable[[], None] | None = None  # called by a getUpdates with nothing new
+
+    @property
+    def read_timeout(self) -> float:
+        return 5.0
+
+    async def initialize(self) -> None:
+        pass
+
+    async def shutdown(self) -> None:
+        pass
+
+    async def do_request(
+        self, url: str, method: str, request_data: RequestData | None = None, **_: Any
+    ) -> tuple[int, bytes]:
+        if "/file/bot" in url:  # https://api.telegram.org/file/bot<token>/<file_path>
+            file_id = url.rsplit("/", 1)[1]
+            self.calls.append(Call("download", {"file_id": file_id}))
+            return 200, self.files[file_id]
+        name = url.rsplit("/", 1)[1]
+        params = request_data.parameters if request_data else {}
+        files = {}
+        if request_data is not None and request_data.contains_files:
+            files = {key: part[1] for key, part in request_data.multipart_data.items()}
+        self.calls.append(Call(name, params, files))
+        if name == "getUpdates":
+            updates, self.updates = self.updates, []
+            if not updates:
+                if self.on_idle is not None:
+                    on_idle, self.on_idle = self.on_idle, None  # once: it stops the loop
+                    on_idle()
+                await asyncio.sleep(0.02)  # a long poll that found nothing
+            return 200, json.dumps({"ok": True, "result": updates}).encode()
+        if name in self.failures:
+            code, description = self.failures[name]
+            return code, json.dumps(
+                {"ok": False, "error_code": code, "description": description}
+            ).encode()
+        result = self._answer(name, params)
+        if result is None:
+            return 404, b'{"ok": false, "error_code": 404, "description": "Not Found"}'
+        return 200, json.dumps({"ok": True, "result": result}).encode()
+
+    def _answer(self, name: str, params: dict[str, Any]) -> Any:
+        if name == "getMe":
+            return {**BOT, "can_join_groups": True, "can_read_all_group_messages": False}
+        if name in {"sendChatAction", "setMyCommands", "deleteWebhook"}:
+            return True
+        if name == "sendMessage":
+            return self._message(params, text=params["text"])
+        if name == "editMessageText":
+            return self._message(params, text=params["text"])
+        if name == "sendPhoto":
+            sent = {"file_id": "sent", "file_unique_id": "sent", "width": 8, "height": 8}
+            return self._message(params, photo=[sent], caption=params.get("caption"))
+        if name == "sendMediaGroup":
+            return [
+                self._message(params, photo=[{**_photo_size(item["media"], 1), "width": 8}])
+                for item in params["media"]
+            ]
+        if name == "getFile":
+            file_id = params["file_id"]
+            if file_id not in self.files:
+                return None
+            return {
+                "file_id": file_id,
+                "file_unique_id": f"u-{file_id}",
+                "file_size": len(self.files[file_id]),
+                "file_path": f"photos/{file_id}",
+            }
+        if name == "getChatMember":
+            user = {"id": params["user_id"], "is_bot": False, "first_name": "U"}
+            status = self.members.get((params["chat_id"], params["user_id"]), "member")
+            member: dict[str, Any] = {"status": status, "user": user}
+            if status == "administrator":
+                member |= {flag: False for flag in _ADMIN_FLAGS} | {"can_manage_chat": True}
+            if status == "creator":
+                member["is_anonymous"] = False
+            return member
+        return None
+
+    def _message(self, params: dict[str, Any], **content: Any) -> dict[str, Any]:
+        return {
+            "message_id": next(self._message_ids),
+            "date": int(time.time()),
+            "chat": _chat(int(params["chat_id"])),
+            "from": BOT,
+            **{key: value for key, value in content.items() if value is not None},
+        }
+
+
+_ADMIN_FLAGS = [
+    "can_be_edited",
+    "is_anonymous",
+    "can_manage_chat",
+    "can_delete_messages",
+    "can_manage_video_chats",
+    "can_restrict_members",
+    "can_promote_members",
+    "can_change_info",
+    "can_invite_users",
+    "can_post_stories",
+    "can_edit_stories",
+    "can_delete_stories",
+]
+_update_ids = itertools.count(1)
+_message_ids = itertools.count(100)
+
+
+def _chat(chat_id: int) -> dict[str, Any]:
+    if chat_id > 0:
+        return {"id": chat_id, "type": "private", "first_name": "Alice"}
+    return {"id": chat_id, "type": "supergroup", "title": f"Group {chat_id}"}
+
+
+def _photo_size(file_id: str, size: int) -> dict[str, Any]:
+    return {"file_id": file_id, "file_unique_id": f"u-{file_id}", "height": 480, "file_size": size}
+
+
+def _entities(text: str) -> list[dict[str, Any]]:
+    """The entities Telegram marks: a leading /command, and @mentions."""
+    found = []
+    command = re.match(r"/\w+(@\w+)?", text)
+    if command:
+        found.append({"type": "bot_command", "offset": 0, "length": command.end()})
+    for mention in re.finditer(r"(?<![\w/])@\w+", text):
+        found.append({"type": "mention", "offset": mention.start(), "length": len(mention[0])})
+    return found
+
+
+class Harness:
+    """A built and initialized Application over the recording request."""
+
+    def __init__(self, app, request: RecordingRequest) -> None:
+        self.app = app
+        self.request = request
+
+    def add_file(self, file_id: str, data: bytes) -> None:
+        self.request.files[file_id] = data
+
+    def message(
+        self,
+        chat: int,
+        user: int = ALICE,
+        *,
+        text: str | None = None,
+        caption: str | None = None,
+        photo: str | None = None,
+        document: tuple[str, str] | None = None,  # (file_id, mime type)
+        size: int | None = None,  # the file size Telegram declares (default: the real one)
+        reply_to: dict[str, Any] | None = None,
+        album: str | None = None,
+        is_bot: bool = False,
+        sender_chat: int | None = None,
+    ) -> dict[str, Any]:
+        """A message as the Bot API sends it."""
+        data: dict[str, Any] = {
+            "message_id": next(_message_ids),
+            "date": int(time.time()),
+            "chat": _chat(chat),
+            "from": {"id": user, "is_bot": is_bot, "first_name": f"User{user}"},
+        }
+        declared = lambda fid: size if size is not None else len(self.request.files.get(fid, b""))  # noqa: E731
+        if photo is not None:
+            # Telegram lists every size, smallest first; only the largest may be downloaded.
+            data["photo"] = [
+                {**_photo_size(f"{photo}-thumb", 900), "width": 90},
+                {**_photo_size(photo, declared(photo)), "width": 640},
+            ]
+        if document is not None:
+            file_id, mime = document
+            data["document"] = {
+                "file_id": file_id,
+                "file_unique_id": f"u-{file_id}",
+                "file_name": f"{file_id}.bin",
+                "mime_type": mime,
+                "file_size": declared(file_id),
+            }
+        if text is not None:
+            data["text"] = text
+            data["entities"] = _entities(text)
+        if caption is not None:
+            data["caption"] = caption
+            data["caption_entities"] = _entities(caption)
+        if reply_to is not None:
+            data["reply_to_message"] = reply_to
+        if album is not None:
+            data["media_group_id"] = album
+        if sender_chat is not None:
+            data["sender_chat"] = _chat(sender_chat)
+        return data
+
+    async def send(self, message: dict[str, Any]) -> list[Call]:
+        """Process one update; the Bot API calls it caused."""
+        before = len(self.request.calls)
+        update = Update.de_json({"update_id": next(_update_ids), "message": message}, self.app.bot)
+        await self.app.process_update(update)
+        return self.request.calls[before:]
+
+    async def say(self, chat: int, user: int = ALICE, **kw: Any) -> list[Call]:
+        return await self.send(self.message(chat, user, **kw))
+
+
+def replies(calls: list[Call]) -> list[Call]:
+    return [c for c in calls if c.method in {"sendMessage", "sendPhoto", "sendMediaGroup"}]
+
+
+def only_reply(calls: list[Call]) -> Call:
+    sent = replies(calls)
+    assert len(sent) == 1, [(c.method, c.text) for c in calls]
+    return sent[0]
+
+
+def run_bot(
+    gateway,
+    scenario: Callable[[Harness], Awaitable[None]],
+    *,
+    limits: Limits | None = None,
+    image_limits: ImageLimits = ImageLimits(),
+) -> None:
+    """Build the application over ``gateway``, run ``scenario``, shut everything down."""
+
+    async def main() -> None:
+        request = RecordingRequest()
+        app = build_application(
+            TOKEN,
+            gateway,
+            image_limits=image_limits,
+            limits=limits or Limits(enabled=False),
+            request=request,
+            album_window_s=0.05,
+        )
+        await app.initialize()
+        try:
+            await scenario(Harness(app, request))
+        finally:
+            await rapbot_of(app).albums.close()
+            await app.shutdown()
+
+    asyncio.run(main())
+
+
+def with_engine(engine, scenario, **kw) -> None:
+    gateway = LocalGateway(engine)
+    try:
+        run_bot(gateway, scenario, **kw)
+    finally:
+        gateway._executor.shutdown(wait=True)  # the engine itself is closed by its fixture
+
+
+@pytest.fixture
+def photos(dreambooth) -> dict[str, bytes]:
+    return {
+        "cat": (dreambooth / "cat" / "00.jpg").read_bytes(),
+        **{f"dog{i}": (dreambooth / "dog" / f"0{i}.jpg").read_bytes() for i in range(3)},
+    }
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def test_remember_in_a_caption_then_who_sends_a_named_photo(tiny_engine, photos) -> None:
+    async def scenario(tg: Harness) -> None:
+        tg.add_file("cat", photos["cat"])
+        message = tg.message(GROUP_A, photo="cat", caption="/remember Mochi | my grey cat")
+        calls = await tg.send(message)
+        assert [c.method for c in calls] == ["sendChatAction", "getFile", "download", "sendMessage"]
+        assert calls[0].params == {"chat_id": GROUP_A, "action": "typing"}
+        assert calls[2].params["file_id"] == "cat"  # the largest size, not the thumbnail
+        reply = calls[-1]
+        assert reply.params["chat_id"] == GROUP_A
+        assert reply.reply_to == message["message_id"]
+        assert reply.params["parse_mode"] == "HTML"
+        assert reply.text == "Got it: I'll remember Mochi (my grey cat)."
+
+        calls = await tg.say(GROUP_A, BOB, photo="cat", caption="/who")
+        assert calls[0].method == "sendChatAction" and calls[0].params["action"] == "upload_photo"
+        who = only_reply(calls)
+        assert who.method == "sendPhoto" and who.files["photo"][:2] == b"\xff\xd8"
+        assert "<b>Mochi</b>" in who.text and "grey cat" in who.text
+
+    with_engine(tiny_engine, scenario)
+    assert [(c.name, c.owner, c.examples) for c in tiny_engine.list_concepts("tg:-1001")] == [
+        ("Mochi", f"tg:{ALICE}", 1)
+    ]
+
+
+def test_remember_as_a_reply_to_a_photo_and_as_a_document(tiny_engine, photos) -> None:
+    async def scenario(tg: Harness) -> None:
+        tg.add_file("dog0", photos["dog0"])
+        tg.add_file("dog1", photos["dog1"])
+        posted = tg.message(GROUP_A, BOB, photo="dog0")
+        assert await tg.send(posted) == []  # a plain photo in a group is not for the bot
+        calls = await tg.say(GROUP_A, text="/remember Rex | the corgi", reply_to=posted)
+        assert [c.params.get("file_id") for c in calls if c.method == "download"] == ["dog0"]
+        assert only_reply(calls).text == "Got it: I'll remember Rex (the corgi)."
+
+        calls = await tg.say(
+            GROUP_A, document=("dog1", "image/jpeg"), caption="/remember@rapbot_test_bot Rex"
+        )
+        assert only_reply(calls).text == "Added another photo of Rex (now 2 photos)."
+
+    with_engine(tiny_engine, scenario)
+    assert [c.examples for c in tiny_engine.list_concepts("tg:-1001")] == [2]
+
+
+def test_album_remember_adds_every_photo(tiny_engine, photos) -> None:
+    async def scenario(tg: Harness) -> None:
+        for i in range(3):
+            tg.add_file(f"dog{i}", photos[f"dog{i}"])
+        items = [
+            tg.message(GROUP_A, photo="dog0", album="alb1", caption="/remember Rex | my dog"),
+            tg.message(GROUP_A, photo="dog1", album="alb1"),
+            tg.message(GROUP_A, photo="dog2", album="alb1"),
+        ]
+        for item in reversed(items):  # arrival order does not matter
+            assert await tg.send(item) == []
+        before = len(tg.request.calls)
+        await rapbot_of(tg.app).albums.drain()
+        calls = tg.request.calls[before:]
+        assert sorted(c.params["file_id"] for c in calls if c.method == "download") == [
+            "dog0",
+            "dog1",
+            "dog2",
+        ]
+        reply = only_reply(calls)
+        assert reply.text == "Got it: I'll remember Rex (my dog), from 3 photos."
+        assert reply.reply_to == items[0]["message_id"]
+
+    with_engine(tiny_engine, scenario)
+    assert [(c.name, c.examples) for c in tiny_engine.list_concepts("tg:-1001")] == [("Rex", 3)]
+
+
+def test_ask_mention_private_text_and_concepts(tiny_engine, photos) -> None:
+    async def scenario(tg: Harness) -> None:
+        tg.add_file("cat", photos["cat"])
+        await tg.say(GROUP_A, photo="cat", caption="/remember Mochi | <b>grey</b> & fluffy")
+
+        ask = only_reply(await tg.say(GROUP_A, photo="cat", caption="/ask is Mochi here?"))
+        assert "Mochi" in ask.text
+
+        calls = await tg.say(GROUP_A, BOB, photo="cat", caption="@rapbot_test_bot is Mochi here?")
+        assert calls[0].method == "sendChatAction"
+        assert "Mochi" in only_reply(calls).text
+
+        # A mention of someone else is not for the bot; text questions in private chats are.
+        assert await tg.say(GROUP_A, text="@somebody_else look at this") == []
+        assert replies(await tg.say(ALICE, text="what is Mochi?"))
+
+        listed = only_reply(await tg.say(GROUP_A, text="/concepts"))
+        assert "Mochi — &lt;b&gt;grey&lt;/b&gt; &amp; fluffy (1 photo)" in listed.text
+        assert "<b>grey</b>" not in listed.text
+        # Aliases of the core work without a CommandHandler of their own.
+        assert only_reply(await tg.say(GROUP_A, text="/list")).text == listed.text
+
+    with_engine(tiny_engine, scenario)
+
+
+def test_scopes_are_chats(tiny_engine, photos) -> None:
+    async def scenario(tg: Harness) -> None:
+        tg.add_file("cat", photos["cat"])
+        await tg.say(GROUP_A, photo="cat", caption="/remember Mochi")
+        in_a = only_reply(await tg.say(GROUP_A, BOB, photo="cat", caption="/who"))
+        assert "<b>Mochi</b>" in in_a.text
+        in_b = only_reply(await tg.say(GROUP_B, photo="cat", caption="/who"))
+        assert "Mochi" not in in_b.text and "don't know anyone" in in_b.text
+        assert "Mochi" not in only_reply(await tg.say(GROUP_B, text="/concepts")).text
+
+    with_engine(tiny_engine, scenario)
+
+
+def test_owner_or_admin_may_forget(tiny_engine, photos) -> None:
+    async def scenario(tg: Harness) -> None:
+        tg.add_file("cat", photos["cat"])
+        tg.request.members[(GROUP_A, CAROL)] = "administrator"
+        await tg.say(GROUP_A, ALICE, photo="cat", caption="/remember Mochi")
+        await tg.say(GROUP_A, ALICE, photo="cat", caption="/remember Tom")
+        await tg.say(GROUP_A, ALICE, photo="cat", caption="/remember Kit")
+
+        calls = await tg.say(GROUP_A, BOB, text="/forget Mochi")
+        assert [c.params for c in calls if c.method == "getChatMember"] == [
+            {"chat_id": GROUP_A, "user_id": BOB}
+        ]
+        assert only_reply(calls).text.startswith("Only the person who remembered Mochi")
+        calls = await tg.say(GROUP_A, BOB, text="/rename Mochi | Bob's cat")
+        assert only_reply(calls).text.startswith("Only the person")
+        assert not [c for c in calls if c.method == "getChatMember"]  # cached for a minute
+
+        assert only_reply(await tg.say(GROUP_A, ALICE, text="/forget Mochi")).text.startswith(
+            "I've forgotten Mochi"
+        )
+        calls = await tg.say(GROUP_A, CAROL, text="/forget Tom")
+        assert only_reply(calls).text.startswith("I've forgotten Tom")
+        # An anonymous admin posts as the group itself (from the GroupAnonymousBot account).
+        calls = await tg.say(
+            GROUP_A, 1087968824, is_bot=True, sender_chat=GROUP_A, text="/forget Kit"
+        )
+        assert only_reply(calls).text.startswith("I've forgotten Kit")
+        assert not [c for c in calls if c.method == "getChatMember"]
+
+        index = only_reply(await tg.say(GROUP_A, BOB, text="/index on"))
+        assert "not available" in index.text or "admin" in index.text
+
+    with_engine(tiny_engine, scenario)
+    assert tiny_engine.list_concepts("tg:-1001") == []
+
+
+def test_other_bots_are_ignored_and_users_are_rate_limited(tiny_engine, photos) -> None:
+    async def scenario(tg: Harness) -> None:
+        tg.add_file("cat", photos["cat"])
+        assert await tg.say(GROUP_A, 777, is_bot=True, text="/concepts") == []
+        assert await tg.say(GROUP_A, 777, is_bot=True, photo="cat", caption="/who") == []
+        assert not replies(await tg.say(GROUP_A, text="/concepts@some_other_bot"))
+        assert not replies(await tg.say(GROUP_A, photo="cat", caption="/who@some_other_bot"))
+        assert not replies(await tg.say(GROUP_A, text="/roll 2d6"))  # another bot's command
+
+        first = only_reply(await tg.say(GROUP_A, text="/concepts"))
+        second = only_reply(await tg.say(GROUP_A, text="/concepts"))
+        assert not first.text.startswith("Slow down")
+        assert second.text.startswith("Slow down a little: you are")
+        assert not only_reply(await tg.say(GROUP_A, BOB, text="/concepts")).text.startswith("Slow")
+
+    with_engine(tiny_engine, scenario, limits=Limits(user_burst=1, user_per_minute=1))
+
+
+def test_help_explains_privacy_mode(tiny_engine) -> None:
+    async def scenario(tg: Harness) -> None:
+        for text in ("/help", "/start"):
+            reply = only_reply(await tg.say(GROUP_A, text=text))
+            assert "/remember NAME" in reply.text
+            assert "privacy mode" in reply.text and "/setprivacy" in reply.text
+
+    with_engine(tiny_engine, scenario)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_bad_uploads_get_a_helpful_reply(tiny_engine, photos) -> None:
+    """Every bad upload of the catalogue, as a photo and as a file, for every photo command."""
+
+    async def scenario(tg: Harness) -> None:
+        for case, make in sorted(BAD_IMAGES.items()):
+            data = make()
+            tg.add_file(case, data)
+            for attach, captions in (
+                ({"photo": case}, ("/remember Mochi", "/ask is Mochi here?")),
+                ({"document": (case, "image/jpeg")}, ("/remember Tom", "/who")),
+            ):
+                for caption in captions:
+                    calls = await tg.say(ALICE, caption=caption, **attach)
+                    reply = only_reply(calls)
+                    where = (case, attach, caption, reply.text)
+                    assert BAD_IMAGE_REASONS[case] in reply.text, where
+                    assert reply.method == "sendMessage" and reply.reply_to is not None
+                    if len(data) > 20 * MIB:  # refused from the declared size alone
+                        assert not [c for c in calls if c.method in {"getFile", "download"}]
+            del tg.request.files[case]
+
+    tiny_engine.remember("tg:11", photos["cat"], "Mochi", "", "tg:11")
+    before = tiny_engine.list_concepts("tg:11"), tiny_engine.store.count()
+    with_engine(tiny_engine, scenario)
+    assert (tiny_engine.list_concepts("tg:11"), tiny_engine.store.count()) == before
+
+
+def test_oversized_and_non_image_files_are_refused_before_downloading(tiny_engine) -> None:
+    async def scenario(tg: Harness) -> None:
+        tg.add_file("big", b"\xff\xd8\xff" + bytes(100))
+        calls = await tg.say(ALICE, photo="big", size=25 * MIB, caption="/who")
+        assert "too large (25.0 MB)" in only_reply(calls).text
+        assert not [c for c in calls if c.method in {"getFile", "download"}]
+
+        tg.add_file("doc", b"%PDF-1.7")
+        calls = await tg.say(ALICE, document=("doc", "application/pdf"), caption="/who")
+        assert "is not an image (application/pdf)" in only_reply(calls).text
+        assert not [c for c in calls if c.method in {"getFile", "download"}]
+
+    with_engine(tiny_engine, scenario, image_limits=ImageLimits(max_bytes=10 * MIB))
+
+
+def test_malformed_commands_and_unknown_names(tiny_engine, photos) -> None:
+    async def scenario(tg: Harness) -> None:
+        tg.add_file("cat", photos["cat"])
+        expected = {
+            "/rename Mochi": "Usage: /rename OLD NAME | NEW NAME",
+            "/describe Mochi": "Usage: /describe NAME | new description",
+            "/index maybe": "Usage: /index on|off",
+            "/forget Ghost": "I don't know anyone called 'Ghost' here.",
+            "/who": "Send a photo with this command",
+            "/remember Mochi": "Send a photo with this command",
+        }
+        for text, start in expected.items():
+            calls = await tg.say(GROUP_A, text=text)
+            assert only_reply(calls).text.startswith(start), text
+            assert not [c for c in calls if c.method == "download"]
+        bad_name = only_reply(await tg.say(GROUP_A, photo="cat", caption="/remember <script>"))
+        assert bad_name.text.startswith("Names can use letters")
+        assert "&lt;" in bad_name.text and "<script" not in bad_name.text
+        unknown = only_reply(await tg.say(ALICE, text="/frobnicate"))  # private: answered
+        assert unknown.text.startswith("I don't know the command /frobnicate")
+        addressed = only_reply(await tg.say(GROUP_A, text="/frobnicate@rapbot_test_bot"))
+        assert addressed.text.startswith("I don't know the command")
+        video = tg.message(GROUP_A, caption="/who")
+        video["video"] = {
+            "file_id": "v",
+            "file_unique_id": "v",
+            "width": 1,
+            "height": 1,
+            "duration": 1,
+        }
+        assert "not videos" in only_reply(await tg.send(video)).text
+
+    with_engine(tiny_engine, scenario)
+    assert tiny_engine.list_concepts("tg:-1001") == []
+
+
+# --------------------------------------------------------------------------- Telegram trouble
+
+
+def test_telegram_errors_still_get_a_reply(tiny_engine, photos) -> None:
+    async def scenario(tg: Harness) -> None:
+        tg.add_file("cat", photos["cat"])
+        tg.request.failures["getFile"] = (400, "Bad Request: wrong file_id")
+        calls = await tg.say(ALICE, photo="cat", caption="/who")
+        assert only_reply(calls).text.startswith("I couldn't download that photo")
+        tg.request.failures["getFile"] = (400, "Bad Request: file is too big")
+        assert "too large" in only_reply(await tg.say(ALICE, photo="cat", caption="/who")).text
+        del tg.request.failures["getFile"]
+
+        tg.request.failures["sendPhoto"] = (400, "Bad Request: PHOTO_INVALID_DIMENSIONS")
+        calls = await tg.say(ALICE, photo="cat", caption="/who")
+        sent = replies(calls)
+        assert [c.method for c in sent] == ["sendPhoto", "sendMessage"]
+        assert "refused the photo" in sent[1].text and "parse_mode" not in sent[1].params
+
+        async def bug(*args: Any) -> None:
+            raise RuntimeError("a bug in the adapter")
+
+        rapbot_of(tg.app)._answer = bug  # PTB's error handler still answers the user
+        assert only_reply(await tg.say(ALICE, text="/concepts")).text == INTERNAL_ERROR
+
+    with_engine(tiny_engine, scenario)
+
+
+class SlowGateway:
+    """A gateway whose recognition never finishes in time."""
+
+    async def recognize(self, scope, image, user=None):
+        await asyncio.sleep(5)
+
+    async def close(self) -> None:
+        pass
+
+
+def test_slow_work_shows_progress_and_times_out(photos) -> None:
+    async def scenario(tg: Harness) -> None:
+        bot = rapbot_of(tg.app)
+        bot.timeout_s, bot.chat_action_every_s = 0.35, 0.1
+        tg.add_file("cat", photos["cat"])
+        calls = await tg.say(ALICE, photo="cat", caption="/who")
+        actions = [c for c in calls if c.method == "sendChatAction"]
+        assert len(actions) >= 3  # repeated while the work goes on
+        assert only_reply(calls).text == TIMEOUT_TEXT
+
+    run_bot(SlowGateway(), scenario)
+
+
+class ListingGateway:
+    """A gateway whose listing takes a while, and that remembers being closed."""
+
+    closed = False
+
+    async def list_concepts(self, scope):
+        await asyncio.sleep(0.3)
+        return []
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+def test_polling_finishes_work_in_flight_then_closes_the_gateway() -> None:
+    """`rapbot serve telegram`'s loop: stopping answers what is in flight, then closes."""
+    request, gateway = RecordingRequest(), ListingGateway()
+    app = build_application(
+        TOKEN, gateway, request=request, limits=Limits(enabled=False), album_window_s=60
+    )
+    harness = Harness(app, request)
+    asked = harness.message(GROUP_A, text="/concepts")
+    album_item = harness.message(GROUP_B, text=None, caption="/help", photo="x", album="a1")
+    request.updates = [
+        {"update_id": 1, "message": asked},
+        {"update_id": 2, "message": album_item},
+    ]
+    request.on_idle = app.stop_running  # stop while /concepts is still being answered
+    app.run_polling(stop_signals=None, close_loop=False)
+
+    methods = [c.method for c in request.calls]
+    assert methods[:3] == ["getMe", "setMyCommands", "deleteWebhook"]
+    sent = {c.params["chat_id"]: c for c in replies(request.calls)}
+    assert sent[GROUP_A].text.startswith("I don't remember anyone in this chat yet")
+    assert sent[GROUP_A].reply_to == asked["message_id"]
+    assert "privacy mode" in sent[GROUP_B].text  # the album did not wait out its 60 s window
+    assert gateway.closed
+
+
+def test_long_captions_and_media_groups(tiny_engine, photos) -> None:
+    async def scenario(tg: Harness) -> None:
+        target = Target(ALICE, 42)
+        await send_reply(tg.app.bot, target, Reply("x " * 700, image=photos["cat"]))
+        photo, text = tg.request.calls[-2:]
+        assert photo.method == "sendPhoto" and "caption" not in photo.params
+        assert text.method == "sendMessage" and text.text == "x " * 700
+
+        before = len(tg.request.calls)
+        await send_reply(tg.app.bot, target, Reply("2 photos <found>", photo_refs=("f1", "f2")))
+        (group,) = tg.request.calls[before:]
+        assert group.method == "sendMediaGroup" and group.reply_to == 42
+        assert [m["media"] for m in group.params["media"]] == ["f1", "f2"]
+        assert group.params["media"][0]["caption"] == "2 photos &lt;found&gt;"
+
+    with_engine(tiny_engine, scenario)
+
+
+def test_html_formatting_helpers() -> None:
+    assert to_html("Mochi & amp <3", ["amp", "Mochi"]) == "<b>Mochi</b> &amp; <b>amp</b> &lt;3"
+    assert to_html("Mochi Jr and Mochi", ["Mochi", "Mochi Jr"]) == (
+        "<b>Mochi Jr</b> and <b>Mochi</b>"
+    )
+    pieces = split_text("line\n" * 3000, 4096)
+    assert len(pieces) == 4 and all(len(p) <= 4096 for p in pieces)
+    assert split_text("y" * 5000, 4096) == ["y" * 4096, "y" * 904]
+
+
+def test_serve_needs_a_token(monkeypatch, capsys) -> None:
+    from bots.cli import main
+
+    monkeypatch.delenv("TELEGRAM_BOT_TOKEN", raising=False)
+    assert main(["serve", "telegram"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("rapbot: TELEGRAM_BOT_TOKEN is not set") and "\n" not in err
+
+
+# --------------------------------------------------------------------------- streaming, admission
+
+
+@pytest.fixture
+def rap_engine(tiny_models, tmp_path):
+    engine = generator_engine(tiny_models, tmp_path)
+    yield engine
+    engine.close()
+
+
+def test_ask_answer_grows_by_editing_one_message(rap_engine, photos) -> None:
+    question = "What breed is Mochi?"
+
+    async def scenario(tg: Harness) -> None:
+        rapbot_of(tg.app).core.stream_interval = 0  # no real waits between edits
+        tg.add_file("cat", photos["cat"])
+        await tg.say(GROUP_A, photo="cat", caption="/remember Mochi | my grey cat")
+        calls = [
+            c
+            for c in await tg.say(GROUP_A, text=f"/ask {question}")
+            if c.method != "sendChatAction"
+        ]
+        expected = rap_engine.ask(f"tg:{GROUP_A}", None, question, f"tg:{ALICE}")
+        first, *edits = calls
+        assert first.method == "sendMessage" and first.reply_to is not None
+        assert len(edits) >= 1 and {c.method for c in edits} == {"editMessageText"}
+        assert len({c.params["message_id"] for c in edits}) == 1  # one message edited
+        assert edits[-1].text == to_html(expected.text, [c.name for c in expected.concepts])
+        assert edits[-1].params["parse_mode"] == "HTML"
+
+    with_engine(rap_engine, scenario)
+
+
+def test_refused_requests_download_nothing(tiny_engine, photos) -> None:
+    async def scenario(tg: Harness) -> None:
+        tg.add_file("cat", photos["cat"])
+        calls = []
+        for _ in range(4):
+            calls += await tg.say(GROUP_A, photo="cat", caption="/who")
+        assert [c.method for c in calls].count("getFile") == 2
+        assert [c.method for c in calls].count("download") == 2
+        slow = [c for c in replies(calls) if c.text.startswith("Slow down a little")]
+        assert len(slow) == 2
+
+    with_engine(tiny_engine, scenario, limits=Limits(user_burst=2, user_per_minute=1))
