@@ -1,0 +1,1 @@
+"""Training: LoRA fine-tuning in RAP's data format."""
