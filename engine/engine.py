@@ -17,9 +17,9 @@ from PIL import Image
 
 from engine.answers import ask_sentence, caption_sentence, rough_position, who_sentence
 from engine.categories import category_from_text
-from engine.errors import InvalidInputError, UnknownConceptError
+from engine.errors import InvalidInputError, PermissionDeniedError, UnknownConceptError
 from engine.generator.rap import build_prompt, candidates
-from engine.images import ImageLimits, crop, decode_image, encode_jpeg
+from engine.images import ImageLimits, crop, decode_image, encode_jpeg, thumbnail
 from engine.naming import clean_description, clean_name, clean_scope, clean_user
 from engine.permissions import Actor, ensure_can_edit
 from engine.render import annotate_jpeg
@@ -48,6 +48,7 @@ class Engine:
         self._retriever: Retriever | None = None
         self.store = store
         self.limits = ImageLimits.from_settings(settings)
+        self._photos = None  # the photo history for /search, opened on first use
 
     @property
     def models(self):
@@ -96,6 +97,21 @@ class Engine:
 
     def close(self) -> None:
         self.store.close()
+        if self._photos is not None:
+            self._photos.close()
+
+    @property
+    def photos(self):
+        """The scopes' photo histories (:class:`engine.store.photos.PhotoStore`) in
+        ``<data_dir>/photos``, for the same embedding model as the concept store."""
+        if self._photos is None:
+            from pathlib import Path
+
+            from engine.store.photos import PhotoStore
+
+            root = Path(self.settings.data_dir).expanduser() / "photos"
+            self._photos = PhotoStore(root, self.store.model_id, self.store.dim)
+        return self._photos
 
     # ----------------------------------------------------------------------------- helpers
 
@@ -275,10 +291,7 @@ class Engine:
         multimodal LLM from the RAP prompt when one is configured, else recognition-only."""
         if self.generator is not None:
             return _final(self.ask_stream(scope, image, question, user))
-        scope = clean_scope(scope)
-        question = clean_description(question, MAX_QUESTION_LENGTH)
-        if not question:
-            raise InvalidInputError("Ask me something, for example: is Mochi here?")
+        scope, question = clean_scope(scope), _clean_question(question)
         timer = StageTimer()
         named = self.retriever.named_in(scope, question)
         if image is None:
@@ -320,10 +333,7 @@ class Engine:
         if self.generator is None:
             yield from _whole(self.ask(scope, image, question, user))
             return
-        scope = clean_scope(scope)
-        question = clean_description(question, MAX_QUESTION_LENGTH)
-        if not question:
-            raise InvalidInputError("Ask me something, for example: is Mochi here?")
+        scope, question = clean_scope(scope), _clean_question(question)
         timer = StageTimer()
         named = self.retriever.named_in(scope, question)
         picture, known, unknown, owners = None, [], [], {}
@@ -422,10 +432,91 @@ class Engine:
         return replace(concept, examples=0)
 
     def forget_user(self, user: str) -> int:
-        """Remove every concept the user remembered, in every scope; returns how many."""
-        removed = self.store.delete_user(clean_user(user))
-        log.info("forget_user removed=%d", removed)
+        """Remove every concept the user remembered and every photo they posted (the search
+        history), in every scope; returns how many concepts."""
+        user = clean_user(user)
+        removed = self.store.delete_user(user)
+        photos = self.photos.delete_user(user)
+        log.info("forget_user removed=%d photos=%d", removed, photos)
         return removed
+
+    # ----------------------------------------------------------------------------- search
+
+    def indexing(self, scope: str) -> bool:
+        """Whether the scope's photos are being indexed for search (off until an admin says)."""
+        return self.photos.indexing(clean_scope(scope))
+
+    def set_indexing(self, scope: str, enabled: bool, actor: Actor, delete: bool = False) -> int:
+        """Turn the scope's photo indexing on or off (chat admins only); switching off with
+        ``delete`` forgets the scope's indexed photos. Returns how many photos were forgotten."""
+        scope = clean_scope(scope)
+        if not actor.is_admin:
+            raise PermissionDeniedError("Only a chat admin can turn photo indexing on or off.")
+        self.photos.set_indexing(scope, bool(enabled))
+        removed = self.photos.delete_scope(scope) if (delete and not enabled) else 0
+        log.info("indexing scope=%s on=%s removed=%d by=%s", scope, enabled, removed, actor.user)
+        return removed
+
+    def index_photo(
+        self,
+        scope: str,
+        image: bytes,
+        user: str,
+        source: str,
+        posted_at: float | None = None,
+        force: bool = False,
+    ) -> int | None:
+        """Add a posted photo to the scope's search history (embedding + thumbnail): its photo
+        id, or None when the scope's indexing is off (``force``: index anyway, for the CLI's
+        own files). Idempotent by ``source`` (Telegram file id, Discord message link, path)."""
+        scope, user = clean_scope(scope), clean_user(user)
+        if not force and not self.photos.indexing(scope):
+            return None
+        timer = StageTimer()
+        picture = self._decode(image, timer)
+        with timer.stage("embed"):
+            vector = self.models.embedder.embed_images([picture])[0]
+        thumb = encode_jpeg(thumbnail(picture, 256), quality=85)
+        return self.photos.add(scope, vector, thumb, user, posted_at, source)
+
+    def search(
+        self,
+        scope: str,
+        text: str = "",
+        ref_image: bytes | None = None,
+        k: int = 10,
+        text_weight: float | None = None,
+    ) -> list:
+        """Composed image search over the scope's photos: text, a reference photo, both
+        (reference changed by the text), and names of remembered concepts in the text, which
+        bring in those concepts' examples (see :mod:`engine.photos`). Returns
+        :class:`engine.store.photos.PhotoHit` (photo_id, score, source), best first."""
+        from engine.photos import TEXT_WEIGHT, compose_query, concept_vectors
+
+        scope = clean_scope(scope)
+        text = clean_description(text or "", MAX_QUESTION_LENGTH)
+        if not text and ref_image is None:
+            raise InvalidInputError("Tell me what to look for, or reply to a photo.")
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 100:
+            raise InvalidInputError("The number of results must be between 1 and 100.")
+        timer = StageTimer()
+        embedder = self.models.embedder
+        ref = None
+        if ref_image is not None:
+            picture = self._decode(ref_image, timer)
+            with timer.stage("embed"):
+                ref = embedder.embed_images([picture])[0]
+        text_vector, concepts = None, []
+        if text:
+            with timer.stage("embed"):
+                text_vector = embedder.embed_texts([text])[0]
+            named = self.retriever.named_in(scope, text)
+            if named:
+                concepts = concept_vectors(self.store, scope, [c.id for c in named])
+        weight = TEXT_WEIGHT if text_weight is None else text_weight
+        query = compose_query(text_vector, ref, concepts, weight)
+        with timer.stage("search"):
+            return self.photos.search(scope, query, k)
 
 
 def _whole(answer: Answer) -> Iterator[str | Answer]:
@@ -441,3 +532,10 @@ def _final(stream: Iterator[str | Answer]) -> Answer:
     if not isinstance(last, Answer):
         raise RuntimeError("an answer stream ended without its Answer")
     return last
+
+
+def _clean_question(question: str) -> str:
+    cleaned = clean_description(question, MAX_QUESTION_LENGTH)
+    if not cleaned:
+        raise InvalidInputError("Ask me something, for example: is Mochi here?")
+    return cleaned
