@@ -26,6 +26,8 @@ examples:
   rapbot who party.jpg --out party-named.jpg
   rapbot ask party.jpg "is Mochi here?"
   rapbot concepts
+  rapbot index photos/*.jpg                   (the CLI indexes its own files: no /index on)
+  rapbot search "Mochi on the sofa" -k 5      (--ref photo.jpg "but at the beach")
   rapbot export --chat tg:-100123 --out chat.zip      (--all: every chat, a backup)
   rapbot import chat.zip --chat tg:-100456
   rapbot chat
@@ -119,6 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("forget-user", parents=[common], help="forget a user's data in every chat")
     p.add_argument("target_user", metavar="USER")
 
+    p = sub.add_parser("index", parents=[common], help="add photos to the chat's search history")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="photo files (source = the path)")
+
+    p = sub.add_parser("search", parents=[common], help="search the chat's indexed photos")
+    p.add_argument("text", nargs="*", metavar="TEXT", help="what to look for (or the change)")
+    p.add_argument("--ref", default=None, help="a reference photo: like this (but TEXT)")
+    p.add_argument("-k", type=int, default=10, help="how many results (default 10)")
+
     p = sub.add_parser("export", parents=[common], help="save a chat's concepts to one file")
     p.add_argument("--out", required=True, help="the archive to write (e.g. mochi-chat.zip)")
     p.add_argument("--all", action="store_true", help="every chat (a backup of the store)")
@@ -189,9 +199,9 @@ def _add_train_eval(sub, common: argparse.ArgumentParser) -> None:
     A KIND's parser sets ``handler`` (called as ``handler(args, settings)``), so adding one is
     a parser plus a function, with nothing to change in :func:`run`.
     """
-    train = sub.add_parser("train", parents=[common], help="fine-tune models (rap)")
+    train = sub.add_parser("train", parents=[common], help="fine-tune models (rap, cir)")
     train_kinds = train.add_subparsers(dest="train_command", required=True, metavar="KIND")
-    evaluate = sub.add_parser("eval", parents=[common], help="evaluate models (rap)")
+    evaluate = sub.add_parser("eval", parents=[common], help="evaluate models (rap, cir)")
     eval_kinds = evaluate.add_subparsers(dest="eval_command", required=True, metavar="KIND")
 
     t = train_kinds.add_parser(
@@ -233,6 +243,34 @@ def _add_train_eval(sub, common: argparse.ArgumentParser) -> None:
     t.add_argument("--cpu", action="store_true", help="train on the CPU even with a GPU")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    c = train_kinds.add_parser(
+        "cir", parents=[common], help="CIR-LVLM composed image search encoder (InfoNCE, LoRA)"
+    )
+    c.set_defaults(handler=_run_train_cir)
+    c.add_argument("--data", required=True, help="triplets: CIRR, FashionIQ or CIRCO JSON")
+    c.add_argument("--images", default=None, help="image folder (default: the data's folder)")
+    c.add_argument("--base", required=True, help="base VLM: folder, hub name, tiny-llava...")
+    c.add_argument("--out", required=True, help="output folder: encoder and checkpoints")
+    c.add_argument("--steps", type=int, default=1000)
+    c.add_argument("--batch-size", type=int, default=16, help="in-batch negatives per step")
+    c.add_argument("--lr", type=float, default=1e-4)
+    c.add_argument("--temperature", type=float, default=0.05)
+    c.add_argument("--pool-size", type=int, default=8, help="prompts in the prompt pool")
+    c.add_argument("--prompt-len", type=int, default=4, help="tokens per soft prompt")
+    c.add_argument("--lora-r", type=int, default=8)
+    c.add_argument("--save-every", type=int, default=500)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--device", default="cpu")
+    c.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        default=None,
+        metavar="CHECKPOINT",
+        help="continue from the newest checkpoint in --out (or the one given)",
+    )
+    c.add_argument("--no-progress", action="store_true", help="no progress bar")
+
     e = eval_kinds.add_parser(
         "rap", parents=[common], help="RAP's captioning, QA and recognition metrics"
     )
@@ -256,6 +294,15 @@ def _add_train_eval(sub, common: argparse.ArgumentParser) -> None:
     e.add_argument(
         "--score", nargs="+", default=None, metavar="PRED", help="only table saved predictions"
     )
+
+    ec = eval_kinds.add_parser(
+        "cir", parents=[common], help="composed image search: Recall@K, Recall_subset@K, mAP@K"
+    )
+    ec.set_defaults(handler=_run_eval_cir)
+    ec.add_argument("set", help="triplets: CIRR, FashionIQ or CIRCO JSON")
+    ec.add_argument("--images", default=None, help="image folder (default: the set's folder)")
+    ec.add_argument("--encoder", required=True, help="a `rapbot train cir` output folder")
+    ec.add_argument("--device", default="cpu")
 
 
 def _settings(args: argparse.Namespace):
@@ -407,6 +454,25 @@ def run(args: argparse.Namespace) -> int:
             case "forget":
                 c = engine.forget(args.chat, args.name, actor)
                 _emit(args, {"forgotten": c.name}, f"Forgot {c.name}.")
+            case "index":
+                # The CLI indexes the files it is given whatever the chat's /index setting: they
+                # are the user's own. Idempotent: the source is the file's absolute path.
+                added = []
+                for path in args.images:
+                    data = _read_image(path, settings)
+                    source = str(Path(path).expanduser().resolve())
+                    photo_id = engine.index_photo(args.chat, data, args.user, source, force=True)
+                    added.append({"photo_id": photo_id, "source": source})
+                _emit(args, {"indexed": added}, f"Indexed {len(added)} photo(s).")
+            case "search":
+                ref = _read_image(args.ref, settings) if args.ref else None
+                hits = engine.search(args.chat, " ".join(args.text), ref, k=args.k)
+                results = [
+                    {"photo_id": h.photo_id, "score": round(h.score, 4), "source": h.source}
+                    for h in hits
+                ]
+                text = "\n".join(f"{r['score']:.3f}  {r['source']}" for r in results)
+                _emit(args, {"results": results}, text or "No photos found in this chat.")
             case "forget-user":
                 removed = engine.forget_user(args.target_user)
                 _emit(
@@ -563,6 +629,49 @@ def _run_train_rap(args: argparse.Namespace, settings) -> int:
     payload = {"step": result.step, "adapter": str(result.adapter), "loss": last}
     text = f"Trained to step {result.step}; adapter saved in {result.adapter}"
     _emit(args, payload, text + (f" (last loss {last:.4f})" if last is not None else ""))
+    return 0
+
+
+def _run_train_cir(args: argparse.Namespace, settings) -> int:
+    from engine.cir.train import CirTrainConfig, train
+    from engine.generator.load import generator_location
+
+    data = Path(args.data).expanduser()
+    result = train(
+        CirTrainConfig(
+            data=data,
+            images=Path(args.images).expanduser() if args.images else data.parent,
+            base=generator_location(args.base, settings) or args.base,
+            out=Path(args.out).expanduser(),
+            steps=args.steps,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            temperature=args.temperature,
+            pool_size=args.pool_size,
+            prompt_len=args.prompt_len,
+            lora_r=args.lora_r,
+            lora_alpha=2 * args.lora_r,
+            save_every=args.save_every,
+            seed=args.seed,
+            device=args.device,
+            resume=args.resume,
+            progress=not args.no_progress,
+        )
+    )
+    last = result.losses[-1] if result.losses else None
+    payload = {"step": result.step, "out": str(result.out), "loss": last}
+    text = f"Trained to step {result.step}; encoder saved in {result.out}"
+    _emit(args, payload, text + (f" (last loss {last:.4f})" if last is not None else ""))
+    return 0
+
+
+def _run_eval_cir(args: argparse.Namespace, settings) -> int:
+    from engine.cir.train import ImageCache, evaluate, load_encoder, load_triplets
+
+    data = Path(args.set).expanduser()
+    images = ImageCache(Path(args.images).expanduser() if args.images else data.parent)
+    scores = evaluate(load_encoder(args.encoder, device=args.device), load_triplets(data), images)
+    _emit(args, scores, "  ".join(f"{k} {v:.2f}" for k, v in scores.items()))
     return 0
 
 

@@ -83,6 +83,9 @@ class TerminalChat:
             except RapbotError as error:
                 self.say(f"! {error}")
                 return True
+        if photo is not None:  # a photo posted in the chat: kept for /search if /index is on
+            posted = IncomingMessage(scope=self.scope, user_id=self.user, text="", image=photo)
+            await self.core.index_photo(posted, str(Path(photo_path).expanduser().resolve()))
         if not text:
             self.last_photo = photo
             self.say("(photo posted: the next command that needs a photo uses it)")
@@ -99,6 +102,8 @@ class TerminalChat:
         )
         reply = await self.core.handle(message)
         self.say(("! " if reply.error else "") + reply.text)
+        for ref in reply.photo_refs:  # search results: the posted photos' paths
+            self.say(f"  {ref}")
         if reply.image is not None:
             self.say(f"(annotated photo saved to {self._save(reply)})")
         return True

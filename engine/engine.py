@@ -490,7 +490,7 @@ class Engine:
         """Composed image search over the scope's photos: text, a reference photo, both
         (reference changed by the text), and names of remembered concepts in the text, which
         bring in those concepts' examples (see :mod:`engine.photos`). Returns
-        :class:`engine.store.photos.PhotoHit` (photo_id, score, source), best first."""
+        :class:`engine.types.PhotoHit` (photo_id, score, source), best first."""
         from engine.photos import TEXT_WEIGHT, compose_query, concept_vectors
 
         scope = clean_scope(scope)

@@ -140,3 +140,12 @@ class Answer:
     unknown: list[UnknownObject] = field(default_factory=list)
     image: bytes | None = None
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+
+
+@dataclass(frozen=True)
+class PhotoHit:
+    """One search result: the photo's id in the store, its similarity and its source reference."""
+
+    photo_id: int
+    score: float
+    source: str

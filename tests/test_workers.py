@@ -278,6 +278,29 @@ def test_recognize_task_returns_the_annotated_photo_by_reference(worker_state, d
     json.dumps(result)  # plain JSON all the way
 
 
+def test_photo_search_tasks_index_and_find_per_scope(worker_state, dreambooth) -> None:
+    from workers.tasks import index_photo, search, set_indexing
+
+    admin = {"user": "alice", "is_admin": True}
+    key = worker_state.put(cat_photo(dreambooth))
+    off = index_photo.apply(kwargs={"scope": "tg:1", "photo": key, "user": "bob", "source": "f1"})
+    assert off.get() == {"photo_id": None}  # indexing is off until an admin turns it on
+    denied = set_indexing.apply(kwargs={"scope": "tg:1", "enabled": True, "actor": {"user": "bob"}})
+    with pytest.raises(PermissionDeniedError):
+        wire.raise_for_error(denied.get())
+    assert set_indexing.apply(kwargs={"scope": "tg:1", "enabled": True, "actor": admin}).get() == {
+        "removed": 0
+    }
+    kwargs = {"scope": "tg:1", "photo": key, "user": "bob", "source": "f1"}
+    first = index_photo.apply(kwargs=kwargs).get()["photo_id"]
+    assert index_photo.apply(kwargs=kwargs).get()["photo_id"] == first  # redelivery: same photo
+    found = search.apply(kwargs={"scope": "tg:1", "text": "", "photo": key, "k": 3}).get()
+    hits = wire.photo_hits_from_json(json.loads(json.dumps(found)))
+    assert [h.source for h in hits] == ["f1"] and hits[0].score > 0.99
+    other = search.apply(kwargs={"scope": "tg:2", "text": "", "photo": key, "k": 3}).get()
+    assert other == {"results": []}
+
+
 class QuickEngine:
     """Answers at once: for tests of the task plumbing, not of the engine."""
 

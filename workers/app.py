@@ -13,8 +13,8 @@ from kombu import Exchange, Queue
 from workers.config import WorkerSettings
 
 # Task names are part of the wire protocol between bots and workers.
-MODEL_TASKS = ("remember", "recognize", "ask", "caption")
-STORE_TASKS = ("list_concepts", "rename", "describe", "forget", "forget_user", "export")
+MODEL_TASKS = ("remember", "recognize", "ask", "caption", "index_photo", "search")
+STORE_TASKS = ("list_concepts", "rename", "describe", "forget", "forget_user", "set_indexing")
 PING = "rapbot.ping"
 
 

@@ -32,7 +32,7 @@ from kombu.exceptions import OperationalError
 
 from engine.errors import EngineUnavailableError
 from engine.permissions import Actor
-from engine.types import Answer, Box, Concept, RememberResult
+from engine.types import Answer, Box, Concept, PhotoHit, RememberResult
 from workers import wire
 from workers.app import PING, create_app, task_name
 from workers.blobs import UNAVAILABLE, BlobStore, open_blob_store
@@ -213,6 +213,24 @@ class CeleryGateway:
 
     async def forget_user(self, user: str) -> int:
         return int((await self._call("forget_user", {"user": user}))["removed"])
+
+    async def set_indexing(
+        self, scope: str, enabled: bool, actor: Actor, delete: bool = False
+    ) -> int:
+        args = {"scope": scope, "enabled": enabled, "actor": wire.actor_to_json(actor)}
+        return int((await self._call("set_indexing", {**args, "delete": delete}))["removed"])
+
+    async def index_photo(self, scope: str, image: bytes, user: str, source: str) -> int | None:
+        args = {"scope": scope, "user": user, "source": source}
+        return (await self._call("index_photo", args, {"photo": image}))["photo_id"]
+
+    async def search(
+        self, scope: str, text: str = "", ref_image: bytes | None = None, k: int = 10
+    ) -> list[PhotoHit]:
+        value = await self._call(
+            "search", {"scope": scope, "text": text, "k": k}, {"photo": ref_image}
+        )
+        return wire.photo_hits_from_json(value)
 
     async def ping(self, queue: str | None = None) -> dict:
         """A worker's health (see ``workers.tasks.ping``); ``queue`` picks gpu or cpu."""

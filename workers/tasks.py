@@ -195,6 +195,26 @@ def forget_user(self: EngineTask, user: str) -> dict:
     return {"removed": runtime.engine().forget_user(user)}
 
 
+@engine_task("set_indexing")
+def set_indexing(
+    self: EngineTask, scope: str, enabled: bool, actor: dict, delete: bool = False
+) -> dict:
+    who = wire.actor_from_json(actor)
+    return {"removed": runtime.engine().set_indexing(scope, enabled, who, delete=delete)}
+
+
+@engine_task("index_photo", photo=True)
+def index_photo(self: EngineTask, scope: str, photo: str, user: str, source: str) -> dict:
+    # Idempotent by source: a redelivered task finds the photo already indexed.
+    return {"photo_id": runtime.engine().index_photo(scope, self.photo(photo), user, source)}
+
+
+@engine_task("search", photo=True)
+def search(self: EngineTask, scope: str, text: str, photo: str | None, k: int) -> dict:
+    hits = runtime.engine().search(scope, text, self.photo(photo), k)
+    return wire.photo_hits_to_json(hits)
+
+
 @app.task(name=PING, bind=True, acks_late=False, ignore_result=False)
 def ping(self: Task) -> dict:
     """Health: which worker answered, whether its engine is loaded (and how)."""

@@ -14,7 +14,7 @@ from typing import Any
 
 from engine.errors import RapbotError
 from engine.permissions import Actor
-from engine.types import Answer, Box, Concept, Recognition, RememberResult, UnknownObject
+from engine.types import Answer, Box, Concept, PhotoHit, Recognition, RememberResult, UnknownObject
 
 JSON = dict[str, Any]
 
@@ -117,3 +117,13 @@ def answer_from_json(value: JSON, image: bytes | None = None) -> Answer:
     concepts = [Recognition(**{**r, "box": box_from_json(r["box"])}) for r in value["concepts"]]
     unknown = [UnknownObject(**{**u, "box": box_from_json(u["box"])}) for u in value["unknown"]]
     return Answer(value["text"], concepts, unknown, image, dict(value.get("timings", {})))
+
+
+def photo_hits_to_json(hits: list[PhotoHit]) -> JSON:
+    return {"results": [asdict(hit) for hit in hits]}
+
+
+def photo_hits_from_json(value: JSON) -> list[PhotoHit]:
+    return [
+        PhotoHit(int(h["photo_id"]), float(h["score"]), str(h["source"])) for h in value["results"]
+    ]

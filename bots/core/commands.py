@@ -100,7 +100,7 @@ USAGE: dict[str, str] = {
     "forget": "/forget NAME",
     "forget_me": "/forget_me — forget everything you taught me, in every chat",
     "search": "/search TEXT — find photos of this chat (in reply to a photo: like it, but TEXT)",
-    "index": "/index on|off — admins: keep this chat's photos searchable or not",
+    "index": "/index on|off — admins: keep this chat's photos searchable (off forgets them)",
     "help": "/help — this list",
 }
 _ALIASES = {

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol, TypeVar
 
 from engine.permissions import Actor
-from engine.types import Answer, Box, Concept, RememberResult
+from engine.types import Answer, Box, Concept, PhotoHit, RememberResult
 
 T = TypeVar("T")
 
@@ -63,6 +63,16 @@ class EngineGateway(Protocol):
     async def forget(self, scope: str, name: str, actor: Actor) -> Concept: ...
 
     async def forget_user(self, user: str) -> int: ...
+
+    async def set_indexing(
+        self, scope: str, enabled: bool, actor: Actor, delete: bool = False
+    ) -> int: ...
+
+    async def index_photo(self, scope: str, image: bytes, user: str, source: str) -> int | None: ...
+
+    async def search(
+        self, scope: str, text: str = "", ref_image: bytes | None = None, k: int = 10
+    ) -> list[PhotoHit]: ...
 
     async def close(self) -> None: ...
 
@@ -152,6 +162,15 @@ class LocalGateway:
 
     async def forget_user(self, user):
         return await self._run(self.engine.forget_user, user)
+
+    async def set_indexing(self, scope, enabled, actor, delete=False):
+        return await self._run(self.engine.set_indexing, scope, enabled, actor, delete=delete)
+
+    async def index_photo(self, scope, image, user, source):
+        return await self._run(self.engine.index_photo, scope, image, user, source)
+
+    async def search(self, scope, text="", ref_image=None, k=10):
+        return await self._run(self.engine.search, scope, text, ref_image, k)
 
     async def close(self) -> None:
         await self._run(self.engine.close)

@@ -33,6 +33,7 @@ from engine.types import Answer
 log = logging.getLogger(__name__)
 
 INTERNAL_ERROR = "Sorry, something went wrong on my side. Please try again in a minute."
+SEARCH_K = 10  # photos per /search reply (a Telegram album holds 10)
 BUSY = "I'm still working on this chat's earlier requests; please try again in a moment."
 
 OnPartial = Callable[[str], Awaitable[None]]
@@ -105,6 +106,22 @@ class CommandCore:
         except Exception:  # a bug or an outage: log it, tell the user something useful
             log.exception("command failed scope=%s", message.scope)
             return Reply(INTERNAL_ERROR, error=True)
+
+    async def index_photo(self, message: IncomingMessage, source: str) -> int | None:
+        """For adapters: add a photo posted in the chat to its search history when the chat's
+        indexing is on (silently nothing otherwise). ``source`` is what the adapter needs to
+        send the photo again (Telegram file id, Discord message link). Never raises."""
+        if message.from_bot or message.image is None:
+            return None
+        try:
+            return await self.gateway.index_photo(
+                message.scope, message.image, message.user_id, source
+            )
+        except RapbotError as error:
+            log.info("not indexed scope=%s: %s", message.scope, error)
+        except Exception:
+            log.exception("indexing failed scope=%s", message.scope)
+        return None
 
     def _rate_limited(self, scope: str, user_id: str) -> Reply | None:
         wait = self._user_rate.acquire(f"{scope}/{user_id}")
@@ -190,8 +207,29 @@ class CommandCore:
                     f"Done: I've forgotten the {removed} concept{'s' if removed != 1 else ''} "
                     "you taught me, in every chat."
                 )
-            case c.Search() | c.Index():
-                return Reply("Photo search is not available on this engine yet.", error=True)
+            case c.Index(enabled):
+                removed = await gateway.set_indexing(scope, enabled, actor, delete=not enabled)
+                if enabled:
+                    return Reply(
+                        "Photo indexing is on: photos posted here from now on can be found"
+                        " with /search. /index off stops it and forgets them."
+                    )
+                return Reply(
+                    "Photo indexing is off, and I've forgotten the "
+                    f"{removed} photo{'s' if removed != 1 else ''} of this chat I had indexed."
+                )
+            case c.Search(text):
+                hits = await gateway.search(scope, text, message.image, k=SEARCH_K)
+                if not hits:
+                    return Reply(
+                        "I found no photos. Only photos posted while /index is on can be found."
+                    )
+                lines = [f"{i}. score {h.score:.2f}" for i, h in enumerate(hits, 1)]
+                return Reply(
+                    f"Found {len(hits)} photo{'s' if len(hits) != 1 else ''}, best first:\n"
+                    + "\n".join(lines),
+                    photo_refs=tuple(h.source for h in hits),
+                )
         raise AssertionError(f"unhandled command {command!r}")
 
 

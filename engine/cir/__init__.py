@@ -1,0 +1,1 @@
+"""Composed image retrieval (CIR): the CIR-LVLM encoder and its contrastive training."""

@@ -1,0 +1,195 @@
+"""CIR-LVLM (arXiv 2412.11087): a vision-language model as a user-intent-aware CIR encoder.
+
+A QUERY (reference image + modification text) and a TARGET (an image) each go through the same
+VLM with their own task prompt, both ending in a one-word summarizing instruction ("... in one
+word:"); the embedding is the final hidden state of the last token, L2-normalised. Queries also
+get an instance-specific soft prompt: a learnable pool of ``pool_size`` prompts of
+``prompt_len`` tokens, each with a key; the query's pooled input features (the mean of its
+merged text + image input embeddings, frozen) pick the prompt whose key is most cosine-similar,
+and that prompt's tokens are prepended to the query's input embeddings. ``key_loss`` (1 - cos of
+query features and chosen key) pulls the keys towards the queries that use them, as in
+prompt-pool methods (L2P). The language model's linear projections get LoRA through peft; the
+vision tower and projector stay frozen.
+
+The language model is called directly on the merged input embeddings with 1-D positions
+(``cumsum`` of the attention mask), so any ``AutoModelForImageTextToText`` whose inner model has
+``get_image_features`` and ``language_model`` works (LLaVA, Qwen2-VL; for Qwen2-VL this drops
+M-RoPE's 2-D image positions, a simplification).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+QUERY_PROMPT = "{image} Modify this image: {text}. Describe the target image in one word:"
+TARGET_PROMPT = "{image} Describe this image in one word:"
+
+
+@dataclass
+class Encoded:
+    """Embeddings (B, H), L2-normalised; for queries also the key-matching loss and choices."""
+
+    embeddings: torch.Tensor
+    key_loss: torch.Tensor | None = None
+    prompt_ids: torch.Tensor | None = None
+
+
+class PromptPool(nn.Module):
+    """``size`` soft prompts of ``length`` tokens with one key each; nearest key (cosine) wins."""
+
+    def __init__(self, size: int, length: int, hidden: int, init_std: float = 0.02) -> None:
+        super().__init__()
+        self.prompts = nn.Parameter(torch.randn(size, length, hidden) * init_std)
+        self.keys = nn.Parameter(torch.randn(size, hidden))
+
+    def select(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(prompts (B, L, H), chosen ids (B,), key loss) for query features (B, H)."""
+        sim = F.normalize(features, dim=-1) @ F.normalize(self.keys, dim=-1).T  # (B, P)
+        ids = sim.argmax(dim=-1)
+        key_loss = (1.0 - sim.gather(1, ids[:, None])).mean()
+        return self.prompts[ids], ids, key_loss
+
+
+def lora_target_names(model) -> list[str]:
+    """The language model's linear projections (not the vision side, projector or head)."""
+    from engine.train.rap_train import lora_targets
+
+    return lora_targets(model)
+
+
+class CirLvlmEncoder(nn.Module):
+    def __init__(
+        self,
+        model,
+        processor,
+        pool_size: int = 8,
+        prompt_len: int = 4,
+        lora_r: int = 8,
+        lora_alpha: int = 16,
+        lora_dropout: float = 0.0,
+        use_lora: bool = True,
+        query_prompt: str = QUERY_PROMPT,
+        target_prompt: str = TARGET_PROMPT,
+    ) -> None:
+        super().__init__()
+        self.processor = processor
+        tokenizer = processor.tokenizer
+        tokenizer.padding_side = "left"  # the last token is always at position -1
+        image_token = getattr(processor, "image_token", None) or "<image>"
+        vision_start = getattr(tokenizer, "vision_bos_token", None)
+        vision_end = getattr(tokenizer, "vision_eos_token", None)
+        if vision_start and vision_end:  # Qwen2-VL wraps its image tokens
+            image_token = f"{vision_start}{image_token}{vision_end}"
+        self.image_text = image_token
+        self.image_token_id = tokenizer.convert_tokens_to_ids(processor.image_token)
+        self.query_prompt = query_prompt
+        self.target_prompt = target_prompt
+        model.requires_grad_(False)
+        if use_lora:
+            from peft import LoraConfig, get_peft_model
+
+            targets = lora_target_names(model)
+            import re
+
+            config = LoraConfig(
+                r=lora_r,
+                lora_alpha=lora_alpha,
+                lora_dropout=lora_dropout,
+                target_modules="^(" + "|".join(re.escape(n) for n in targets) + ")$",
+            )
+            model = get_peft_model(model, config)
+        self.model = model
+        inner = model.get_base_model() if use_lora else model
+        self.vlm = inner.model  # LlavaModel / Qwen2VLModel: get_image_features, language_model
+        hidden = inner.config.get_text_config().hidden_size
+        self.pool = PromptPool(pool_size, prompt_len, hidden)
+
+    @classmethod
+    def from_pretrained(cls, base: str | Path, device: str = "cpu", **kwargs) -> CirLvlmEncoder:
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(base)
+        model = AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32)
+        return cls(model, processor, **kwargs).to(device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.pool.prompts.device
+
+    # -- inputs -------------------------------------------------------------------------------
+
+    def _batch(self, texts: list[str], images: Sequence) -> dict:
+        batch = self.processor(text=texts, images=list(images), return_tensors="pt", padding=True)
+        return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def _merged_embeds(self, batch: dict) -> torch.Tensor:
+        input_ids = batch["input_ids"]
+        embeds = self.vlm.get_input_embeddings()(input_ids)
+        image_kwargs = {
+            k: v
+            for k, v in batch.items()
+            if k not in ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
+        }
+        out = self.vlm.get_image_features(**image_kwargs)
+        feats = getattr(out, "pooler_output", out)
+        if isinstance(feats, (list, tuple)):
+            feats = torch.cat(list(feats), dim=0)
+        feats = feats.reshape(-1, embeds.shape[-1]).to(embeds.dtype)
+        mask = (input_ids == self.image_token_id)[..., None].expand_as(embeds)
+        return embeds.masked_scatter(mask, feats)
+
+    def _last_token(self, embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        out = self.vlm.language_model(
+            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions
+        )
+        return F.normalize(out.last_hidden_state[:, -1].float(), dim=-1)
+
+    @staticmethod
+    def pooled_features(embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Mean of the (frozen) merged input embeddings over real tokens: the pool's query."""
+        m = attention_mask[..., None].to(embeds.dtype)
+        return ((embeds * m).sum(1) / m.sum(1).clamp(min=1)).detach()
+
+    # -- encoding -----------------------------------------------------------------------------
+
+    def encode_queries(self, images: Sequence, texts: Sequence[str]) -> Encoded:
+        if len(images) != len(texts):
+            raise ValueError("encode_queries needs one modification text per reference image")
+        prompts = [
+            self.query_prompt.format(image=self.image_text, text=t.strip().rstrip("."))
+            for t in texts
+        ]
+        batch = self._batch(prompts, images)
+        embeds = self._merged_embeds(batch)
+        soft, ids, key_loss = self.pool.select(
+            self.pooled_features(embeds, batch["attention_mask"])
+        )
+        embeds = torch.cat([soft.to(embeds.dtype), embeds], dim=1)
+        ones = batch["attention_mask"].new_ones(soft.shape[:2])
+        mask = torch.cat([ones, batch["attention_mask"]], dim=1)
+        return Encoded(self._last_token(embeds, mask), key_loss, ids)
+
+    def encode_targets(self, images: Sequence) -> Encoded:
+        prompts = [self.target_prompt.format(image=self.image_text)] * len(images)
+        batch = self._batch(prompts, images)
+        embeds = self._merged_embeds(batch)
+        return Encoded(self._last_token(embeds, batch["attention_mask"]))
+
+    # -- weights ------------------------------------------------------------------------------
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """LoRA weights and the prompt pool: all that training changes."""
+        return {n: p.detach().cpu() for n, p in self.named_parameters() if p.requires_grad}
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        missing = {n for n, p in self.named_parameters() if p.requires_grad} - set(state)
+        if missing:
+            raise ValueError(f"checkpoint lacks {sorted(missing)[:3]}...")
+        self.load_state_dict(state, strict=False)

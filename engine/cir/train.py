@@ -1,0 +1,306 @@
+"""Contrastive training and evaluation of the CIR-LVLM encoder (``rapbot train/eval cir``).
+
+Triplet files are a JSON list or JSON lines; image names are looked up under the image folder
+as given, then with ``.png``, ``.jpg``, ``.jpeg``, ``.webp`` added (and 12-digit zero-padded,
+for COCO/CIRCO ids). Supported records:
+
+* CIRR: ``{"reference", "target_hard", "caption", "img_set": {"members": [...]}}`` (``img_set``
+  optional; it enables Recall_subset@K).
+* FashionIQ: ``{"candidate", "target", "captions": [c1, c2]}``; the captions are joined with
+  " and " as in the FashionIQ baselines.
+* CIRCO: ``{"reference_img_id", "target_img_id", "relative_caption", "gt_img_ids": [...]}``
+  (``gt_img_ids`` are the several ground truths for mAP@K).
+
+Training: InfoNCE over in-batch negatives, ``logits = q @ t.T / temperature``, with in-batch
+copies of a query's own target image masked out, plus ``key_loss_weight`` times the prompt
+pool's key-matching loss. Only the LoRA weights and the prompt pool train. A checkpoint
+``checkpoint-STEP`` (every ``save_every`` steps and at the end) holds those weights, the
+optimizer and ``state.json``; the batch order is a function of (seed, step), so ``--resume``
+continues exactly. The final weights are ``cir_encoder.pt`` + ``cir_config.json`` in ``out``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from engine.cir.lvlm import CirLvlmEncoder
+from engine.errors import InvalidInputError
+
+CHECKPOINT_PREFIX = "checkpoint-"
+_EXTS = ("", ".png", ".jpg", ".jpeg", ".webp")
+
+
+@dataclass(frozen=True)
+class Triplet:
+    reference: str
+    text: str
+    target: str
+    subset: tuple[str, ...] | None = None  # CIRR img_set members
+    positives: tuple[str, ...] = ()  # CIRCO ground truths (default: the target)
+
+
+def parse_record(rec: dict) -> Triplet:
+    if "target_hard" in rec:  # CIRR
+        members = (rec.get("img_set") or {}).get("members")
+        return Triplet(
+            str(rec["reference"]),
+            str(rec["caption"]),
+            str(rec["target_hard"]),
+            tuple(map(str, members)) if members else None,
+        )
+    if "candidate" in rec:  # FashionIQ
+        caps = rec.get("captions") or [rec.get("caption", "")]
+        text = " and ".join(c.strip().rstrip(".") for c in caps if c)
+        return Triplet(str(rec["candidate"]), text, str(rec["target"]))
+    if "reference_img_id" in rec:  # CIRCO
+        gts = tuple(str(g) for g in rec.get("gt_img_ids") or [rec["target_img_id"]])
+        return Triplet(
+            str(rec["reference_img_id"]),
+            str(rec["relative_caption"]),
+            str(rec.get("target_img_id", gts[0])),
+            positives=gts,
+        )
+    raise InvalidInputError(f"unknown CIR record (not CIRR, FashionIQ or CIRCO): {sorted(rec)}")
+
+
+def load_triplets(path: str | Path) -> list[Triplet]:
+    text = Path(path).expanduser().read_text(encoding="utf-8").strip()
+    try:
+        data = json.loads(text)
+        records = data if isinstance(data, list) else [data]
+    except json.JSONDecodeError:
+        records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    if not records:
+        raise InvalidInputError(f"no triplets in {path}")
+    return [parse_record(r) for r in records]
+
+
+class ImageCache:
+    """Images by name under a folder, loaded once as RGB."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).expanduser()
+        self._cache: dict = {}
+
+    def path(self, name: str) -> Path:
+        candidates = [name] + ([name.zfill(12)] if name.isdigit() else [])
+        for stem in candidates:
+            for ext in _EXTS:
+                p = self.root / f"{stem}{ext}"
+                if p.is_file():
+                    return p
+        raise InvalidInputError(f"image {name!r} not found under {self.root}")
+
+    def __call__(self, name: str):
+        if name not in self._cache:
+            from PIL import Image
+
+            with Image.open(self.path(name)) as im:
+                self._cache[name] = im.convert("RGB")
+        return self._cache[name]
+
+
+@dataclass
+class CirTrainConfig:
+    data: Path
+    images: Path
+    base: str
+    out: Path
+    steps: int = 200
+    batch_size: int = 16
+    lr: float = 1e-3
+    temperature: float = 0.05
+    key_loss_weight: float = 0.1
+    pool_size: int = 8
+    prompt_len: int = 4
+    lora_r: int = 8
+    lora_alpha: int = 16
+    seed: int = 0
+    save_every: int = 100
+    keep_checkpoints: int = 2
+    resume: str | None = None  # "latest" or a checkpoint folder
+    progress: bool = True
+    device: str = "cpu"
+
+
+@dataclass
+class CirTrainResult:
+    step: int
+    out: Path
+    losses: list[float] = field(default_factory=list)
+
+
+def encoder_kwargs(config: CirTrainConfig) -> dict:
+    return {
+        "pool_size": config.pool_size,
+        "prompt_len": config.prompt_len,
+        "lora_r": config.lora_r,
+        "lora_alpha": config.lora_alpha,
+    }
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """The items of optimizer step ``step``: a stream of seeded per-epoch permutations."""
+    out = []
+    start = step * batch_size
+    for pos in range(start, start + min(batch_size, n)):
+        epoch, i = divmod(pos, n)
+        perm = list(range(n))
+        random.Random(seed * 1_000_003 + epoch).shuffle(perm)
+        out.append(perm[i])
+    return out
+
+
+def info_nce(q: torch.Tensor, t: torch.Tensor, targets: list[str], temperature: float):
+    """Cross-entropy of each query over the batch's targets; duplicates of its target masked."""
+    logits = q @ t.T / temperature
+    same = torch.tensor([[a == b for b in targets] for a in targets], device=logits.device)
+    eye = torch.eye(len(targets), dtype=torch.bool, device=logits.device)
+    logits = logits.masked_fill(same & ~eye, float("-inf"))
+    return F.cross_entropy(logits, torch.arange(len(targets), device=logits.device))
+
+
+def train_step(encoder, optimizer, triplets, images: ImageCache, config) -> float:
+    encoder.train()
+    q = encoder.encode_queries([images(t.reference) for t in triplets], [t.text for t in triplets])
+    tg = encoder.encode_targets([images(t.target) for t in triplets])
+    loss = info_nce(q.embeddings, tg.embeddings, [t.target for t in triplets], config.temperature)
+    loss = loss + config.key_loss_weight * q.key_loss
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
+def _checkpoints(out: Path) -> list[Path]:
+    found = [
+        p for p in out.glob(CHECKPOINT_PREFIX + "*") if p.name[len(CHECKPOINT_PREFIX) :].isdigit()
+    ]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
+
+
+def save_checkpoint(encoder, optimizer, step: int, losses: list[float], config) -> Path:
+    out = Path(config.out)
+    final = out / f"{CHECKPOINT_PREFIX}{step}"
+    tmp = out / f".tmp-{CHECKPOINT_PREFIX}{step}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.save(encoder.trainable_state(), tmp / "trainable.pt")
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    (tmp / "state.json").write_text(json.dumps({"step": step, "losses": losses}))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)  # never a half-written checkpoint
+    for old in _checkpoints(out)[: -config.keep_checkpoints]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def save_encoder(encoder, config: CirTrainConfig) -> None:
+    out = Path(config.out)
+    torch.save(encoder.trainable_state(), out / "cir_encoder.pt")
+    meta = {"base": str(config.base), **encoder_kwargs(config)}
+    (out / "cir_config.json").write_text(json.dumps(meta, indent=2))
+
+
+def load_encoder(folder: str | Path, device: str = "cpu") -> CirLvlmEncoder:
+    """A trained encoder from ``rapbot train cir``'s output folder."""
+    folder = Path(folder).expanduser()
+    meta = json.loads((folder / "cir_config.json").read_text())
+    base = meta.pop("base")
+    encoder = CirLvlmEncoder.from_pretrained(base, device=device, **meta)
+    encoder.load_trainable_state(torch.load(folder / "cir_encoder.pt", map_location=device))
+    return encoder.eval()
+
+
+def train(config: CirTrainConfig, encoder: CirLvlmEncoder | None = None) -> CirTrainResult:
+    triplets = load_triplets(config.data)
+    images = ImageCache(config.images)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    if encoder is None:
+        encoder = CirLvlmEncoder.from_pretrained(
+            config.base, device=config.device, **encoder_kwargs(config)
+        )
+    params = [p for p in encoder.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    step, losses = 0, []
+    if config.resume:
+        found = _checkpoints(out)
+        ckpt = found[-1] if config.resume == "latest" and found else Path(config.resume)
+        if config.resume == "latest" and not found:
+            raise InvalidInputError(f"--resume: no checkpoint in {out}")
+        encoder.load_trainable_state(torch.load(ckpt / "trainable.pt", map_location="cpu"))
+        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu"))
+        state = json.loads((ckpt / "state.json").read_text())
+        step, losses = state["step"], state["losses"]
+    (out / "train_config.json").write_text(json.dumps(asdict(config), default=str, indent=2))
+    bar = None
+    if config.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=config.steps, initial=step, desc="train cir", unit="step")
+    while step < config.steps:
+        batch = [
+            triplets[i] for i in batch_indices(len(triplets), config.batch_size, step, config.seed)
+        ]
+        losses.append(train_step(encoder, optimizer, batch, images, config))
+        step += 1
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        if step % config.save_every == 0 or step == config.steps:
+            save_checkpoint(encoder, optimizer, step, losses, config)
+    if bar is not None:
+        bar.close()
+    save_encoder(encoder, config)
+    return CirTrainResult(step, out, losses)
+
+
+@torch.no_grad()
+def embed(encoder, triplets: list[Triplet], images: ImageCache, batch_size: int = 32):
+    """(query embeddings, gallery embeddings, gallery names); the gallery is every image named."""
+    encoder.eval()
+    names: list[str] = []
+    for t in triplets:
+        for n in (t.reference, t.target, *(t.subset or ()), *t.positives):
+            if n not in names:
+                names.append(n)
+    qs, gs = [], []
+    for i in range(0, len(triplets), batch_size):
+        chunk = triplets[i : i + batch_size]
+        qs.append(
+            encoder.encode_queries(
+                [images(t.reference) for t in chunk], [t.text for t in chunk]
+            ).embeddings.cpu()
+        )
+    for i in range(0, len(names), batch_size):
+        gs.append(
+            encoder.encode_targets([images(n) for n in names[i : i + batch_size]]).embeddings.cpu()
+        )
+    return torch.cat(qs), torch.cat(gs), names
+
+
+def evaluate(encoder, triplets: list[Triplet], images: ImageCache, batch_size: int = 32) -> dict:
+    """Recall@K, Recall_subset@K (when subsets are given) and mAP@K, in percent."""
+    from engine.eval.cir_metrics import map_at_k, rank_gallery, recall_at_k, subset_recall_at_k
+
+    q, g, names = embed(encoder, triplets, images, batch_size)
+    rankings = rank_gallery(q, g, names, exclude=[t.reference for t in triplets])
+    targets = [t.target for t in triplets]
+    result = {f"R@{k}": 100 * v for k, v in recall_at_k(rankings, targets).items()}
+    if all(t.subset for t in triplets):
+        subs = subset_recall_at_k(
+            rankings, targets, [t.reference for t in triplets], [t.subset for t in triplets]
+        )
+        result.update({f"Rsubset@{k}": 100 * v for k, v in subs.items()})
+    gts = [t.positives or (t.target,) for t in triplets]
+    result.update({f"mAP@{k}": 100 * v for k, v in map_at_k(rankings, gts).items()})
+    return result

@@ -1,0 +1,332 @@
+"""A chat's photo history for composed image search: SQLite + one in-memory FAISS index per scope.
+
+Layout, in ``<data_dir>/photos`` (separate from the concept store)::
+
+    photos.sqlite3     photos (scope, source, poster, posted_at, embedding, thumbnail),
+                       scopes (version, whether indexing is on), meta (model identity)
+
+Like the concept store, SQLite holds the truth and an index is a cache: every change bumps the
+scope's version in the same transaction, and a search first compares the cached index's version
+with SQLite's, rebuilding (or patching, for this process's own writes) when they differ. Photo ids
+are AUTOINCREMENT and never reused. Indexes are exact (``IndexIDMap2`` over ``IndexFlatIP``):
+a flat scan of 100k x 512 float32 vectors is a few tens of ms on one core (see
+``benchmarks/bench_photo_search.py``); they are rebuilt from SQLite when a process starts rather
+than written to files. Everything is strictly per scope except :meth:`PhotoStore.delete_user`.
+
+Indexing is off for a scope until :meth:`PhotoStore.set_indexing` turns it on (an admin's
+decision; the engine checks the rights).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from engine.errors import InvalidInputError, StoreError
+from engine.store.base import check_embedding, check_k, check_model, check_scope, check_text
+from engine.store.faiss_store import _SMALL_SEARCH_WORK, _omp_threads, _ScopeIndex
+from engine.types import PhotoHit
+
+DB_NAME = "photos.sqlite3"
+_SQL_CHUNK = 500
+
+_DDL = (
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    """CREATE TABLE IF NOT EXISTS scopes (
+        scope TEXT PRIMARY KEY,
+        version INTEGER NOT NULL DEFAULT 0,
+        indexing INTEGER NOT NULL DEFAULT 0
+    )""",
+    """CREATE TABLE IF NOT EXISTS photos (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        scope TEXT NOT NULL,
+        source TEXT NOT NULL,
+        poster TEXT NOT NULL,
+        posted_at REAL NOT NULL,
+        embedding BLOB NOT NULL,
+        thumbnail BLOB NOT NULL,
+        UNIQUE (scope, source)
+    )""",
+    "CREATE INDEX IF NOT EXISTS photos_scope ON photos (scope, id)",
+    "CREATE INDEX IF NOT EXISTS photos_poster ON photos (poster)",
+)
+
+
+class PhotoStore:
+    """Per-scope photo embeddings and thumbnails; thread-safe; see the module doc."""
+
+    def __init__(self, root: Path, model_id: str, dim: int) -> None:
+        self.model_id, self.dim = check_model(model_id, dim)
+        self.root = Path(root)
+        self._lock = threading.RLock()
+        self._cache: dict[str, _ScopeIndex] = {}
+        self._closed = False
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(
+                self.root / DB_NAME, timeout=30.0, isolation_level=None, check_same_thread=False
+            )
+        except (OSError, sqlite3.Error) as error:
+            raise StoreError(f"Cannot open the photo index in {self.root}: {error}") from error
+        try:
+            with self._errors():
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=NORMAL")
+            self._init_meta()
+        except BaseException:
+            self._db.close()
+            raise
+
+    def _init_meta(self) -> None:
+        with self._write() as db:
+            for statement in _DDL:
+                db.execute(statement)
+            meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+            if not meta:
+                meta = {"model_id": self.model_id, "dim": str(self.dim)}
+                db.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", meta.items())
+        if meta.get("model_id") != self.model_id or meta.get("dim") != str(self.dim):
+            raise StoreError(
+                f"The photo index in {self.root} was made with {meta.get('model_id')} (dim"
+                f" {meta.get('dim')}), not {self.model_id} (dim {self.dim}): use the same model"
+                " profile or another data folder."
+            )
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._cache.clear()
+                self._db.close()
+
+    # ------------------------------------------------------------------------- SQLite helpers
+
+    @contextmanager
+    def _errors(self) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.Error as error:
+            raise StoreError(f"The photo index failed: {error}") from error
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        with self._lock, self._errors():
+            if self._closed:
+                raise StoreError("The photo index is closed.")
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+
+    def _version(self, db: sqlite3.Connection, scope: str) -> int:
+        row = db.execute("SELECT version FROM scopes WHERE scope = ?", (scope,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def _bump(self, db: sqlite3.Connection, scope: str) -> tuple[int, int]:
+        old = self._version(db, scope)
+        db.execute(
+            "INSERT INTO scopes (scope, version) VALUES (?, ?)"
+            " ON CONFLICT (scope) DO UPDATE SET version = excluded.version",
+            (scope, old + 1),
+        )
+        return old, old + 1
+
+    # ------------------------------------------------------------------------- index cache
+
+    def _empty(self, version: int = 0) -> _ScopeIndex:
+        return _ScopeIndex(faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim)), version)
+
+    def _sync(self, scope: str) -> _ScopeIndex:
+        """The scope's index at SQLite's version: cached, or rebuilt from SQLite."""
+        with self._errors():
+            version = self._version(self._db, scope)
+            entry = self._cache.get(scope)
+            if entry is not None and entry.version == version:
+                return entry
+            rows = self._db.execute(
+                "SELECT id, embedding FROM photos WHERE scope = ? ORDER BY id", (scope,)
+            ).fetchall()
+        entry = self._empty(version)
+        if rows:
+            ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+            vectors = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32)
+            entry.add(ids, vectors.reshape(len(rows), self.dim))
+        self._cache[scope] = entry
+        return entry
+
+    def _after_write(self, scope, versions, added=None, removed=None) -> None:
+        old, new = versions
+        entry = self._cache.get(scope)
+        if entry is None or entry.version != old:
+            self._cache.pop(scope, None)  # rebuilt on next use
+            return
+        if removed is not None:
+            entry.remove(removed)
+        if added is not None:
+            entry.add(*added)
+        entry.version = new
+
+    # ------------------------------------------------------------------------- indexing flag
+
+    def indexing(self, scope: str) -> bool:
+        scope = check_scope(scope)
+        with self._lock, self._errors():
+            row = self._db.execute(
+                "SELECT indexing FROM scopes WHERE scope = ?", (scope,)
+            ).fetchone()
+        return bool(row and row[0])
+
+    def set_indexing(self, scope: str, enabled: bool) -> None:
+        scope = check_scope(scope)
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO scopes (scope, indexing) VALUES (?, ?)"
+                " ON CONFLICT (scope) DO UPDATE SET indexing = excluded.indexing",
+                (scope, int(bool(enabled))),
+            )
+
+    # ------------------------------------------------------------------------- writes
+
+    def add(
+        self,
+        scope: str,
+        embedding: np.ndarray,
+        thumbnail_jpeg: bytes,
+        poster: str,
+        posted_at: float | None,
+        source: str,
+    ) -> int:
+        """Store one photo; returns its id. Idempotent by ``source`` within the scope."""
+        scope, poster = check_scope(scope), check_text(poster, "poster")
+        source = check_text(source, "source").strip()
+        if not source:
+            raise InvalidInputError("A photo needs a source reference.")
+        vector = check_embedding(embedding, self.dim)
+        when = time.time() if posted_at is None else float(posted_at)
+        with self._lock:
+            with self._write() as db:
+                row = db.execute(
+                    "SELECT id FROM photos WHERE scope = ? AND source = ?", (scope, source)
+                ).fetchone()
+                if row:
+                    return int(row[0])
+                photo_id = int(
+                    db.execute(
+                        "INSERT INTO photos (scope, source, poster, posted_at, embedding,"
+                        " thumbnail) VALUES (?, ?, ?, ?, ?, ?)",
+                        (scope, source, poster, when, vector.tobytes(), bytes(thumbnail_jpeg)),
+                    ).lastrowid
+                )
+                versions = self._bump(db, scope)
+            added = (np.asarray([photo_id], dtype=np.int64), vector.reshape(1, self.dim))
+            self._after_write(scope, versions, added=added)
+            return photo_id
+
+    def add_many(self, scope: str, rows: list[tuple[np.ndarray, bytes, str, float, str]]) -> int:
+        """Bulk :meth:`add` in one transaction (benchmarks, imports); returns how many were new."""
+        scope = check_scope(scope)
+        with self._lock:
+            with self._write() as db:
+                before = db.execute(
+                    "SELECT COUNT(*) FROM photos WHERE scope = ?", (scope,)
+                ).fetchone()[0]
+                db.executemany(
+                    "INSERT OR IGNORE INTO photos (scope, source, poster, posted_at, embedding,"
+                    " thumbnail) VALUES (?, ?, ?, ?, ?, ?)",
+                    [
+                        (scope, s, p, t, check_embedding(e, self.dim).tobytes(), bytes(j))
+                        for e, j, p, t, s in rows
+                    ],
+                )
+                after = db.execute(
+                    "SELECT COUNT(*) FROM photos WHERE scope = ?", (scope,)
+                ).fetchone()[0]
+                self._bump(db, scope)
+            self._cache.pop(scope, None)
+            return int(after - before)
+
+    def delete_user(self, poster: str) -> int:
+        """Forget every photo the user posted, in every scope; returns how many."""
+        poster = check_text(poster, "poster")
+        if not poster:
+            raise InvalidInputError("The user whose photos to delete must be named.")
+        with self._lock:
+            changes = {}
+            with self._write() as db:
+                by_scope: dict[str, list[int]] = {}
+                for photo_id, scope in db.execute(
+                    "SELECT id, scope FROM photos WHERE poster = ?", (poster,)
+                ).fetchall():
+                    by_scope.setdefault(scope, []).append(photo_id)
+                db.execute("DELETE FROM photos WHERE poster = ?", (poster,))
+                for scope, ids in by_scope.items():
+                    changes[scope] = (self._bump(db, scope), np.asarray(ids, dtype=np.int64))
+            for scope, (versions, removed) in changes.items():
+                self._after_write(scope, versions, removed=removed)
+            return sum(len(ids) for ids in by_scope.values())
+
+    def delete_scope(self, scope: str) -> int:
+        """Forget every photo of the scope; returns how many."""
+        scope = check_scope(scope)
+        with self._lock:
+            with self._write() as db:
+                removed = db.execute("DELETE FROM photos WHERE scope = ?", (scope,)).rowcount
+                self._bump(db, scope)
+            self._cache.pop(scope, None)
+            return int(removed)
+
+    # ------------------------------------------------------------------------- reads
+
+    def count(self, scope: str) -> int:
+        scope = check_scope(scope)
+        with self._lock:
+            return self._sync(scope).size
+
+    def thumbnail(self, scope: str, photo_id: int) -> bytes | None:
+        scope = check_scope(scope)
+        with self._lock, self._errors():
+            row = self._db.execute(
+                "SELECT thumbnail FROM photos WHERE scope = ? AND id = ?", (scope, int(photo_id))
+            ).fetchone()
+        return bytes(row[0]) if row else None
+
+    def search(self, scope: str, vector: np.ndarray, k: int) -> list[PhotoHit]:
+        """The scope's ``k`` photos most similar (inner product) to ``vector``, best first."""
+        scope, k = check_scope(scope), check_k(k)
+        query = check_embedding(vector, self.dim).reshape(1, self.dim)
+        with self._lock:
+            entry = self._sync(scope)
+            if entry.size == 0:
+                return []
+            small = entry.search_work(1) <= _SMALL_SEARCH_WORK
+            with _omp_threads(1) if small else nullcontext():
+                scores, ids = entry.index.search(query, min(k, entry.size))
+            wanted = [int(i) for i in ids[0] if i >= 0]
+            sources: dict[int, str] = {}
+            with self._errors():
+                for start in range(0, len(wanted), _SQL_CHUNK):
+                    chunk = wanted[start : start + _SQL_CHUNK]
+                    # The scope filter keeps isolation even if an index were wrong.
+                    sources.update(
+                        self._db.execute(
+                            "SELECT id, source FROM photos WHERE scope = ? AND id IN"
+                            f" ({','.join('?' * len(chunk))})",
+                            (scope, *chunk),
+                        ).fetchall()
+                    )
+        return [
+            PhotoHit(int(i), float(s), sources[int(i)])
+            for s, i in zip(scores[0].tolist(), ids[0].tolist(), strict=True)
+            if int(i) in sources
+        ]

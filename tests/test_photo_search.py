@@ -1,0 +1,251 @@
+"""Composed image search over a chat's photos (issue 6): the photo store, Engine.search, the
+CLI's `index`/`search` and the core's /index and /search, on the tiny models and real photos."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from engine.errors import InvalidInputError, PermissionDeniedError, StoreError
+from engine.permissions import Actor
+from engine.photos import compose_query, normalize, slerp
+from engine.store.photos import PhotoStore
+from engine.types import Box
+
+ADMIN = Actor("admin", is_admin=True)
+# Subjects that are not Rex (other dogs included).
+OTHERS = ["dog2", "dog3", "dog5", "dog6", "cat", "cat2", "backpack", "teapot"]
+
+
+def _photos(dreambooth):
+    rex = [dreambooth / "dog" / "00.jpg", dreambooth / "dog" / "01.jpg"]
+    return rex, [dreambooth / s / "00.jpg" for s in OTHERS]
+
+
+def _index(engine, scope, paths, user="alice"):
+    engine.set_indexing(scope, True, ADMIN)
+    return [engine.index_photo(scope, p.read_bytes(), user, str(p)) for p in paths]
+
+
+def _sorted(hits) -> bool:
+    scores = [h.score for h in hits]
+    return scores == sorted(scores, reverse=True)
+
+
+# ----------------------------------------------------------------------------- the photo store
+
+
+def test_photo_store_scopes_idempotence_and_deletion(tmp_path) -> None:
+    rng = np.random.default_rng(0)
+    vectors = [normalize(rng.standard_normal(8)) for _ in range(4)]
+    store = PhotoStore(tmp_path, "test-model", 8)
+    try:
+        a0 = store.add("A", vectors[0], b"jpg", "alice", 1.0, "a0")
+        assert store.add("A", vectors[0], b"jpg", "alice", 1.0, "a0") == a0  # idempotent
+        store.add("A", vectors[1], b"jpg", "bob", 2.0, "a1")
+        store.add("B", vectors[0], b"jpg", "alice", 3.0, "b0")  # same vector, other chat
+        assert (store.count("A"), store.count("B"), store.count("C")) == (2, 1, 0)
+        hits = store.search("A", vectors[0], 10)
+        assert [h.source for h in hits] == ["a0", "a1"] and hits[0].score == pytest.approx(1.0)
+        assert [h.source for h in store.search("B", vectors[1], 10)] == ["b0"]
+        assert not store.indexing("A")
+        store.set_indexing("A", True)
+        assert store.indexing("A") and not store.indexing("B")
+        assert store.delete_user("alice") == 2
+        assert [h.source for h in store.search("A", vectors[0], 10)] == ["a1"]
+        assert store.count("B") == 0
+        assert store.delete_scope("A") == 1 and store.count("A") == 0
+    finally:
+        store.close()
+    # Reopened (a new process): the index is rebuilt from SQLite; another model is refused.
+    again = PhotoStore(tmp_path, "test-model", 8)
+    try:
+        again.add("A", vectors[2], b"jpg", "carol", None, "a2")
+        assert [h.source for h in again.search("A", vectors[2], 1)] == ["a2"]
+        assert again.indexing("A")
+    finally:
+        again.close()
+    with pytest.raises(StoreError):
+        PhotoStore(tmp_path, "other-model", 8)
+
+
+def test_compose_query_is_unit_and_between_its_parts() -> None:
+    rng = np.random.default_rng(1)
+    image, text = normalize(rng.standard_normal(16)), normalize(rng.standard_normal(16))
+    for query in (compose_query(text, image), slerp(image, text, 0.5)):
+        assert np.linalg.norm(query) == pytest.approx(1.0, abs=1e-5)
+        assert query @ image == pytest.approx(query @ text, abs=1e-5)  # w = 0.5: halfway
+    assert np.allclose(compose_query(text, None), text)
+    assert np.allclose(compose_query(None, image), image)
+    assert np.allclose(compose_query(text, image, text_weight=1.0), text, atol=1e-6)
+    with pytest.raises(ValueError):
+        compose_query(None, None)
+
+
+# ----------------------------------------------------------------------------- the engine
+
+
+def test_indexing_is_off_by_default_and_admins_only(tiny_engine, dreambooth) -> None:
+    photo = (dreambooth / "cat" / "00.jpg").read_bytes()
+    assert not tiny_engine.indexing("chat")
+    assert tiny_engine.index_photo("chat", photo, "alice", "m1") is None
+    assert tiny_engine.photos.count("chat") == 0
+    with pytest.raises(PermissionDeniedError):
+        tiny_engine.set_indexing("chat", True, Actor("alice"))
+    assert not tiny_engine.indexing("chat")
+    tiny_engine.set_indexing("chat", True, ADMIN)
+    first = tiny_engine.index_photo("chat", photo, "alice", "m1")
+    assert first is not None
+    assert tiny_engine.index_photo("chat", photo, "alice", "m1") == first  # idempotent
+    assert tiny_engine.photos.count("chat") == 1
+    thumb = tiny_engine.photos.thumbnail("chat", first)
+    assert thumb.startswith(b"\xff\xd8") and len(thumb) < len(photo)
+    # Off without deletion keeps the photos; off with deletion forgets them.
+    assert tiny_engine.set_indexing("chat", False, ADMIN) == 0
+    assert tiny_engine.photos.count("chat") == 1
+    assert tiny_engine.index_photo("chat", photo, "alice", "m2") is None
+    assert tiny_engine.set_indexing("chat", False, ADMIN, delete=True) == 1
+    assert tiny_engine.photos.count("chat") == 0
+
+
+def test_scope_isolation_of_the_photo_index(tiny_engine, dreambooth) -> None:
+    rex, others = _photos(dreambooth)
+    _index(tiny_engine, "A", rex + others[:3])
+    _index(tiny_engine, "B", others[3:])
+    for text, ref in (("a dog", None), ("", rex[0].read_bytes()), ("at the beach", rex[1])):
+        ref = ref.read_bytes() if hasattr(ref, "read_bytes") else ref
+        in_b = tiny_engine.search("B", text, ref, k=50)
+        assert in_b and {h.source for h in in_b} <= {str(p) for p in others[3:]}
+    # A chat that never indexed finds nothing.
+    assert tiny_engine.search("C", "a dog") == []
+
+
+def test_text_reference_and_composed_queries(tiny_engine, dreambooth) -> None:
+    rex, others = _photos(dreambooth)
+    paths = rex + others
+    ids = _index(tiny_engine, "chat", paths)
+    assert len(set(ids)) == len(paths)
+    ref = others[2].read_bytes()
+    for text, image in (("a dog on the sofa", None), ("", ref), ("but at the beach", ref)):
+        hits = tiny_engine.search("chat", text, image, k=5)
+        assert len(hits) == 5 and _sorted(hits)
+        assert all(h.source in {str(p) for p in paths} and h.photo_id in ids for h in hits)
+    # Reference only: the identical photo is the best match.
+    top = tiny_engine.search("chat", "", ref, k=1)[0]
+    assert top.source == str(others[2]) and top.score == pytest.approx(1.0, abs=1e-3)
+    with pytest.raises(InvalidInputError):
+        tiny_engine.search("chat", "  ")
+    with pytest.raises(InvalidInputError):
+        tiny_engine.search("chat", "dog", k=0)
+
+
+def test_concept_aware_query_prefers_the_named_concept(tiny_engine, dreambooth) -> None:
+    rex, others = _photos(dreambooth)
+    _index(tiny_engine, "chat", rex + others)
+    for path in rex:  # remembered from the whole photo: its example = the indexed photo
+        width, height = Image.open(path).size
+        tiny_engine.remember(
+            "chat", path.read_bytes(), "Rex", user="alice", box=Box(0, 0, width, height)
+        )
+    named = tiny_engine.search("chat", "Rex on the sofa", k=len(others) + 2)
+    assert {h.source for h in named[:2]} == {str(p) for p in rex}
+    assert _sorted(named)
+    plain = tiny_engine.search("chat", "a dog on the sofa", k=len(others) + 2)
+    assert {h.source for h in plain[:2]} != {str(p) for p in rex}
+    # The name is a scope's: in another chat "Rex" is just a word.
+    _index(tiny_engine, "other", rex + others)
+    elsewhere = tiny_engine.search("other", "Rex on the sofa", k=2)
+    assert {h.source for h in elsewhere} != {str(p) for p in rex}
+
+
+def test_forget_user_removes_their_photos(tiny_engine, dreambooth) -> None:
+    rex, others = _photos(dreambooth)
+    _index(tiny_engine, "A", rex, user="alice")
+    _index(tiny_engine, "B", others[:1], user="alice")
+    _index(tiny_engine, "A", others[1:3], user="bob")
+    tiny_engine.forget_user("alice")
+    assert tiny_engine.photos.count("B") == 0
+    assert {h.source for h in tiny_engine.search("A", "a dog", k=10)} == {
+        str(p) for p in others[1:3]
+    }
+
+
+# ----------------------------------------------------------------------------- CLI and core
+
+
+def test_cli_index_and_search_json(tiny_models, tmp_path, monkeypatch, capsys, dreambooth) -> None:
+    import engine.models
+    from bots.cli import main
+
+    monkeypatch.setattr(engine.models, "load_models", lambda settings: tiny_models[1])
+    monkeypatch.setenv("RAPBOT_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("RAPBOT_PROFILE", "tiny")
+    rex, others = _photos(dreambooth)
+    paths = [str(p) for p in rex + others[:3]]
+    assert main(["index", *paths, "--json"]) == 0
+    indexed = json.loads(capsys.readouterr().out)["indexed"]
+    assert [i["source"] for i in indexed] == paths
+    assert main(["search", "a dog", "-k", "3", "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)["results"]
+    assert len(results) == 3
+    assert all(set(r) == {"photo_id", "score", "source"} for r in results)
+    assert all(r["source"] in paths for r in results)
+    assert [r["score"] for r in results] == sorted((r["score"] for r in results), reverse=True)
+    assert main(["search", "--ref", paths[2], "--json", "-k", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["results"][0]["source"] == paths[2]
+    assert main(["search", "a dog", "--chat", "elsewhere", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"results": []}
+
+
+def test_core_index_and_search_commands(tiny_engine, dreambooth) -> None:
+    from bots.core.gateway import LocalGateway
+    from bots.core.handler import CommandCore
+    from bots.core.messages import IncomingMessage
+
+    rex, others = _photos(dreambooth)
+
+    async def scenario() -> None:
+        core = CommandCore(LocalGateway(tiny_engine))
+
+        def say(text, user="bob", admin=False, image=None):
+            return core.handle(IncomingMessage("tg:1", user, text, image=image, is_admin=admin))
+
+        refused = await say("/index on")
+        assert refused.error and "admin" in refused.text
+        photo = IncomingMessage("tg:1", "bob", "", image=rex[0].read_bytes())
+        assert await core.index_photo(photo, "file-id-0") is None  # indexing is off
+        on = await say("/index on", user="boss", admin=True)
+        assert not on.error and "on" in on.text
+        for i, path in enumerate(rex + others[:2]):
+            message = IncomingMessage("tg:1", "bob", "", image=path.read_bytes())
+            assert await core.index_photo(message, f"file-id-{i}") is not None
+        found = await say("/search a dog")
+        assert not found.error and len(found.photo_refs) == 4
+        assert set(found.photo_refs) == {f"file-id-{i}" for i in range(4)}
+        like = await say("/search like this", image=rex[0].read_bytes())
+        assert like.photo_refs[0] == "file-id-0"
+        off = await say("/index off", user="boss", admin=True)
+        assert "forgotten the 4 photos" in off.text
+        empty = await say("/search a dog")
+        assert not empty.photo_refs and "no photos" in empty.text
+
+    asyncio.run(scenario())
+
+
+def test_terminal_chat_indexes_posted_photos_when_on(tiny_engine, dreambooth, tmp_path) -> None:
+    from tests.test_terminal import chat
+
+    rex, others = _photos(dreambooth)
+    out = chat(
+        tiny_engine,
+        [str(others[0]), "/index on", str(rex[0]), str(others[1]), f"/search like this < {rex[0]}"],
+        tmp_path,
+        admin=True,
+    )
+    refs = [line.strip() for line in out if line.startswith("  ")]
+    assert refs[0] == str(rex[0].resolve())  # the identical photo first
+    assert set(refs) == {str(rex[0].resolve()), str(others[1].resolve())}  # posted before: not
