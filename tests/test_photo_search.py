@@ -185,7 +185,7 @@ def test_cli_index_and_search_json(tiny_models, tmp_path, monkeypatch, capsys, d
     monkeypatch.setenv("RAPBOT_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("RAPBOT_PROFILE", "tiny")
     rex, others = _photos(dreambooth)
-    paths = [str(p) for p in rex + others[:3]]
+    paths = [str(p.resolve()) for p in rex + others[:3]]  # the CLI records resolved paths
     assert main(["index", *paths, "--json"]) == 0
     indexed = json.loads(capsys.readouterr().out)["indexed"]
     assert [i["source"] for i in indexed] == paths
