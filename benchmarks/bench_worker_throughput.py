@@ -102,11 +102,13 @@ def main() -> int:
             wall, cpu = time.perf_counter() - start, time.process_time() - cpu
         return count / wall, count / cpu, latencies
 
-    def counters() -> tuple[tuple[int, int], tuple[int, int]]:
-        """(items, batches) of the CLIP image batcher and of the detector batcher."""
+    def counters() -> tuple[tuple[int, int, float], tuple[int, int, float]]:
+        """(items, batches, wait seconds) of the CLIP image batcher and the detector batcher."""
         clip = batched.embedder.stats()["images"]
         det = batched.detector.stats() if detector_batching else None
-        return (clip.items, clip.batches), ((det.items, det.batches) if det else (0, 0))
+        return (clip.items, clip.batches, clip.wait_seconds), (
+            (det.items, det.batches, det.wait_seconds) if det else (0, 0, 0.0)
+        )
 
     detector_batching = hasattr(batched.detector, "stats")
     for engine in engines.values():  # warm-up: first forwards allocate, fill caches
@@ -123,8 +125,12 @@ def main() -> int:
                 before = counters()
                 rate, per_cpu, latencies = level(engines[mode], concurrency, requests)
                 after = counters()
-                clip, det = [(a[0] - b[0], a[1] - b[1]) for a, b in zip(after, before, strict=True)]
-                means = [n / b if b else float("nan") for n, b in (clip, det)]
+                clip, det = [
+                    tuple(x - y for x, y in zip(a, b, strict=True))
+                    for a, b in zip(after, before, strict=True)
+                ]
+                means = [n / b if b else float("nan") for n, b, _ in (clip, det)]
+                means += [1000 * w / n if n else float("nan") for n, _, w in (clip, det)]
                 if mode not in result or rate > result[mode][0]:
                     result[mode] = (rate, per_cpu, statistics.median(latencies), means)
                 if mode == "on":
@@ -147,19 +153,22 @@ def main() -> int:
         f"{'concurrent':>10}{'off req/s':>11}{'on req/s':>10}{'on/off':>8}"
         f"{'off req/CPU-s':>15}{'on req/CPU-s':>14}"
         f"{'off p50 ms':>12}{'on p50 ms':>11}{'CLIP batch':>12}{'det batch':>11}"
+        f"{'CLIP wait ms':>14}{'det wait ms':>13}"
     )
     for concurrency, result in rows:
         off_rate, off_cpu, off_p50, _ = result["off"]
-        on_rate, on_cpu, on_p50, (clip_mean, det_mean) = result["on"]
+        on_rate, on_cpu, on_p50, (clip_mean, det_mean, clip_wait, det_wait) = result["on"]
         print(
             f"{concurrency:>10}{off_rate:>11.2f}{on_rate:>10.2f}{on_rate / off_rate:>8.2f}"
             f"{off_cpu:>15.2f}{on_cpu:>14.2f}"
             f"{1000 * off_p50:>12.0f}{1000 * on_p50:>11.0f}{clip_mean:>12.2f}{det_mean:>11.2f}"
+            f"{clip_wait:>14.1f}{det_wait:>13.1f}"
         )
     print(
         "req/CPU-s: requests per CPU-second of this process (less sensitive than req/s to other "
         "load on a shared machine); CLIP batch / det batch: mean items per coalesced forward "
-        "with micro-batching on (nan: not batched)."
+        "with micro-batching on (nan: not batched); wait: mean time an item spent queued before "
+        "its forward started (the max wait plus forwards of earlier batches)."
     )
     close_batchers(batched)
     store.close()
