@@ -245,6 +245,20 @@ class YoloDetector:
         self.batch_size = batch_size  # exports (.tflite, .onnx) usually have a fixed batch of 1
         self._lock = threading.Lock()  # ultralytics' predictor is not thread-safe
 
+    def _predict(self, images: Sequence[Image.Image]) -> list:
+        return self.yolo.predict(
+            [im if im.mode == "RGB" else im.convert("RGB") for im in images],
+            conf=self.confidence,
+            iou=NMS_IOU,
+            imgsz=self.image_size,
+            max_det=self.max_detections,
+            agnostic_nms=True,
+            device=self.device,
+            batch=self.batch_size,
+            verbose=False,
+            save=False,
+        )
+
     @property
     def classes(self) -> list[str]:
         names = self.yolo.names
@@ -255,19 +269,16 @@ class YoloDetector:
     ) -> list[list[Detection]]:
         if not images:
             return []
+        # ultralytics' device selection calls torch.set_num_threads(cpus - 1), which would leave
+        # every later CLIP forward of this process on one thread; restore the caller's setting.
+        import torch  # lazily, like the rest of this module's heavy imports
+
+        threads = torch.get_num_threads()
         with self._lock:
-            predictions = self.yolo.predict(
-                [im if im.mode == "RGB" else im.convert("RGB") for im in images],
-                conf=self.confidence,
-                iou=NMS_IOU,
-                imgsz=self.image_size,
-                max_det=self.max_detections,
-                agnostic_nms=True,
-                device=self.device,
-                batch=self.batch_size,
-                verbose=False,
-                save=False,
-            )
+            try:
+                predictions = self._predict(images)
+            finally:
+                torch.set_num_threads(threads)
         results = []
         for im, prediction in zip(images, predictions, strict=True):
             boxes = prediction.boxes

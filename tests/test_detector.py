@@ -82,3 +82,18 @@ def test_vocabulary_cleaning() -> None:
         "sunglasses",
     ):
         assert word in GENERAL_VOCABULARY
+
+
+def test_plain_yolo_leaves_torch_threads_as_they_were(coco_models, dreambooth) -> None:
+    """ultralytics' device selection lowers torch's thread count; the detector restores it."""
+    import torch
+
+    _, models = coco_models
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with Image.open(dreambooth / "cat" / "00.jpg") as photo:
+            models.detector.detect([photo.convert("RGB")], [])
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
