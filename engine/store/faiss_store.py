@@ -200,6 +200,23 @@ def index_ids(index: faiss.Index) -> np.ndarray:
     return np.sort(np.concatenate(parts)) if parts else np.empty(0, dtype=np.int64)
 
 
+def scope_version(db: sqlite3.Connection, scope: str) -> int:
+    """The scope's version in a ``scopes`` table: bumped with every change to the scope."""
+    row = db.execute("SELECT version FROM scopes WHERE scope = ?", (scope,)).fetchone()
+    return int(row[0]) if row else 0
+
+
+def bump_scope_version(db: sqlite3.Connection, scope: str) -> tuple[int, int]:
+    """Bump the scope's version inside the caller's transaction; returns (old, new)."""
+    old = scope_version(db, scope)
+    db.execute(
+        "INSERT INTO scopes (scope, version) VALUES (?, ?)"
+        " ON CONFLICT (scope) DO UPDATE SET version = excluded.version",
+        (scope, old + 1),
+    )
+    return old, old + 1
+
+
 @dataclass
 class _ScopeIndex:
     index: faiss.Index  # ids are example ids
@@ -376,19 +393,6 @@ class FaissConceptStore:
         except sqlite3.Error as error:
             raise StoreError(f"The memory store failed: {error}") from error
 
-    def _version(self, db: sqlite3.Connection, scope: str) -> int:
-        row = db.execute("SELECT version FROM scopes WHERE scope = ?", (scope,)).fetchone()
-        return int(row[0]) if row else 0
-
-    def _bump(self, db: sqlite3.Connection, scope: str) -> tuple[int, int]:
-        old = self._version(db, scope)
-        db.execute(
-            "INSERT INTO scopes (scope, version) VALUES (?, ?)"
-            " ON CONFLICT (scope) DO UPDATE SET version = excluded.version",
-            (scope, old + 1),
-        )
-        return old, old + 1
-
     def _get(self, db: sqlite3.Connection, scope: str, concept_id: str) -> Concept | None:
         row = db.execute(
             _CONCEPT_SQL + " WHERE c.scope = ? AND c.id = ?", (scope, concept_id)
@@ -476,7 +480,7 @@ class FaissConceptStore:
 
     def _rebuild(self, scope: str) -> _ScopeIndex:
         with self._read() as db:
-            version = self._version(db, scope)
+            version = scope_version(db, scope)
             ids, vectors = self._embeddings(db, scope)
         index, trained = self._build(ids, vectors)
         return _ScopeIndex(index, version, trained, dirty=True)
@@ -484,7 +488,7 @@ class FaissConceptStore:
     def _reconcile(self, scope: str, entry: _ScopeIndex) -> _ScopeIndex:
         """Bring an index to SQLite's state by example id (see module doc)."""
         with self._read() as db:
-            version = self._version(db, scope)
+            version = scope_version(db, scope)
             rows = db.execute("SELECT id FROM examples WHERE scope = ? ORDER BY id", (scope,))
             truth = np.fromiter((r[0] for r in rows), dtype=np.int64)
             held = index_ids(entry.index)
@@ -515,7 +519,7 @@ class FaissConceptStore:
     def _sync(self, scope: str) -> _ScopeIndex:
         """The scope's index at SQLite's current version (cached, loaded or reconciled)."""
         with self._sqlite_errors():
-            version = self._version(self._db, scope)
+            version = scope_version(self._db, scope)
         entry = self._cache.get(scope)
         if entry is not None and entry.version == version:
             self._cache.move_to_end(scope)
@@ -700,7 +704,7 @@ class FaissConceptStore:
                 concepts = [
                     c if isinstance(c, Concept) else self._require(db, scope, c) for c in result
                 ]
-                versions = self._bump(db, scope) if new_ids else None
+                versions = bump_scope_version(db, scope) if new_ids else None
             if versions is not None:
                 added = (np.asarray(new_ids, dtype=np.int64), np.stack(new_vectors))
                 self._after_write(scope, versions, added=added)
@@ -728,7 +732,7 @@ class FaissConceptStore:
                 example_id = self._insert_example(
                     db, scope, concept_id, vector, crop, box, source, time.time()
                 )
-                versions = self._bump(db, scope)
+                versions = bump_scope_version(db, scope)
                 concept = self._require(db, scope, concept_id)
             added = (np.asarray([example_id], dtype=np.int64), vector[None, :])
             self._after_write(scope, versions, added=added)
@@ -749,7 +753,7 @@ class FaissConceptStore:
                     "UPDATE concepts SET name = ?, name_key = ? WHERE scope = ? AND id = ?",
                     (new_name, name_key(new_name), scope, concept_id),
                 )
-                versions = self._bump(db, scope)
+                versions = bump_scope_version(db, scope)
                 concept = self._require(db, scope, concept_id)
             self._after_write(scope, versions)
             return concept
@@ -763,7 +767,7 @@ class FaissConceptStore:
                     "UPDATE concepts SET description = ? WHERE scope = ? AND id = ?",
                     (description, scope, concept_id),
                 )
-                versions = self._bump(db, scope)
+                versions = bump_scope_version(db, scope)
                 concept = self._require(db, scope, concept_id)
             self._after_write(scope, versions)
             return concept
@@ -795,7 +799,7 @@ class FaissConceptStore:
             with self._write() as db:
                 self._require(db, scope, concept_id)
                 removed = self._delete_concepts(db, scope, [concept_id])
-                versions = self._bump(db, scope)
+                versions = bump_scope_version(db, scope)
             self._after_write(scope, versions, removed=removed)
 
     def delete_user(self, owner: str) -> int:
@@ -812,7 +816,7 @@ class FaissConceptStore:
                     by_scope.setdefault(scope, []).append(concept_id)
                 for scope, ids in by_scope.items():
                     removed = self._delete_concepts(db, scope, ids)
-                    changes[scope] = (self._bump(db, scope), removed)
+                    changes[scope] = (bump_scope_version(db, scope), removed)
             for scope, (versions, removed) in changes.items():
                 self._after_write(scope, versions, removed=removed)
             return sum(len(ids) for ids in by_scope.values())

@@ -31,7 +31,13 @@ import numpy as np
 
 from engine.errors import InvalidInputError, StoreError
 from engine.store.base import check_embedding, check_k, check_model, check_scope, check_text
-from engine.store.faiss_store import _SMALL_SEARCH_WORK, _omp_threads, _ScopeIndex
+from engine.store.faiss_store import (
+    _SMALL_SEARCH_WORK,
+    _omp_threads,
+    _ScopeIndex,
+    bump_scope_version,
+    scope_version,
+)
 from engine.types import PhotoHit
 
 DB_NAME = "photos.sqlite3"
@@ -129,19 +135,6 @@ class PhotoStore:
                     self._db.execute("ROLLBACK")
                 raise
 
-    def _version(self, db: sqlite3.Connection, scope: str) -> int:
-        row = db.execute("SELECT version FROM scopes WHERE scope = ?", (scope,)).fetchone()
-        return int(row[0]) if row else 0
-
-    def _bump(self, db: sqlite3.Connection, scope: str) -> tuple[int, int]:
-        old = self._version(db, scope)
-        db.execute(
-            "INSERT INTO scopes (scope, version) VALUES (?, ?)"
-            " ON CONFLICT (scope) DO UPDATE SET version = excluded.version",
-            (scope, old + 1),
-        )
-        return old, old + 1
-
     # ------------------------------------------------------------------------- index cache
 
     def _empty(self, version: int = 0) -> _ScopeIndex:
@@ -150,7 +143,7 @@ class PhotoStore:
     def _sync(self, scope: str) -> _ScopeIndex:
         """The scope's index at SQLite's version: cached, or rebuilt from SQLite."""
         with self._errors():
-            version = self._version(self._db, scope)
+            version = scope_version(self._db, scope)
             entry = self._cache.get(scope)
             if entry is not None and entry.version == version:
                 return entry
@@ -228,7 +221,7 @@ class PhotoStore:
                         (scope, source, poster, when, vector.tobytes(), bytes(thumbnail_jpeg)),
                     ).lastrowid
                 )
-                versions = self._bump(db, scope)
+                versions = bump_scope_version(db, scope)
             added = (np.asarray([photo_id], dtype=np.int64), vector.reshape(1, self.dim))
             self._after_write(scope, versions, added=added)
             return photo_id
@@ -252,7 +245,7 @@ class PhotoStore:
                 after = db.execute(
                     "SELECT COUNT(*) FROM photos WHERE scope = ?", (scope,)
                 ).fetchone()[0]
-                self._bump(db, scope)
+                bump_scope_version(db, scope)
             self._cache.pop(scope, None)
             return int(after - before)
 
@@ -271,7 +264,8 @@ class PhotoStore:
                     by_scope.setdefault(scope, []).append(photo_id)
                 db.execute("DELETE FROM photos WHERE poster = ?", (poster,))
                 for scope, ids in by_scope.items():
-                    changes[scope] = (self._bump(db, scope), np.asarray(ids, dtype=np.int64))
+                    removed = np.asarray(ids, dtype=np.int64)
+                    changes[scope] = (bump_scope_version(db, scope), removed)
             for scope, (versions, removed) in changes.items():
                 self._after_write(scope, versions, removed=removed)
             return sum(len(ids) for ids in by_scope.values())
@@ -282,7 +276,7 @@ class PhotoStore:
         with self._lock:
             with self._write() as db:
                 removed = db.execute("DELETE FROM photos WHERE scope = ?", (scope,)).rowcount
-                self._bump(db, scope)
+                bump_scope_version(db, scope)
             self._cache.pop(scope, None)
             return int(removed)
 
