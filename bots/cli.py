@@ -39,6 +39,12 @@ examples:
 def _global_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
     """Global options, accepted before or after the subcommand."""
     keep = (lambda value: value) if defaults else (lambda value: argparse.SUPPRESS)
+    parser.add_argument(
+        "--config",
+        default=keep(None),
+        metavar="FILE",
+        help="a KEY=value settings file (env RAPBOT_CONFIG_FILE); the environment wins over it",
+    )
     parser.add_argument("--data-dir", default=keep(None), help="data folder (env RAPBOT_DATA_DIR)")
     parser.add_argument(
         "--profile",
@@ -170,6 +176,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=None, help="threads (GPU 16, CPU cores)")
     p.add_argument("--pool", choices=["threads", "solo", "prefork"], default="threads")
     p.add_argument("--loglevel", default="info", help="Celery log level")
+
+    p = sub.add_parser(
+        "doctor", parents=[common], help="check the configuration, store, broker, models, tokens"
+    )
+    p.add_argument(
+        "--role",
+        choices=["auto", "local", "bot", "worker"],
+        default="auto",
+        help="what this process is (auto: bot with RAPBOT_GATEWAY=celery, else local)",
+    )
+    p.add_argument("--skip-models", action="store_true", help="do not load the models")
+
+    p = sub.add_parser("config", parents=[common], help="show the settings in effect")
+    p.add_argument(
+        "--table", action="store_true", help="every setting as Markdown tables (the README's)"
+    )
 
     p = sub.add_parser("models", parents=[common], help="model files (convert RAP checkpoints)")
     actions = p.add_subparsers(dest="models_command", required=True, metavar="ACTION")
@@ -306,14 +328,15 @@ def _add_train_eval(sub, common: argparse.ArgumentParser) -> None:
 
 
 def _settings(args: argparse.Namespace):
-    from engine.settings import EngineSettings
+    """The one validated configuration (rapbot.settings); CLI flags win over everything."""
+    from rapbot.settings import load_settings
 
     overrides: dict[str, Any] = {}
     if args.data_dir:
         overrides["data_dir"] = Path(args.data_dir).expanduser()
     if args.profile:
         overrides["profile"] = args.profile
-    return EngineSettings(**overrides)
+    return load_settings(args.config, **overrides)
 
 
 def _read_image(path: str, settings) -> bytes:
@@ -372,7 +395,13 @@ def run(args: argparse.Namespace) -> int:
     args.chat_given = args.chat is not None
     if args.chat is None:
         args.chat = "local"
+    if args.config:  # worker processes and their children read the same file
+        os.environ["RAPBOT_CONFIG_FILE"] = str(Path(args.config).expanduser())
+    if args.command == "doctor":
+        return _run_doctor(args)
     settings = _settings(args)
+    if args.command == "config":
+        return _run_config(args, settings)
     if args.command in ("export", "import"):
         return _run_transfer(args, settings)
     if args.command == "chat":
@@ -549,6 +578,39 @@ def _run_transfer(args: argparse.Namespace, settings) -> int:
     )
     payload = {"imported": counts, "reembedded": report.reembedded, "path": str(args.file)}
     _emit(args, payload, text)
+    return 0
+
+
+def _run_doctor(args: argparse.Namespace) -> int:
+    """`rapbot doctor`: every check, what is wrong and how to fix it; exit 1 on a problem."""
+    from rapbot.doctor import Check, as_json, diagnose, exit_code, report
+    from rapbot.settings import ConfigError
+
+    try:
+        settings = _settings(args)
+    except ConfigError as error:
+        settings = None
+        checks = [Check("configuration", False, str(error).replace("\n", "; "))]
+    if settings is not None:
+        checks = diagnose(settings, role=args.role, models=not args.skip_models)
+    _emit(args, as_json(checks), report(checks))
+    return exit_code(checks)
+
+
+def _run_config(args: argparse.Namespace, settings) -> int:
+    """`rapbot config`: the settings in effect (secrets hidden), or the README's tables."""
+    from rapbot.settings import field_names, settings_table, variable_of
+
+    if args.table:
+        print(settings_table(), end="")
+        return 0
+    values = settings.model_dump(mode="json")  # SecretStr fields dump as "**********"
+    if args.json:
+        print(json.dumps(values, ensure_ascii=False, indent=2))
+    else:
+        for name in field_names():
+            value = values[name]
+            print(f"{variable_of(name)}={'' if value is None else value}")
     return 0
 
 

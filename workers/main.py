@@ -123,7 +123,9 @@ def run_worker(
     pool: str = "threads",
     loglevel: str = "info",
 ) -> int:
-    settings = WorkerSettings()
+    from rapbot.settings import load_settings
+
+    settings = load_settings()  # the whole configuration, validated before anything starts
     try:
         chosen = resolve_queues(queues, settings)
     except ValueError as error:

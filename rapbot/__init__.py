@@ -1,0 +1,1 @@
+"""Cross-cutting operations code: one configuration model, logs, metrics, the doctor."""
