@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--gateway",
         choices=["local", "celery"],
-        default=os.environ.get("RAPBOT_GATEWAY", "local"),
+        default=None,
         help="run the engine in-process (local) or on Celery workers (celery); env RAPBOT_GATEWAY",
     )
     p.add_argument(
@@ -406,6 +406,15 @@ def run(args: argparse.Namespace) -> int:
         return _run_transfer(args, settings)
     if args.command == "chat":
         return _run_chat(args, settings)
+    if args.command in ("serve", "worker"):  # long-running: structured logs and metrics
+        from rapbot.observability import setup
+
+        # A worker serves its metrics itself, once it knows whether it spawns one per GPU.
+        port = settings.metrics_port if args.command == "serve" else 0
+        try:
+            setup(settings.log_level, settings.log_format, port, settings.metrics_addr)
+        except OSError as error:
+            raise RapbotError(f"RAPBOT_METRICS_PORT={port}: can't serve ({error})") from None
     if args.command == "serve":
         return _run_serve(args, settings)
     if args.command == "worker":
@@ -632,7 +641,8 @@ def _run_worker(args: argparse.Namespace) -> int:
 
 
 def _run_serve(args: argparse.Namespace, settings) -> int:
-    """`rapbot serve telegram|discord`: tokens come from the environment."""
+    """`rapbot serve telegram|discord`: tokens and limits come from the settings."""
+    args.gateway = args.gateway or settings.gateway
     if args.platform == "telegram":
         from bots.telegram_adapter import run_bot
     else:

@@ -7,10 +7,13 @@ from itertools import pairwise
 
 import pytest
 
-from bots.core.gateway import LocalGateway
+from bots.core import commands as c
+from bots.core.gateway import LocalGateway, PhotoIndexing
 from bots.core.handler import CommandCore
 from bots.core.limits import InFlightLimiter, Limits, RateLimiter
 from bots.core.messages import IncomingMessage
+from engine.errors import EngineUnavailableError
+from engine.permissions import Actor
 
 
 class FakeClock:
@@ -206,3 +209,106 @@ def test_admit_counts_a_request_once(tiny_engine) -> None:
     assert first is None and not handled.error
     assert second.error and second.text.startswith("Slow down a little: you are")
     assert help_ is None and usage is None
+
+
+# --------------------------------------------------------------------------- photo search
+
+
+def test_search_by_a_photo_alone_and_without_anything(tiny_engine, dreambooth) -> None:
+    cat = (dreambooth / "cat" / "00.jpg").read_bytes()
+    dogs = [(dreambooth / "dog" / f"0{i}.jpg").read_bytes() for i in range(2)]
+    assert c.parse_command("/search") == c.Search("")  # the core decides: photo or usage
+    tiny_engine.set_indexing("tg:1", True, Actor("admin", is_admin=True))
+
+    async def scenario() -> tuple:
+        core = CommandCore(LocalGateway(tiny_engine))
+        indexed = [
+            await core.index_photo(message("", image=cat), "cat-id"),
+            *[await core.index_photo(message("", image=d), f"dog-{i}") for i, d in enumerate(dogs)],
+        ]
+        from_bot = await core.index_photo(message("", image=cat, from_bot=True), "bot-id")
+        elsewhere = await core.index_photo(message("", image=cat, scope="tg:2"), "cat-2")
+        like = await core.handle(message("/search", image=cat))
+        nothing = await core.handle(message("/search"))
+        blank = await core.handle(message("/search   "))
+        core.gateway._executor.shutdown(wait=True)
+        return indexed, from_bot, elsewhere, like, nothing, blank
+
+    indexed, from_bot, elsewhere, like, nothing, blank = asyncio.run(scenario())
+    assert all(isinstance(i, int) for i in indexed) and len(set(indexed)) == 3
+    assert from_bot is None and elsewhere is None  # a bot's photo; a chat that does not index
+    assert not like.error and like.photo_refs[0] == "cat-id"
+    assert set(like.photo_refs) == {"cat-id", "dog-0", "dog-1"}
+    assert like.text.startswith("Found 3 photos, best first:\n1. score 1.00")
+    for reply in (nothing, blank):
+        assert reply.error and reply.text == f"Usage: {c.USAGE['search']}"
+
+
+class FlagGateway:
+    """Answers ``indexing`` from a dict, counting the questions; can be made to fail."""
+
+    def __init__(self) -> None:
+        self.on: dict[str, bool] = {}
+        self.asked: list[str] = []
+        self.down = False
+
+    async def indexing(self, scope: str) -> bool:
+        self.asked.append(scope)
+        await asyncio.sleep(0.01)
+        if self.down:
+            raise EngineUnavailableError("the engine is not answering")
+        return self.on.get(scope, False)
+
+
+def test_photo_indexing_asks_once_a_minute_per_chat_and_runs_jobs_where_on() -> None:
+    clock = FakeClock()
+
+    async def scenario() -> None:
+        gateway = FlagGateway()
+        gateway.on["tg:1"] = True
+        flags = PhotoIndexing(gateway, ttl_s=60, error_ttl_s=10, clock=clock)
+        # Many photos at once: one question.
+        assert await asyncio.gather(*(flags.enabled("tg:1") for _ in range(5))) == [True] * 5
+        assert gateway.asked == ["tg:1"]
+        assert await flags.enabled("tg:2") is False
+        gateway.on["tg:2"] = True
+        assert await flags.enabled("tg:2") is False  # cached for a minute...
+        flags.forget("tg:2")  # ...unless /index on|off went through the bot
+        assert await flags.enabled("tg:2") is True
+        assert gateway.asked == ["tg:1", "tg:2", "tg:2"]
+        gateway.on["tg:1"] = False
+        clock.now += 61
+        assert await flags.enabled("tg:1") is False  # expired: asked again
+        # An outage counts as off, for a shorter while.
+        gateway.down = True
+        flags.forget("tg:1")
+        assert await flags.enabled("tg:1") is False
+        gateway.down, gateway.on["tg:1"] = False, True
+        clock.now += 5
+        assert await flags.enabled("tg:1") is False
+        clock.now += 6
+        assert await flags.enabled("tg:1") is True
+
+        ran: list[str] = []
+
+        async def job(scope: str) -> None:
+            ran.append(scope)
+
+        async def broken() -> None:
+            raise RuntimeError("a bug in a job")
+
+        for scope in ("tg:1", "tg:2", "tg:3"):
+            assert flags.submit(scope, lambda scope=scope: job(scope))
+        assert flags.submit("tg:1", broken)  # logged, not raised
+        assert ran == []  # in the background
+        assert await flags.drain() == 0
+        assert sorted(ran) == ["tg:1", "tg:2"]  # not where indexing is off
+        assert await PhotoIndexing(object()).enabled("tg:1") is False  # a gateway that can't say
+
+        full = PhotoIndexing(gateway, max_pending=1)
+        stuck = asyncio.Event()
+        assert full.submit("tg:1", stuck.wait)
+        assert not full.submit("tg:1", stuck.wait)  # too much pending: dropped
+        assert await full.drain(timeout=0.2) == 1  # shutdown cancels what is left
+
+    asyncio.run(scenario())

@@ -24,10 +24,11 @@ from discord.webhook.async_ import AsyncWebhookAdapter, async_context
 from bots.core.gateway import LocalGateway
 from bots.core.handler import CommandCore
 from bots.core.limits import Limits
+from bots.core.messages import Reply
 from bots.discord_adapter.client import RapbotBot
 from bots.discord_adapter.cog import ABORTED, PLATFORM_HELP, interaction_is_admin
 from bots.discord_adapter.files import fit_upload
-from bots.discord_adapter.format import escape, split_content
+from bots.discord_adapter.format import escape, photo_link, reply_content, split_content
 from engine.images import ImageLimits
 from tests.badfiles import BAD_IMAGE_REASONS, BAD_IMAGES, MIB
 from tests.test_core import generator_engine
@@ -217,6 +218,7 @@ class DiscordHarness:
     def __init__(self, bot: RapbotBot, recorder: Recorder) -> None:
         self.bot = bot
         self.recorder = recorder
+        self.last_message: dict[str, Any] = {}  # the last MESSAGE_CREATE payload sent
 
     def attachment(self, photo: Photo, channel: int) -> dict[str, Any]:
         aid = snowflake()
@@ -371,6 +373,7 @@ class DiscordHarness:
         payload["mentions"] = list(mentions)
         payload["mention_everyone"] = "@everyone" in content
         payload["attachments"] = [self.attachment(p, channel) for p in photos]
+        self.last_message = payload
         return await self.dispatch("MESSAGE_CREATE", payload)
 
     async def dispatch(self, event: str, payload: dict[str, Any]) -> list[Call]:
@@ -473,6 +476,8 @@ def test_login_loads_the_commands_and_never_syncs(tiny_engine) -> None:
     remember_options = {o["name"]: o for o in sent["remember"]["options"]}
     assert remember_options["photo"]["type"] == 11 and remember_options["photo"]["required"]
     assert not remember_options["description"].get("required", False)
+    search_options = {o["name"]: o for o in sent["search"]["options"]}
+    assert not search_options["text"].get("required", False)  # a photo alone is a search
     index_choices = [c["value"] for c in sent["index"]["options"][0]["choices"]]
     assert index_choices == ["on", "off"]
     assert len(synced) == len(calls[0].payload)
@@ -825,6 +830,7 @@ def test_serve_discord_with_a_refused_token_is_one_line(monkeypatch, capsys) -> 
 
     monkeypatch.setattr(discord.http.HTTPClient, "request", request)
     monkeypatch.setenv("DISCORD_BOT_TOKEN", "wrong")
+    monkeypatch.setenv("RAPBOT_LOG_LEVEL", "WARNING")  # serve logs at INFO by default
     assert main(["serve", "discord", "--sync"]) == 1
     [line] = capsys.readouterr().err.strip().splitlines()
     assert line == "rapbot: Discord refused the token in DISCORD_BOT_TOKEN."
@@ -871,3 +877,68 @@ def test_refused_requests_download_nothing(tiny_engine, dreambooth) -> None:
     contents = [assert_deferred_then_followup(calls).content for calls in answers]
     assert [c.startswith("⚠️ Slow down a little") for c in contents] == [False, False, True, True]
     assert len(cdn) == 2  # the refused ones fetched nothing
+
+
+# --------------------------------------------------------------------------- search history
+
+
+def test_posted_photos_are_indexed_as_message_links(tiny_engine, dreambooth) -> None:
+    cat, dog, other = (
+        photo_of(dreambooth, "cat"),
+        photo_of(dreambooth, "dog"),
+        photo_of(dreambooth, "dog", 1),
+    )
+    notes = Photo(b"just some text", "notes.txt", "text/plain")
+
+    async def scenario(h: DiscordHarness):
+        cdn = h.recorder.cdn_requests
+        # Off until a moderator turns it on: a photo costs no download.
+        assert await h.message("our cat", [cat], mentions=[]) == []
+        assert cdn == []
+        on = await h.command("index", mode="on", author=CAROL, permissions=MANAGE_GUILD)
+        assert assert_deferred_then_followup(on).content.startswith("Photo indexing is on")
+        # An ordinary message: one entry per image attachment, no reply.
+        assert await h.message("cat, notes and dog", [cat, notes, dog], mentions=[]) == []
+        posted = h.last_message
+        assert len(cdn) == 2 and not any("notes.txt" in url for url in cdn)
+        assert await h.message("spam", [other], author=OTHER_BOT, mentions=[]) == []
+        assert await h.message("elsewhere", [other], channel=CHANNEL_B, mentions=[]) == []
+        assert len(cdn) == 2  # neither a bot's photo nor one where indexing is off
+        # A mention with a photo: fetched once, answered, then indexed too.
+        asked = await h.message(f"<@{APP_ID}> is Mochi here?", [other])
+        assert asked[-1].content and len(cdn) == 3
+        mention = h.last_message
+
+        like = await h.command("search", photo=cat)  # no text: more like this photo
+        nothing = await h.command("search")
+        off = await h.command("index", mode="off", author=CAROL, permissions=MANAGE_GUILD)
+        after = await h.message("another cat", [cat], mentions=[])
+        return posted, mention, like, nothing, off, after, len(cdn)
+
+    posted, mention, like, nothing, off, after, downloads = run(tiny_engine, scenario)
+    link = f"https://discord.com/channels/{GUILD}/{CHANNEL_A}/{posted['id']}"
+    lines = assert_deferred_then_followup(like).content.split("\n")
+    assert lines[0] == "Found 3 photos, best first:"
+    assert lines[1].startswith("1. score ") and lines[1].endswith(f" — {link}")
+    assert f"— {link} (attachment 3)" in "\n".join(lines[2:])
+    assert f"{CHANNEL_A}/{mention['id']}" in "\n".join(lines[2:])
+    usage = assert_deferred_then_followup(nothing).content
+    assert usage.startswith("⚠️ Usage: /search TEXT") and "more like it" in usage
+    assert assert_deferred_then_followup(off).content.endswith(
+        "3 photos of this chat I had indexed."
+    )
+    assert after == [] and downloads == 3 + 1  # + the /search reference; /index off shows at once
+    assert tiny_engine.search(f"dc:{CHANNEL_A}", "", cat.data) == []
+
+
+def test_search_replies_link_the_photos() -> None:
+    link = "https://discord.com/channels/1/2/3"
+    reply = Reply(
+        "Found 2 photos, best first:\n1. score 0.90\n2. score 0.50", photo_refs=(link, f"{link}#2")
+    )
+    assert reply_content(reply) == (
+        f"Found 2 photos, best first:\n1. score 0.90 — {link}\n"
+        f"2. score 0.50 — {link} (attachment 2)"
+    )
+    assert reply_content(Reply("Found:", photo_refs=(link,))) == f"Found:\n1. {link}"
+    assert photo_link("/photos/**cat**.jpg") == "/photos/\\*\\*cat\\*\\*.jpg"

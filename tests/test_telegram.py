@@ -120,6 +120,9 @@ class RecordingRequest(BaseRequest):
         if name == "sendPhoto":
             sent = {"file_id": "sent", "file_unique_id": "sent", "width": 8, "height": 8}
             return self._message(params, photo=[sent], caption=params.get("caption"))
+        if name == "sendDocument":
+            sent = {"file_id": str(params["document"]), "file_unique_id": "sent-doc"}
+            return self._message(params, document=sent, caption=params.get("caption"))
         if name == "sendMediaGroup":
             return [
                 self._message(params, photo=[{**_photo_size(item["media"], 1), "width": 8}])
@@ -269,7 +272,12 @@ class Harness:
 
 
 def replies(calls: list[Call]) -> list[Call]:
-    return [c for c in calls if c.method in {"sendMessage", "sendPhoto", "sendMediaGroup"}]
+    sends = {"sendMessage", "sendPhoto", "sendMediaGroup", "sendDocument"}
+    return [c for c in calls if c.method in sends]
+
+
+def downloads(calls: list[Call]) -> list[str]:
+    return [c.params["file_id"] for c in calls if c.method == "download"]
 
 
 def only_reply(calls: list[Call]) -> Call:
@@ -301,7 +309,7 @@ def run_bot(
         try:
             await scenario(Harness(app, request))
         finally:
-            await rapbot_of(app).albums.close()
+            await rapbot_of(app).close()  # albums in their window, photos being indexed
             await app.shutdown()
 
     asyncio.run(main())
@@ -496,6 +504,7 @@ def test_help_explains_privacy_mode(tiny_engine) -> None:
             reply = only_reply(await tg.say(GROUP_A, text=text))
             assert "/remember NAME" in reply.text
             assert "privacy mode" in reply.text and "/setprivacy" in reply.text
+            assert "/index on I can index only the photos sent with a command" in reply.text
 
     with_engine(tiny_engine, scenario)
 
@@ -752,3 +761,97 @@ def test_refused_requests_download_nothing(tiny_engine, photos) -> None:
         assert len(slow) == 2
 
     with_engine(tiny_engine, scenario, limits=Limits(user_burst=2, user_per_minute=1))
+
+
+# --------------------------------------------------------------------------- search history
+
+
+def test_posted_photos_are_indexed_and_found_again_by_file_id(tiny_engine, photos) -> None:
+    scope = f"tg:{GROUP_A}"
+
+    async def scenario(tg: Harness) -> None:
+        bot = rapbot_of(tg.app)
+        for name, data in photos.items():
+            tg.add_file(name, data)
+        tg.request.members[(GROUP_A, CAROL)] = "administrator"
+
+        # Indexing is off until an admin turns it on: a plain photo costs no download.
+        assert await tg.say(GROUP_A, BOB, photo="dog2") == []
+        await bot.indexing.drain()
+        assert downloads(tg.request.calls) == []
+
+        on = only_reply(await tg.say(GROUP_A, CAROL, text="/index on"))
+        assert on.text.startswith("Photo indexing is on")
+        start = len(tg.request.calls)
+        # A plain photo, an album without a command, a bot's photo: no reply to any of them.
+        cat = tg.message(GROUP_A, BOB, photo="cat")
+        assert not replies(await tg.send(cat))
+        for i in (0, 1):
+            assert await tg.send(tg.message(GROUP_A, ALICE, photo=f"dog{i}", album="a2")) == []
+        assert await tg.say(GROUP_A, 777, is_bot=True, photo="dog2") == []
+        await bot.albums.drain()
+        await bot.indexing.drain()
+        assert sorted(downloads(tg.request.calls[start:])) == ["cat", "dog0", "dog1"]
+        assert not replies(tg.request.calls[start:])
+
+        # A command's photo: downloaded once, answered first, then indexed with those bytes.
+        start = len(tg.request.calls)
+        who = await tg.say(GROUP_A, CAROL, photo="dog2", caption="/who")
+        assert only_reply(who).method == "sendPhoto"
+        await bot.indexing.drain()
+        assert downloads(tg.request.calls[start:]) == ["dog2"]
+
+        # /search in reply to a photo, no text: more like it, that photo first, re-sent by
+        # the file id it was indexed with.
+        start = len(tg.request.calls)
+        found = only_reply(await tg.say(GROUP_A, ALICE, text="/search", reply_to=cat))
+        assert downloads(tg.request.calls[start:]) == ["cat"]  # the reference photo
+        assert found.method == "sendMediaGroup" and found.reply_to is not None
+        media = [m["media"] for m in found.params["media"]]
+        assert media[0] == "cat" and sorted(media) == ["cat", "dog0", "dog1", "dog2"]
+        assert found.params["media"][0]["caption"].startswith("Found 4 photos, best first:")
+
+        usage = only_reply(await tg.say(GROUP_A, ALICE, text="/search"))
+        assert usage.text.startswith("Usage: /search TEXT") and "more like it" in usage.text
+
+        # /index off forgets them and takes effect at once: the next photo is not fetched.
+        off = only_reply(await tg.say(GROUP_A, CAROL, text="/index off"))
+        assert off.text.endswith("the 4 photos of this chat I had indexed.")
+        start = len(tg.request.calls)
+        assert await tg.say(GROUP_A, BOB, photo="cat") == []
+        await bot.indexing.drain()
+        assert downloads(tg.request.calls[start:]) == []
+
+    with_engine(tiny_engine, scenario)
+    assert tiny_engine.search(scope, "", photos["cat"]) == []
+
+
+def test_one_search_result_and_image_files_are_sent_back(tiny_engine, photos) -> None:
+    """A media group needs two photos, and a file's id is not a photo's: both go back as
+    what they are."""
+
+    async def scenario(tg: Harness) -> None:
+        bot = rapbot_of(tg.app)
+        tg.add_file("cat", photos["cat"])
+        tg.add_file("dogfile", photos["dog0"])
+        assert only_reply(await tg.say(ALICE, text="/index on")).text.startswith("Photo indexing")
+        await tg.say(ALICE, photo="cat")  # a private chat: every photo is seen
+        await bot.indexing.drain()
+
+        single = only_reply(await tg.say(ALICE, photo="cat", caption="/search"))
+        assert single.method == "sendPhoto" and single.params["photo"] == "cat"
+        assert single.text.startswith("Found 1 photo, best first:")
+
+        await tg.say(ALICE, document=("dogfile", "image/png"))
+        await bot.indexing.drain()
+        start = len(tg.request.calls)
+        await tg.say(ALICE, document=("dogfile", "image/png"), caption="/search")
+        photo, document = replies(tg.request.calls[start:])
+        assert (photo.method, photo.params["photo"]) == ("sendPhoto", "cat")
+        assert (document.method, document.params["document"]) == ("sendDocument", "dogfile")
+        assert document.text == "" and photo.text.startswith("Found 2 photos")
+        assert downloads(tg.request.calls[start:]) == ["dogfile"]  # once, for search and index
+
+    with_engine(tiny_engine, scenario)
+    hits = tiny_engine.search(f"tg:{ALICE}", "", photos["dog0"])
+    assert [h.source for h in hits] == ["document:dogfile", "cat"]

@@ -279,9 +279,10 @@ def test_recognize_task_returns_the_annotated_photo_by_reference(worker_state, d
 
 
 def test_photo_search_tasks_index_and_find_per_scope(worker_state, dreambooth) -> None:
-    from workers.tasks import index_photo, search, set_indexing
+    from workers.tasks import index_photo, indexing, search, set_indexing
 
     admin = {"user": "alice", "is_admin": True}
+    assert indexing.apply(kwargs={"scope": "tg:1"}).get() == {"enabled": False}
     key = worker_state.put(cat_photo(dreambooth))
     off = index_photo.apply(kwargs={"scope": "tg:1", "photo": key, "user": "bob", "source": "f1"})
     assert off.get() == {"photo_id": None}  # indexing is off until an admin turns it on
@@ -291,6 +292,8 @@ def test_photo_search_tasks_index_and_find_per_scope(worker_state, dreambooth) -
     assert set_indexing.apply(kwargs={"scope": "tg:1", "enabled": True, "actor": admin}).get() == {
         "removed": 0
     }
+    assert indexing.apply(kwargs={"scope": "tg:1"}).get() == {"enabled": True}
+    assert indexing.apply(kwargs={"scope": "tg:2"}).get() == {"enabled": False}
     kwargs = {"scope": "tg:1", "photo": key, "user": "bob", "source": "f1"}
     first = index_photo.apply(kwargs=kwargs).get()["photo_id"]
     assert index_photo.apply(kwargs=kwargs).get()["photo_id"] == first  # redelivery: same photo
@@ -501,10 +504,11 @@ def test_gateway_is_chosen_by_configuration(monkeypatch) -> None:
 
     import engine.engine
 
-    monkeypatch.setattr(engine.engine.Engine, "open", classmethod(lambda cls, s=None: "engine"))
+    stand_in = type("StandInEngine", (), {})()  # wrapped by the local gateway, never called
+    monkeypatch.setattr(engine.engine.Engine, "open", classmethod(lambda cls, s=None: stand_in))
     monkeypatch.setenv("RAPBOT_GATEWAY", "local")
     local = gateways.make_gateway()
-    assert isinstance(local, gateways.LocalGateway) and local.engine == "engine"
+    assert isinstance(local, gateways.LocalGateway) and local.engine is stand_in
     with pytest.raises(InvalidInputError, match="RAPBOT_GATEWAY"):
         gateways.make_gateway("grpc")
 

@@ -14,7 +14,15 @@ from workers.config import WorkerSettings
 
 # Task names are part of the wire protocol between bots and workers.
 MODEL_TASKS = ("remember", "recognize", "ask", "caption", "index_photo", "search")
-STORE_TASKS = ("list_concepts", "rename", "describe", "forget", "forget_user", "set_indexing")
+STORE_TASKS = (
+    "list_concepts",
+    "rename",
+    "describe",
+    "forget",
+    "forget_user",
+    "set_indexing",
+    "indexing",
+)
 PING = "rapbot.ping"
 
 
@@ -47,7 +55,10 @@ def create_app(
     settings: WorkerSettings | None = None, *, main: str = "rapbot", client: bool = False
 ) -> Celery:
     """The Celery app; ``client=True`` for a bot's (it fails fast where a worker persists)."""
-    settings = settings or WorkerSettings()
+    if settings is None:
+        from rapbot.settings import load_settings
+
+        settings = load_settings()
     queues = (settings.gpu_queue, settings.cpu_queue)
     app = Celery(main, include=["workers.tasks"])
     broker_options: dict[str, object] = {}

@@ -67,7 +67,11 @@ class CeleryGateway:
         blobs: BlobStore | None = None,
         timeout_s: float | None = None,
     ) -> None:
-        self.settings = settings or WorkerSettings()
+        if settings is None:
+            from rapbot.settings import load_settings
+
+            settings = load_settings()
+        self.settings = settings
         self.app = app or create_app(self.settings, client=True)
         self.blobs = blobs or open_blob_store(self.settings.blob_url, self.settings.blob_ttl_s)
         self.timeout_s = float(timeout_s or self.settings.client_timeout_s)
@@ -219,6 +223,9 @@ class CeleryGateway:
     ) -> int:
         args = {"scope": scope, "enabled": enabled, "actor": wire.actor_to_json(actor)}
         return int((await self._call("set_indexing", {**args, "delete": delete}))["removed"])
+
+    async def indexing(self, scope: str) -> bool:
+        return bool((await self._call("indexing", {"scope": scope}))["enabled"])
 
     async def index_photo(self, scope: str, image: bytes, user: str, source: str) -> int | None:
         args = {"scope": scope, "user": user, "source": source}

@@ -96,11 +96,21 @@ def plan_worker(
     return WorkerPlan(queues, pool, concurrency or (os.cpu_count() or 1), device, None)
 
 
-def _spawn_per_gpu(plan: WorkerPlan, argv_tail: list[str]) -> int:
+def _child_env(n: int, metrics_port: int) -> dict[str, str]:
+    """GPU child N's environment: its own metrics port (base + N), as each process has its own
+    engine and counters; Prometheus scrapes them one by one."""
+    env = dict(os.environ)
+    if metrics_port > 0:
+        env["RAPBOT_METRICS_PORT"] = str(metrics_port + n)
+    return env
+
+
+def _spawn_per_gpu(plan: WorkerPlan, argv_tail: list[str], metrics_port: int = 0) -> int:
     """One child ``rapbot worker --device cuda:N`` per GPU; signals are passed on to them."""
     children = [
         subprocess.Popen(
-            [sys.executable, "-m", "bots.cli", "worker", "--device", f"cuda:{n}", *argv_tail]
+            [sys.executable, "-m", "bots.cli", "worker", "--device", f"cuda:{n}", *argv_tail],
+            env=_child_env(n, metrics_port),
         )
         for n in range(plan.gpus_to_spawn)
     ]
@@ -136,7 +146,11 @@ def run_worker(
         tail = [f"--queues={queues}", f"--pool={pool}", f"--loglevel={loglevel}"]
         if concurrency:
             tail.append(f"--concurrency={concurrency}")
-        return _spawn_per_gpu(plan, tail)
+        return _spawn_per_gpu(plan, tail, settings.metrics_port)
+    if settings.metrics_port > 0:  # this process runs the engine: its metrics
+        from rapbot.metrics import start_metrics_server
+
+        start_metrics_server(settings.metrics_port, settings.metrics_addr)
     # The engine reads its settings from the environment when the worker starts.
     if plan.device:
         os.environ["RAPBOT_DEVICE"] = plan.device

@@ -39,9 +39,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from celery.exceptions import SoftTimeLimitExceeded
-from celery.signals import worker_init, worker_process_init, worker_ready, worker_shutdown
+from celery.signals import (
+    setup_logging,
+    worker_init,
+    worker_process_init,
+    worker_ready,
+    worker_shutdown,
+)
 
 from engine.errors import RapbotError
+from rapbot import logs, metrics
+from rapbot.settings import load_settings
 from workers.blobs import BlobStore, open_blob_store
 from workers.config import WorkerSettings
 
@@ -71,21 +79,21 @@ def settings() -> WorkerSettings:
     if _state.settings is None:
         from workers.app import app
 
-        _state.settings = getattr(app, "rapbot_settings", None) or WorkerSettings()
+        _state.settings = getattr(app, "rapbot_settings", None) or load_settings()
     return _state.settings
 
 
 def load_engine(with_models: bool) -> Engine:
     """Build this process's engine (idempotent). Store-only engines load no weights."""
     from engine.engine import Engine
-    from engine.settings import EngineSettings
 
     with _state.lock:
         if _state.engine is None:
             started = time.perf_counter()
-            _state.engine = Engine.open(EngineSettings(), load_models=with_models)
+            _state.engine = Engine.open(load_settings(), load_models=with_models)
             _state.with_models = with_models
             _state.load_seconds = time.perf_counter() - started
+            metrics.register_engine(_state.engine)  # models, batching, store counts
         return _state.engine
 
 
@@ -303,11 +311,30 @@ def _announce_ready(path: Path | None, info: dict) -> None:
     log.info("rapbot worker ready: %s", json.dumps(info))
 
 
+@setup_logging.connect
+def _on_setup_logging(loglevel=None, **_) -> None:
+    """Worker logs go through rapbot's handler (task id and scope on every line, JSON when
+    ``rapbot.observability.setup`` chose it) instead of the root handler Celery would put in
+    its place; a worker started without that setup gets the text format at ``--loglevel``.
+
+    Celery's "Task ... succeeded" line would also print every result: concept names and
+    descriptions are what users wrote, and logs hold ids only (DESIGN.md, privacy)."""
+    from celery.app import trace
+
+    trace.LOG_SUCCESS = "Task %(name)s[%(id)s] succeeded in %(runtime)ss"
+    if logs.configured() is None:
+        level = loglevel if isinstance(loglevel, int) else logging.INFO
+        logs.configure_logging(logging.getLevelName(level), "text")
+
+
 @worker_init.connect
 def _on_worker_init(sender, **_) -> None:
     from celery.concurrency import get_implementation
 
     _state.with_models = _serves_models(sender.app)
+    s = settings()
+    queues = (s.gpu_queue, s.cpu_queue)  # rapbot_queue_depth{queue} on this worker's /metrics
+    metrics.register_queues(s.broker_url, queues, sender.app.conf.broker_transport_options)
     patch_lost_connection_errors()
     pool = get_implementation(sender.pool_cls)
     _state.prefork = pool.__module__.endswith("prefork")

@@ -19,8 +19,10 @@ Every task runs through :class:`EngineTask`, which
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
+import time
 from typing import Any
 
 from celery import Task
@@ -33,6 +35,8 @@ from engine.errors import (
     UnknownConceptError,
 )
 from engine.types import Answer, Concept
+from rapbot import metrics
+from rapbot.logs import log_context
 from workers import faults, runtime, wire
 from workers.app import PING, app, task_name
 
@@ -47,22 +51,47 @@ class EngineTask(Task):
     photo_task = False  # True: a crash message says "this photo"
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Runs the task in a log context (task id, scope), counted in
+        ``rapbot_tasks_total{task, outcome}`` and timed in ``rapbot_task_seconds{task}``."""
         task_id = self.request.id or "eager"
+        started, outcome = time.perf_counter(), "internal_error"  # unless it returns
+        with log_context(task_id=task_id, scope=self._scope(args, kwargs)):
+            try:
+                result, outcome = self._guarded(task_id, args, kwargs)
+                return result
+            finally:
+                task = self.name.removeprefix("rapbot.")
+                metrics.observe_task(task, outcome, time.perf_counter() - started)
+
+    def _guarded(self, task_id: str, args: tuple, kwargs: dict) -> tuple[Any, str]:
+        """The task body under the delivery cap and the time limits, errors as results: the
+        result and its outcome (ok, user_error, internal_error, timeout, gave_up)."""
         _current.digests, _current.deliveries = [], 1
         try:
             gave_up = self._give_up_after_crashes(task_id)
             if gave_up is not None:
-                return gave_up
+                return gave_up, "gave_up"
             with runtime.time_limits(task_id, self.name):
                 result = self.run(*args, **kwargs)
                 if _current.digests:
                     faults.after_engine(task_id, _current.digests)
-                return result
+                return result, "ok"
         except SoftTimeLimitExceeded:
             log.warning("task %s[%s] stopped at the soft time limit", self.name, task_id)
-            return wire.error_result(EngineUnavailableError(TOO_SLOW))
+            return wire.error_result(EngineUnavailableError(TOO_SLOW)), "timeout"
         except RapbotError as error:
-            return wire.error_result(error)
+            return wire.error_result(error), metrics.error_outcome(error)
+
+    def _scope(self, args: tuple, kwargs: dict) -> str | None:
+        """The task's ``scope`` argument (None for forget_user), for the log context."""
+        scope = kwargs.get("scope")
+        if scope is None and args:
+            try:
+                bound = inspect.signature(self.run).bind_partial(*args, **kwargs)
+            except (TypeError, ValueError):
+                return None
+            scope = bound.arguments.get("scope")
+        return scope if isinstance(scope, str) else None
 
     def _give_up_after_crashes(self, task_id: str) -> dict | None:
         s = runtime.settings()
@@ -201,6 +230,12 @@ def set_indexing(
 ) -> dict:
     who = wire.actor_from_json(actor)
     return {"removed": runtime.engine().set_indexing(scope, enabled, who, delete=delete)}
+
+
+@engine_task("indexing")
+def indexing(self: EngineTask, scope: str) -> dict:
+    # Asked by bots before they download a posted photo (cached there for a minute).
+    return {"enabled": runtime.engine().indexing(scope)}
 
 
 @engine_task("index_photo", photo=True)

@@ -99,7 +99,10 @@ USAGE: dict[str, str] = {
     "describe": "/describe NAME | new description",
     "forget": "/forget NAME",
     "forget_me": "/forget_me — forget everything you taught me, in every chat",
-    "search": "/search TEXT — find photos of this chat (in reply to a photo: like it, but TEXT)",
+    "search": (
+        "/search TEXT — find photos of this chat; in reply to a photo: more like it"
+        " (with TEXT: like it, but TEXT)"
+    ),
     "index": "/index on|off — admins: keep this chat's photos searchable (off forgets them)",
     "help": "/help — this list",
 }
@@ -168,8 +171,8 @@ def parse_command(text: str) -> Command:
     if word == "forget_me":
         return ForgetMe()
     if word == "search":
-        if not args:
-            raise CommandError(f"Usage: {USAGE['search']}")
+        # No text is a search by the replied/attached photo alone ("more like this"); the
+        # core, which knows whether there is a photo, answers the usage when there is none.
         return Search(args)
     if word == "index":
         if args.casefold() not in {"on", "off"}:

@@ -8,17 +8,21 @@ at a time, which keeps memory flat on small machines.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
+import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol, TypeVar
 
 from engine.permissions import Actor
 from engine.types import Answer, Box, Concept, PhotoHit, RememberResult
+from rapbot.metrics import register_engine
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class EngineGateway(Protocol):
@@ -68,6 +72,11 @@ class EngineGateway(Protocol):
         self, scope: str, enabled: bool, actor: Actor, delete: bool = False
     ) -> int: ...
 
+    async def indexing(self, scope: str) -> bool:
+        """Whether the scope's posted photos are indexed for /search (cheap: no model);
+        adapters ask before downloading a posted photo (see :class:`PhotoIndexing`)."""
+        ...
+
     async def index_photo(self, scope: str, image: bytes, user: str, source: str) -> int | None: ...
 
     async def search(
@@ -83,10 +92,13 @@ class LocalGateway:
     def __init__(self, engine) -> None:
         self.engine = engine
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rapbot-engine")
+        register_engine(engine)  # its models, batching and store counts on /metrics
 
     async def _run(self, fn: Callable[..., T], *args, **kwargs) -> T:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+        # In the caller's context: the engine's log lines carry the request's scope and command.
+        call = functools.partial(contextvars.copy_context().run, fn, *args, **kwargs)
+        return await loop.run_in_executor(self._executor, call)
 
     async def remember(self, scope, image, name, description, user, box=None, source=None):
         return await self._run(
@@ -136,7 +148,7 @@ class LocalGateway:
                 iterator.close()
             send(end)
 
-        loop.run_in_executor(self._executor, produce)
+        loop.run_in_executor(self._executor, contextvars.copy_context().run, produce)
         try:
             while True:
                 item, error = await items.get()
@@ -165,6 +177,9 @@ class LocalGateway:
 
     async def set_indexing(self, scope, enabled, actor, delete=False):
         return await self._run(self.engine.set_indexing, scope, enabled, actor, delete=delete)
+
+    async def indexing(self, scope):
+        return await self._run(self.engine.indexing, scope)
 
     async def index_photo(self, scope, image, user, source):
         return await self._run(self.engine.index_photo, scope, image, user, source)
@@ -212,6 +227,103 @@ async def growing_text(
         if text.strip() and text != shown and now - last >= interval:
             shown, last = text, now
             yield text, None
+
+
+class PhotoIndexing:
+    """The adapters' side of indexing the photos posted in chats (``CommandCore.index_photo``).
+
+    * :meth:`enabled`: whether a chat's indexing is on, asked of the engine at most once per
+      ``ttl_s`` per chat (concurrent askers share one question), so a photo posted where
+      indexing is off costs no download and no engine round-trip. Adapters call
+      :meth:`forget` after an ``/index on|off`` so the change shows at once. A gateway that
+      cannot tell (no ``indexing``) counts as off; an outage counts as off for ``error_ttl_s``.
+    * :meth:`submit`: runs a download-and-index job in the background, so it never delays a
+      reply: only where indexing is on, at most ``concurrency`` at a time (the engine answers
+      commands too), at most ``max_pending`` queued; beyond that a photo is skipped (logged).
+    """
+
+    def __init__(
+        self,
+        gateway,
+        *,
+        ttl_s: float = 60.0,
+        error_ttl_s: float = 10.0,
+        concurrency: int = 2,
+        max_pending: int = 100,
+        max_chats: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.gateway = gateway
+        self.ttl_s, self.error_ttl_s = ttl_s, error_ttl_s
+        self.max_pending, self.max_chats = max_pending, max_chats
+        self._clock = clock
+        self._flags: dict[str, tuple[float, bool]] = {}  # scope -> (valid until, on)
+        self._asking: dict[str, asyncio.Task[bool]] = {}
+        self._jobs: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(concurrency)
+
+    async def enabled(self, scope: str) -> bool:
+        cached = self._flags.get(scope)
+        if cached is not None and cached[0] > self._clock():
+            return cached[1]
+        asking = self._asking.get(scope)
+        if asking is None:
+            asking = asyncio.get_running_loop().create_task(self._ask(scope))
+            self._asking[scope] = asking
+        return await asyncio.shield(asking)
+
+    async def _ask(self, scope: str) -> bool:
+        ask, ttl = getattr(self.gateway, "indexing", None), self.ttl_s
+        try:
+            on = bool(await ask(scope)) if ask is not None else False
+        except Exception as error:  # an outage: no indexing here for a little while
+            log.warning("cannot tell whether scope=%s indexes photos: %s", scope, error)
+            on, ttl = False, self.error_ttl_s
+        if self._asking.get(scope) is asyncio.current_task():  # not forgotten meanwhile
+            del self._asking[scope]
+            self._flags.pop(scope, None)
+            if len(self._flags) >= self.max_chats:
+                self._flags.pop(next(iter(self._flags)))  # the longest-cached chat
+            self._flags[scope] = (self._clock() + ttl, on)
+        return on
+
+    def forget(self, scope: str) -> None:
+        """Ask the engine again next time (after ``/index on|off`` in this chat)."""
+        self._flags.pop(scope, None)
+        self._asking.pop(scope, None)
+
+    def submit(self, scope: str, job: Callable[[], Awaitable[object]]) -> bool:
+        """Run ``job`` (download the photo, ``CommandCore.index_photo``) in the background
+        when the scope's indexing is on; False when it was dropped (too much pending)."""
+        if len(self._jobs) >= self.max_pending:
+            log.warning("photo indexing is behind: a photo of scope=%s is not indexed", scope)
+            return False
+        task = asyncio.get_running_loop().create_task(self._run(scope, job))
+        self._jobs.add(task)
+        task.add_done_callback(self._jobs.discard)
+        return True
+
+    async def _run(self, scope: str, job: Callable[[], Awaitable[object]]) -> None:
+        try:
+            if await self.enabled(scope):
+                async with self._slots:
+                    await job()
+        except Exception:  # a bug: never let it escape into the event loop's handler
+            log.exception("indexing a photo failed scope=%s", scope)
+
+    async def drain(self, timeout: float | None = None) -> int:
+        """Wait for the jobs submitted so far (and those they lead to) for at most
+        ``timeout`` s, then cancel the rest; returns how many were cancelled."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._jobs:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            _, pending = await asyncio.wait(set(self._jobs), timeout=left)
+            if pending:
+                for task in pending:
+                    task.cancel()
+                await asyncio.wait(pending, timeout=5)
+                return len(pending)
+        return 0
 
 
 GATEWAY_KINDS = ("local", "celery")

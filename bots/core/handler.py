@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from bots.core import commands as c
@@ -29,6 +30,8 @@ from bots.core.messages import IncomingMessage, Reply
 from engine.errors import RapbotError
 from engine.permissions import Actor
 from engine.types import Answer
+from rapbot import metrics
+from rapbot.logs import log_context
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +50,8 @@ class CommandCore:
         limits: Limits | None = None,
         stream_interval: float = 1.0,
     ) -> None:
-        self.gateway = gateway
+        # Every Answer that comes back feeds rapbot_stage_seconds (its engine stage timings).
+        self.gateway = metrics.observed_gateway(gateway)
         self.stream_interval = stream_interval  # seconds between partial answers
         self.platform_help = platform_help
         self.limits = limits or Limits()
@@ -84,28 +88,53 @@ class CommandCore:
         """The reply to one message, or None when the message is not for the bot to answer.
 
         ``admitted``: :meth:`admit` already counted this request. ``on_partial``: awaited with
-        the growing answer of /ask and /caption (see the module notes)."""
+        the growing answer of /ask and /caption (see the module notes).
+
+        Counted in ``rapbot_requests_total{command, outcome}`` and timed in
+        ``rapbot_request_seconds{command}``; logs within carry the scope and command name."""
         if message.from_bot:
             return None
+        started = time.perf_counter()
         try:
-            command = c.parse_command(message.text)
-            if not self.limits.enabled:
-                return await self.dispatch(command, message, on_partial)
-            if not admitted and not isinstance(command, c.Help):
-                limited = self._rate_limited(message.scope, message.user_id)
-                if limited is not None:
-                    return limited
-            if not self._in_flight.try_enter(message.scope):
-                return Reply(BUSY, error=True)
-            try:
-                return await self.dispatch(command, message, on_partial)
-            finally:
-                self._in_flight.leave(message.scope)
+            command: c.Command | None = c.parse_command(message.text)
         except RapbotError as error:
-            return Reply(str(error), error=True)
+            command, reply, outcome = None, Reply(str(error), error=True), "user_error"
+        name = metrics.command_name(command)
+        with log_context(scope=message.scope, command=name):
+            if command is not None:
+                reply, outcome = await self._handle_command(command, message, admitted, on_partial)
+        metrics.observe_request(name, outcome, time.perf_counter() - started)
+        return reply
+
+    async def _handle_command(
+        self,
+        command: c.Command,
+        message: IncomingMessage,
+        admitted: bool,
+        on_partial: OnPartial | None,
+    ) -> tuple[Reply, str]:
+        """:meth:`handle` for a parsed command: the reply and its metrics outcome."""
+        try:
+            if not self.limits.enabled:
+                reply = await self.dispatch(command, message, on_partial)
+            else:
+                if not admitted and not isinstance(command, c.Help):
+                    limited = self._rate_limited(message.scope, message.user_id)
+                    if limited is not None:
+                        return limited, "rate_limited"
+                if not self._in_flight.try_enter(message.scope):
+                    return Reply(BUSY, error=True), "busy"
+                try:
+                    reply = await self.dispatch(command, message, on_partial)
+                finally:
+                    self._in_flight.leave(message.scope)
+        except RapbotError as error:
+            return Reply(str(error), error=True), metrics.error_outcome(error)
         except Exception:  # a bug or an outage: log it, tell the user something useful
             log.exception("command failed scope=%s", message.scope)
-            return Reply(INTERNAL_ERROR, error=True)
+            return Reply(INTERNAL_ERROR, error=True), "internal_error"
+        # An error reply from dispatch is the user's (no photo, nothing to search for...).
+        return reply, "user_error" if reply.error else "ok"
 
     async def index_photo(self, message: IncomingMessage, source: str) -> int | None:
         """For adapters: add a photo posted in the chat to its search history when the chat's
@@ -219,6 +248,8 @@ class CommandCore:
                     f"{removed} photo{'s' if removed != 1 else ''} of this chat I had indexed."
                 )
             case c.Search(text):
+                if not text and message.image is None:
+                    raise c.CommandError(f"Usage: {c.USAGE['search']}")
                 hits = await gateway.search(scope, text, message.image, k=SEARCH_K)
                 if not hits:
                     return Reply(

@@ -85,3 +85,14 @@ class Limits:
     chat_burst: int = 15
     in_flight_per_chat: int = 4
     enabled: bool = True  # off for the single-user terminal chat
+
+    @classmethod
+    def from_settings(cls, settings) -> Limits:
+        """The limits of a :class:`rapbot.settings.Settings` (``RAPBOT_USER_PER_MINUTE`` ...)."""
+        return cls(
+            user_per_minute=settings.user_per_minute,
+            user_burst=settings.user_burst,
+            chat_per_minute=settings.chat_per_minute,
+            chat_burst=settings.chat_burst,
+            in_flight_per_chat=settings.in_flight_per_chat,
+        )

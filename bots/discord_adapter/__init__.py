@@ -11,11 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 
 from bots.core.gateway import EngineGateway, make_gateway
 from bots.core.handler import CommandCore
+from bots.core.limits import Limits
 from engine.errors import RapbotError
 from engine.images import ImageLimits
 
@@ -27,8 +27,8 @@ SHUTDOWN_TIMEOUT_S = 60.0
 __all__ = ["TOKEN_ENV", "run_bot"]
 
 
-def _token() -> str:
-    token = os.environ.get(TOKEN_ENV, "").strip()
+def _token(settings) -> str:
+    token = settings.discord_bot_token.get_secret_value().strip()
     if not token:
         raise RapbotError(
             f"{TOKEN_ENV} is not set: create a bot at https://discord.com/developers/applications "
@@ -40,7 +40,7 @@ def _token() -> str:
 async def _open_gateway(settings, kind: str) -> EngineGateway:
     """The engine gateway of ``--gateway``: in-process (loads the models) or Celery."""
     # Loading models takes a while; the event loop stays free meanwhile.
-    return await asyncio.to_thread(make_gateway, kind, settings)
+    return await asyncio.to_thread(make_gateway, kind, settings, worker_settings=settings)
 
 
 async def _sync(token: str, guild_id: int | None) -> None:
@@ -73,7 +73,12 @@ async def _serve(settings, gateway_kind: str, token: str, message_content: bool)
 
     gateway = await _open_gateway(settings, gateway_kind)
     try:
-        core = CommandCore(gateway, platform_help=PLATFORM_HELP)
+        core = CommandCore(
+            gateway,
+            platform_help=PLATFORM_HELP,
+            limits=Limits.from_settings(settings),
+            stream_interval=settings.stream_interval_s,
+        )
         bot = RapbotBot(core, ImageLimits.from_settings(settings), message_content=message_content)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -113,7 +118,7 @@ def run_bot(
     message_content: bool = True,
 ) -> int:
     """Run the Discord bot (or, with ``sync``, register its commands and exit); exit code."""
-    token = _token()
+    token = _token(settings)
     if sync:
         asyncio.run(_sync(token, guild_id))
     else:

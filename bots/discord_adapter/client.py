@@ -15,6 +15,7 @@ from engine.images import ImageLimits
 
 log = logging.getLogger(__name__)
 
+INDEX_DRAIN_S = 10.0  # shutdown: how long photos still being indexed may take
 STALE_COMMAND = (
     "That command is out of date. The bot's operator needs to run `rapbot serve discord --sync`."
 )
@@ -97,5 +98,7 @@ class RapbotBot(commands.Bot):
         """
         cog = self.get_cog("rapbot")
         left = await cog.jobs.drain(timeout) if isinstance(cog, RapbotCog) else 0
+        if isinstance(cog, RapbotCog):  # photos being indexed get a moment, not more
+            await cog.indexing.drain(min(timeout, INDEX_DRAIN_S))
         await self.close()
         return left

@@ -9,6 +9,12 @@ The rate limits are applied (``CommandCore.admit``) before a photo is downloaded
 /caption answers (mentions are /ask) grow in place: the first text is posted as the followup
 (or the reply to the mention) and edited as the core hands over more, at most once a second;
 the last edit carries the full content and the annotated photo, if any.
+
+Photos posted in a channel (image attachments of ordinary messages, mentions of the bot
+included; never bots') go to the channel's search history when its indexing is on
+(``/index on``): in the background, after any reply, reusing the bytes a mention already
+downloaded. Each image is indexed as the message's link, ``#N`` added for the Nth attachment
+after the first; search replies show those links (:func:`format.photo_link`).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import io
 import logging
 import re
@@ -27,12 +34,15 @@ from discord import app_commands
 from discord.ext import commands
 from discord.utils import MISSING
 
+from bots.core import commands as c
+from bots.core.gateway import PhotoIndexing
 from bots.core.handler import CommandCore
 from bots.core.messages import IncomingMessage, Reply
 from bots.discord_adapter.files import (
     AttachmentError,
     download,
     fit_upload,
+    is_image,
     pick_image,
     upload_limit,
 )
@@ -59,8 +69,11 @@ NO_IMAGE_IN_MESSAGE = (
 PLATFORM_HELP = (
     "On Discord: the slash commands take the photo as an attachment option "
     "(/remember, /who, /ask, /caption, /search); right-click a message with a photo → "
-    "Apps → “Who is this?”; or mention me with a photo and a question."
+    "Apps → “Who is this?”; or mention me with a photo and a question. With /index on, "
+    "photos attached to messages in this channel become searchable with /search."
 )
+# Messages whose attachments are photos posted in the chat (not joins, pins, threads...).
+_ORDINARY = (discord.MessageType.default, discord.MessageType.reply)
 
 
 def scope_of(channel_id: int) -> str:
@@ -103,6 +116,33 @@ def incoming(
         message_id=message_id,
         from_bot=user.bot,
     )
+
+
+def jump_url(message: discord.Message) -> str:
+    """``message.jump_url``, also for a guild channel discord.py has not cached (whose
+    message has no ``guild``): the link opens the message in any Discord client."""
+    guild_id = getattr(message.channel, "guild_id", None)
+    if message.guild is None and guild_id is not None:
+        return f"https://discord.com/channels/{guild_id}/{message.channel.id}/{message.id}"
+    return message.jump_url
+
+
+def photo_sources(message: discord.Message) -> list[tuple[discord.Attachment, str]]:
+    """The message's image attachments and their search sources: the message's link, with
+    ``#N`` for the Nth attachment when N > 1 (each image is its own search result)."""
+    url = jump_url(message)
+    return [
+        (attachment, url if position == 1 else f"{url}#{position}")
+        for position, attachment in enumerate(message.attachments, 1)
+        if is_image(attachment)
+    ]
+
+
+def _is_index_command(text: str) -> bool:
+    try:
+        return isinstance(c.parse_command(text), c.Index)
+    except c.CommandError:
+        return False
 
 
 def _command(word: str, *fields: str) -> str:
@@ -292,6 +332,7 @@ class RapbotCog(commands.Cog, name="rapbot"):
         self.core = core
         self.limits = limits
         self.jobs = Jobs()
+        self.indexing = PhotoIndexing(core.gateway if core is not None else None)
         # Context menus cannot be declared with a decorator inside a class (discord.py rule).
         self.who_is_this_menu = app_commands.ContextMenu(
             name="Who is this?", callback=self.who_is_this
@@ -306,24 +347,36 @@ class RapbotCog(commands.Cog, name="rapbot"):
     # ------------------------------------------------------------------ the shared path
 
     async def _answer(
-        self, target: Target, message: IncomingMessage, photo: discord.Attachment | None
+        self,
+        target: Target,
+        message: IncomingMessage,
+        photo: discord.Attachment | None,
+        downloaded: dict[int, bytes | None] | None = None,
     ) -> None:
         """Download ``photo`` (if any), ask the core, post its reply: every error is a reply.
 
-        The rate limits come first, so a refused request downloads nothing."""
+        The rate limits come first, so a refused request downloads nothing. ``downloaded``
+        receives the photo (attachment id → bytes, None when refused) for indexing."""
         refusal = self.core.admit(message.scope, message.user_id, message.text)
         if refusal is not None:
             await deliver(target, refusal)
             return
+        record = {} if downloaded is None else downloaded
         try:
+            if photo is not None:
+                record[photo.id] = None  # until it arrives: a failure is not retried
             image = await download(photo, self.limits) if photo is not None else None
         except AttachmentError as error:
             await deliver(target, Reply(str(error), error=True))
             return
+        if photo is not None:
+            record[photo.id] = image
         growing = GrowingReply(target)  # the core streams /ask and /caption only
         reply = await self.core.handle(
             dataclasses.replace(message, image=image), admitted=True, on_partial=growing.show
         )
+        if _is_index_command(message.text):
+            self.indexing.forget(message.scope)  # on or off, it shows at once
         if reply is not None:
             await growing.finish(reply)
 
@@ -427,11 +480,13 @@ class RapbotCog(commands.Cog, name="rapbot"):
         await self._run(interaction, _command("forget", name))
 
     @app_commands.command(name="search", description="Find photos of this chat")
-    @app_commands.describe(text="What to look for", photo="Like this photo, but changed by text")
+    @app_commands.describe(
+        text="What to look for", photo="More like this photo (changed by text, if any)"
+    )
     async def search(
         self,
         interaction: discord.Interaction,
-        text: str,
+        text: str = "",
         photo: discord.Attachment | None = None,
     ) -> None:
         await self._run(interaction, _command("search", text), photo)
@@ -470,7 +525,8 @@ class RapbotCog(commands.Cog, name="rapbot"):
         if message.author.bot or me is None or self.jobs.closing:
             return  # other bots (and ourselves) are never answered: no loops between bots
         if not any(user.id == me.id for user in message.mentions):
-            return  # @everyone / role pings are not addressed to the bot
+            self._index_later(message, {})  # @everyone / role pings are not for the bot
+            return
         text = re.sub(rf"<@!?{me.id}>", " ", message.content).strip()
         target = MessageReplyTarget(message)
         try:
@@ -484,6 +540,7 @@ class RapbotCog(commands.Cog, name="rapbot"):
             command = f"/ask {text}"
         else:
             command = "/who" if photo is not None else "/help"
+        downloaded: dict[int, bytes | None] = {}
         async with self.jobs.track(target), _typing(message.channel):
             incoming_message = incoming(
                 message.channel.id,
@@ -492,7 +549,43 @@ class RapbotCog(commands.Cog, name="rapbot"):
                 is_admin=message_is_admin(message),
                 message_id=f"dc:{message.id}",
             )
-            await self._answer(target, incoming_message, photo)
+            await self._answer(target, incoming_message, photo, downloaded)
+        self._index_later(message, downloaded)
+
+    # ------------------------------------------------------------------ search history
+
+    def _index_later(self, message: discord.Message, downloaded: dict[int, bytes | None]) -> None:
+        """Index the message's image attachments in the background when the channel's
+        indexing is on, with the bytes a mention downloaded if any (a failed one is skipped).
+        Without the message content intent Discord sends no attachments of messages that do
+        not mention the bot, and then there is nothing to index."""
+        if message.author.bot or message.type not in _ORDINARY or self.core is None:
+            return
+        scope = scope_of(message.channel.id)
+        for attachment, source in photo_sources(message):
+            if attachment.id in downloaded and downloaded[attachment.id] is None:
+                continue
+            data = downloaded.get(attachment.id)
+            job = functools.partial(self._index, message, attachment, source, data)
+            self.indexing.submit(scope, job)
+
+    async def _index(
+        self,
+        message: discord.Message,
+        attachment: discord.Attachment,
+        source: str,
+        data: bytes | None,
+    ) -> None:
+        try:
+            if data is None:  # the size and type checks of every download apply
+                data = await download(attachment, self.limits)
+        except AttachmentError as error:
+            log.info("photo not indexed channel=%s: %s", message.channel.id, error)
+            return
+        posted = incoming(
+            message.channel.id, message.author, "", is_admin=False, message_id=f"dc:{message.id}"
+        )
+        await self.core.index_photo(dataclasses.replace(posted, image=data), source)
 
     @staticmethod
     def _replied_photo(message: discord.Message) -> discord.Attachment | None:

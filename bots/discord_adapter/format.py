@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import discord
 
 from bots.core.messages import Reply
@@ -14,6 +16,10 @@ MAX_CONTENT = 2000
 NO_MENTIONS = discord.AllowedMentions.none()
 
 ERROR_PREFIX = "⚠️ "
+# How the adapter indexes a posted photo (cog.photo_sources): the message's link, "#N" for
+# its Nth attachment after the first.
+MESSAGE_LINK = "https://discord.com/channels/"
+_RESULT_LINE = re.compile(r"(\d+)\. ")  # "1. score 0.83", a search reply's result line
 
 
 def escape(text: str) -> str:
@@ -23,12 +29,37 @@ def escape(text: str) -> str:
 
 def reply_content(reply: Reply, note: str = "") -> str:
     """The message content for ``reply`` (plus an adapter note, e.g. why a photo is missing)."""
-    text = escape(reply.text)
+    text = _with_links(reply.text, reply.photo_refs) if reply.photo_refs else escape(reply.text)
     if reply.error:
         text = ERROR_PREFIX + text
     if note:
         text = f"{text}\n{note}"
     return text
+
+
+def photo_link(ref: str) -> str:
+    """A search result's source as shown: the link to the message with the photo, plus which
+    attachment it is when the source says (``#N``); anything else, escaped."""
+    url, hashmark, position = ref.partition("#")
+    if not url.startswith(MESSAGE_LINK):
+        return escape(ref)
+    return f"{url} (attachment {position})" if hashmark and position.isdigit() else url
+
+
+def _with_links(text: str, refs: tuple[str, ...]) -> str:
+    """``text`` escaped, each numbered result line ("N. ...") followed by the link of the
+    Nth photo; photos without a line of their own get one at the end."""
+    lines, linked = [], set()
+    for line in text.split("\n"):
+        match = _RESULT_LINE.match(line)
+        number = int(match[1]) if match else 0
+        line = escape(line)
+        if 1 <= number <= len(refs) and number not in linked:
+            line = f"{line} — {photo_link(refs[number - 1])}"
+            linked.add(number)
+        lines.append(line)
+    lines += [f"{n}. {photo_link(ref)}" for n, ref in enumerate(refs, 1) if n not in linked]
+    return "\n".join(lines)
 
 
 def split_content(text: str, limit: int = MAX_CONTENT) -> list[str]:

@@ -9,7 +9,6 @@ hooks answer the albums still being collected and close the engine gateway.
 from __future__ import annotations
 
 import logging
-import os
 from typing import TYPE_CHECKING
 
 from telegram import BotCommand, Update
@@ -26,7 +25,7 @@ from engine.errors import RapbotError
 from engine.images import ImageLimits
 
 if TYPE_CHECKING:
-    from engine.settings import EngineSettings
+    from rapbot.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +41,7 @@ def build_application(
     *,
     image_limits: ImageLimits = ImageLimits(),
     limits: Limits | None = None,
+    stream_interval: float = 1.0,
     request: BaseRequest | None = None,
     rate_limiter: BaseRateLimiter | None = None,
     album_window_s: float = 1.5,
@@ -54,7 +54,9 @@ def build_application(
     overall, 20 per minute in a group) and retries once when told to wait.
     """
     bot = TelegramBot(
-        CommandCore(gateway, platform_help=PLATFORM_NOTES, limits=limits),
+        CommandCore(
+            gateway, platform_help=PLATFORM_NOTES, limits=limits, stream_interval=stream_interval
+        ),
         image_limits=image_limits,
         album_window_s=album_window_s,
         timeout_s=timeout_s,
@@ -70,7 +72,8 @@ def build_application(
         log.info("Telegram bot @%s is running", app.bot.username)
 
     async def post_stop(app: Application) -> None:
-        await bot.albums.close()  # albums still in their collection window are answered now
+        # Albums still in their collection window are answered now; indexing gets a moment.
+        await bot.close()
 
     async def post_shutdown(app: Application) -> None:
         await gateway.close()
@@ -106,16 +109,22 @@ def _menu_text(usage: str) -> str:
     return about[:256]
 
 
-def run_bot(settings: EngineSettings, gateway_kind: str = "local") -> int:
+def run_bot(settings: Settings, gateway_kind: str = "local") -> int:
     """``rapbot serve telegram``: poll Telegram until SIGINT/SIGTERM. Returns the exit code."""
-    token = os.environ.get(TOKEN_VARIABLE, "").strip()
+    token = settings.telegram_bot_token.get_secret_value().strip()
     if not token:
         raise RapbotError(
             f"{TOKEN_VARIABLE} is not set: create a bot with @BotFather and export its token."
         )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per poll otherwise
-    gateway = make_gateway(gateway_kind, settings)  # models load here, before connecting
-    app = build_application(token, gateway, image_limits=ImageLimits.from_settings(settings))
+    gateway = make_gateway(gateway_kind, settings, worker_settings=settings)  # models load here
+    app = build_application(
+        token,
+        gateway,
+        image_limits=ImageLimits.from_settings(settings),
+        limits=Limits.from_settings(settings),
+        stream_interval=settings.stream_interval_s,
+    )
     try:
         # PTB installs the SIGINT/SIGTERM handlers and runs post_stop / post_shutdown after them.
         app.run_polling(allowed_updates=[Update.MESSAGE], bootstrap_retries=3)

@@ -35,6 +35,11 @@ _UNSUPPORTED_MEDIA = (
 _IMAGE_HINT = "Send a photo, or an image file (JPEG, PNG, WebP, GIF, BMP or TIFF)."
 
 
+# Search sources of images sent as files: Telegram refuses a document's file id as a photo,
+# so send.py sends these back as documents.
+DOCUMENT_REF = "document:"
+
+
 @dataclass(frozen=True)
 class Attachment:
     """A downloadable image: its Telegram file id and the size Telegram says it has."""
@@ -42,6 +47,12 @@ class Attachment:
     file_id: str
     file_size: int | None
     what: str  # "photo" or "image file", for messages
+
+    @property
+    def search_source(self) -> str:
+        """What the photo is indexed as, to be sent again from search results: the file id
+        (of the largest size, for a photo); ``document:<file id>`` for an image file."""
+        return self.file_id if self.what == "photo" else DOCUMENT_REF + self.file_id
 
 
 def attachment_of(message: Message) -> Attachment | None:

@@ -4,12 +4,18 @@ Every entry point (a text command, a command in a photo's caption, an album, a m
 bot, a private message) comes down to :meth:`TelegramBot.serve`: decide the command text, fetch
 the photo the command is about, ask Telegram whether the sender is an admin when it matters,
 let the core answer, and send the answer back as a reply to the user's message.
+
+Every photo (or image file) the bot sees in a chat, with a command or without, album items
+included, then goes to the chat's search history when the chat's indexing is on
+(``/index on``): in the background, after any reply, reusing the bytes a command already
+downloaded; indexed as its Telegram file id, which /search sends back. Bots' photos are not.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,11 +25,12 @@ from telegram.constants import ChatAction
 from telegram.ext import BaseHandler, CommandHandler, ContextTypes, MessageHandler, filters
 
 from bots.core import commands as c
+from bots.core.gateway import PhotoIndexing
 from bots.core.handler import INTERNAL_ERROR, CommandCore
 from bots.core.messages import IncomingMessage, Reply
 from bots.telegram_adapter.admins import AdminCache
 from bots.telegram_adapter.albums import AlbumCollector
-from bots.telegram_adapter.files import attachment_of, download, photo_for
+from bots.telegram_adapter.files import Attachment, attachment_of, download, photo_for
 from bots.telegram_adapter.send import (
     CHAT_ACTION_EVERY_S,
     GrowingMessage,
@@ -42,10 +49,13 @@ PLATFORM_NOTES = (
     "photo of it. Mention me with a photo to ask about it.\n"
     "Groups: bots run in privacy mode by default and then only see commands, mentions and "
     "replies to their own messages — enough for every command here, except that /remember on "
-    "an album sees only the photo with the caption. To let me see every photo, the bot's owner "
-    "turns privacy mode off in @BotFather (/setprivacy → Disable) and adds me to the group again."
+    "an album sees only the photo with the caption, and that with /index on I can index only "
+    "the photos sent with a command or a mention, not plain ones. To let me see every photo, "
+    "the bot's owner turns privacy mode off in @BotFather (/setprivacy → Disable) and adds me "
+    "to the group again."
 )
 TIMEOUT_TEXT = "That took too long, sorry. Please try again in a minute."
+INDEX_DRAIN_S = 10.0  # shutdown: how long photos still being indexed may take
 
 # Telegram command names (a-z, 0-9, _): the core's commands, plus /start which opens every chat.
 COMMANDS = (*c.USAGE, "start")
@@ -151,8 +161,10 @@ class TelegramBot:
         timeout_s: float = 120.0,
         chat_action_every_s: float = CHAT_ACTION_EVERY_S,
         admins: AdminCache | None = None,
+        indexing: PhotoIndexing | None = None,
     ) -> None:
         self.core = core
+        self.indexing = indexing or PhotoIndexing(core.gateway)
         self.image_limits = image_limits
         self.timeout_s = timeout_s  # bounds every request, and so a graceful shutdown
         self.chat_action_every_s = chat_action_every_s
@@ -180,6 +192,8 @@ class TelegramBot:
             MessageHandler(
                 new & filters.ChatType.PRIVATE & (filters.TEXT | filters.CAPTION), self.on_message
             ),
+            # Last: any other photo, for the chat's search history (see _index_later).
+            MessageHandler(new & (filters.PHOTO | filters.Document.IMAGE), self.on_message),
         ]
 
     async def on_message(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
@@ -187,8 +201,10 @@ class TelegramBot:
         if message is None:
             return
         text = command_text(message, context.bot)
+        downloaded: dict[str, bytes | None] = {}
         if text is not None:
-            await self.serve(context.bot, message, text)
+            await self.serve(context.bot, message, text, downloaded=downloaded)
+        self._index_later(context.bot, message, downloaded)
 
     async def on_album_item(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         if update.effective_message is not None:
@@ -199,11 +215,20 @@ class TelegramBot:
         bot = self._bot
         if bot is None:
             return
+        downloaded: dict[str, bytes | None] = {}
         for item in items:
             text = command_text(item, bot)
             if text is not None:
-                await self.serve(bot, item, text, album=items)
-                return
+                await self.serve(bot, item, text, album=items, downloaded=downloaded)
+                break
+        for item in items:
+            self._index_later(bot, item, downloaded)
+
+    async def close(self) -> None:
+        """Shutdown: answer the albums still being collected, then give the photos being
+        indexed a little time to finish."""
+        await self.albums.close()
+        await self.indexing.drain(INDEX_DRAIN_S)
 
     async def on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
         """A bug or an outage in a handler: log it and still answer the user."""
@@ -214,9 +239,17 @@ class TelegramBot:
             )
 
     async def serve(
-        self, bot: Bot, message: Message, text: str, album: Sequence[Message] = ()
+        self,
+        bot: Bot,
+        message: Message,
+        text: str,
+        album: Sequence[Message] = (),
+        downloaded: dict[str, bytes | None] | None = None,
     ) -> None:
-        """Answer the command ``text`` given by ``message`` (one item of ``album``, if any)."""
+        """Answer the command ``text`` given by ``message`` (one item of ``album``, if any).
+
+        ``downloaded`` receives the photos fetched for the command (file id → bytes, None for
+        a failed download), so indexing them afterwards downloads nothing again."""
         sender = sender_of(message)
         if sender is None or sender.is_bot or message.is_automatic_forward:
             return  # other bots are never answered: two bots must not talk in a loop
@@ -240,12 +273,14 @@ class TelegramBot:
         async with showing:
             try:
                 reply = await asyncio.wait_for(
-                    self._answer(bot, message, sender, text, command, album, growing),
+                    self._answer(bot, message, sender, text, command, album, growing, downloaded),
                     self.timeout_s,
                 )
             except asyncio.TimeoutError:
                 log.warning("request timed out chat=%s", message.chat_id)
                 reply = Reply(TIMEOUT_TEXT, error=True)
+        if isinstance(command, c.Index):
+            self.indexing.forget(f"tg:{message.chat_id}")  # on or off, it shows at once
         if reply is not None and growing is not None:
             await growing.finish(reply)
         elif reply is not None:
@@ -260,9 +295,10 @@ class TelegramBot:
         command: c.Command | None,
         album: Sequence[Message],
         growing: GrowingMessage | None = None,
+        downloaded: dict[str, bytes | None] | None = None,
     ) -> Reply | None:
         try:
-            photos = await self._photos(bot, message, command, album)
+            photos = await self._photos(bot, message, command, album, downloaded)
         except RapbotError as error:  # too large, not an image, download failed...
             return Reply(str(error), error=True)
         is_admin = sender.anonymous_admin
@@ -284,9 +320,15 @@ class TelegramBot:
         )
 
     async def _photos(
-        self, bot: Bot, message: Message, command: c.Command | None, album: Sequence[Message]
+        self,
+        bot: Bot,
+        message: Message,
+        command: c.Command | None,
+        album: Sequence[Message],
+        downloaded: dict[str, bytes | None] | None = None,
     ) -> list[bytes]:
-        """The photos the command needs: none, the one it is about, or a whole album."""
+        """The photos the command needs: none, the one it is about, or a whole album
+        (each also recorded in ``downloaded``)."""
         if not isinstance(command, IMAGE_COMMANDS):
             return []  # no download for commands that don't look at photos
         attachments = []
@@ -299,9 +341,63 @@ class TelegramBot:
         if not attachments:
             attachment = photo_for(message)
             attachments = [attachment] if attachment is not None else []
-        return list(
-            await asyncio.gather(*(download(bot, a, self.image_limits) for a in attachments))
+        record = {} if downloaded is None else downloaded
+
+        async def fetch(attachment: Attachment) -> bytes:
+            record[attachment.file_id] = None  # until it arrives: a failure is not retried
+            data = await download(bot, attachment, self.image_limits)
+            record[attachment.file_id] = data
+            return data
+
+        return list(await asyncio.gather(*(fetch(a) for a in attachments)))
+
+    # ------------------------------------------------------------------ search history
+
+    def _index_later(self, bot: Bot, message: Message, downloaded: dict[str, bytes | None]) -> None:
+        """Index the message's own photo in the background when the chat's indexing is on,
+        with the bytes a command downloaded if any (a failed download is not retried)."""
+        sender = sender_of(message)
+        if sender is None or sender.is_bot:
+            return  # bots' photos are not part of a chat's history
+        try:
+            attachment = attachment_of(message)
+        except ImageError:
+            return  # a video, a sticker, a PDF: nothing to index
+        if attachment is None:
+            return
+        if attachment.file_id in downloaded and downloaded[attachment.file_id] is None:
+            return  # the command's download failed or was cut short
+        job = functools.partial(
+            self._index, bot, message, sender, attachment, downloaded.get(attachment.file_id)
         )
+        self.indexing.submit(f"tg:{message.chat_id}", job)
+
+    async def _index(
+        self,
+        bot: Bot,
+        message: Message,
+        sender: Sender,
+        attachment: Attachment,
+        data: bytes | None,
+    ) -> None:
+        try:
+            if data is None:  # the size limits of every download apply
+                data = await asyncio.wait_for(
+                    download(bot, attachment, self.image_limits), self.timeout_s
+                )
+        except (RapbotError, asyncio.TimeoutError) as error:
+            log.info("photo not indexed chat=%s: %s", message.chat_id, error or "timeout")
+            return
+        posted = IncomingMessage(
+            scope=f"tg:{message.chat_id}",
+            user_id=sender.user_id,
+            text="",
+            image=data,
+            user_name=sender.name,
+            message_id=f"tg:{message.chat_id}:{message.message_id}",
+            from_bot=sender.is_bot,
+        )
+        await self.core.index_photo(posted, attachment.search_source)
 
 
 class _InAlbum(filters.MessageFilter):

@@ -3,8 +3,10 @@
 A reply answers the user's message (``reply_parameters``), in HTML parse mode with every piece
 of text escaped. An annotated photo carries the text as its caption when it fits; longer text
 follows as messages of its own. Search results (``Reply.photo_refs``, Telegram file ids) go back
-as one media group. When Telegram refuses a rich reply, a plain-text one is tried, so the user
-never meets silence.
+as one media group (a single photo as a photo: a media group needs two); images that were
+posted as files (``document:<file id>``) as documents, in a group of their own since Telegram
+does not mix the two. When Telegram refuses a rich reply, a plain-text one is tried, so the
+user never meets silence.
 
 /ask and /caption answers grow in place (:class:`GrowingMessage`): the first text is sent as a
 reply, then edited as the core hands over more (the core paces partials, one a second by
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 from telegram import (
     Bot,
     InputFile,
+    InputMediaDocument,
     InputMediaPhoto,
     LinkPreviewOptions,
     Message,
@@ -34,6 +37,7 @@ from telegram.constants import ChatAction, ParseMode
 from telegram.error import BadRequest, Forbidden, TelegramError
 
 from bots.core.messages import Reply
+from bots.telegram_adapter.files import DOCUMENT_REF
 from bots.telegram_adapter.format import (
     CAPTION_LIMIT,
     MESSAGE_LIMIT,
@@ -82,15 +86,7 @@ async def _send_rich(bot: Bot, target: Target, reply: Reply) -> None:
     text_fits_caption = visible_length(reply.text) <= CAPTION_LIMIT
     caption = to_html(reply.text, bold) if text_fits_caption and reply.text else None
     if refs:
-        media = [InputMediaPhoto(ref) for ref in refs]
-        if caption:
-            media[0] = InputMediaPhoto(refs[0], caption=caption, parse_mode=ParseMode.HTML)
-        await bot.send_media_group(
-            target.chat_id,
-            media,
-            reply_parameters=_reply_parameters(target),
-            message_thread_id=target.thread_id,
-        )
+        await _send_refs(bot, target, refs, caption)
     elif reply.image is not None:
         await bot.send_photo(
             target.chat_id,
@@ -104,6 +100,30 @@ async def _send_rich(bot: Bot, target: Target, reply: Reply) -> None:
         caption = None  # no photo: the text goes as messages below
     if caption is None and reply.text:
         await _send_text(bot, target, reply.text, bold)
+
+
+async def _send_refs(bot: Bot, target: Target, refs: list[str], caption: str | None) -> None:
+    """Photos of the chat by file id, best first: the photos, then the image files; the
+    caption goes with the first message."""
+    photos = [ref for ref in refs if not ref.startswith(DOCUMENT_REF)]
+    documents = [ref.removeprefix(DOCUMENT_REF) for ref in refs if ref.startswith(DOCUMENT_REF)]
+    where = {
+        "reply_parameters": _reply_parameters(target),
+        "message_thread_id": target.thread_id,
+    }
+    for group, media_type in ((photos, InputMediaPhoto), (documents, InputMediaDocument)):
+        if not group:
+            continue
+        styled = {"caption": caption, "parse_mode": ParseMode.HTML} if caption else {}
+        if len(group) == 1 and media_type is InputMediaPhoto:
+            await bot.send_photo(target.chat_id, group[0], **styled, **where)
+        elif len(group) == 1:
+            await bot.send_document(target.chat_id, group[0], **styled, **where)
+        else:
+            media = [media_type(ref) for ref in group]
+            media[0] = media_type(group[0], **styled)
+            await bot.send_media_group(target.chat_id, media, **where)
+        caption = None
 
 
 async def _send_text(bot: Bot, target: Target, text: str, bold: list[str]) -> None:

@@ -7,10 +7,10 @@ from typing import TYPE_CHECKING
 
 from engine.errors import StoreError
 from engine.store.base import ConceptStore, NewConcept, StoredExample
-from engine.store.faiss_store import FaissConceptStore
 
 if TYPE_CHECKING:
     from engine.settings import EngineSettings
+    from engine.store.faiss_store import FaissConceptStore
 
 __all__ = [
     "ConceptStore",
@@ -22,11 +22,23 @@ __all__ = [
 ]
 
 
+def __getattr__(name: str):
+    # FAISS is imported when first used, not with the package: the slim bot image (Celery
+    # gateway, no faiss) imports engine.engine through the CLI without ever opening a store.
+    if name == "FaissConceptStore":
+        from engine.store.faiss_store import FaissConceptStore
+
+        return FaissConceptStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def open_store(data_dir: str | Path, model_id: str, dim: int) -> ConceptStore:
     """The local-mode store in ``data_dir`` (created if missing) for one embedding model.
 
     Raises :class:`engine.errors.StoreError` if the folder was created for another model or dim.
     """
+    from engine.store.faiss_store import FaissConceptStore
+
     return FaissConceptStore(Path(data_dir), model_id, dim)
 
 

@@ -261,6 +261,40 @@ def _omp_threads(n: int) -> Iterator[None]:
         faiss.omp_set_num_threads(previous)
 
 
+def build_index(
+    dim: int, ids: np.ndarray, vectors: np.ndarray, ivf_threshold: int, nprobe: int
+) -> tuple[faiss.Index, int]:
+    """A scope's inner-product index over ``vectors`` (with ``ids``), of the kind that suits its
+    size, and how many vectors trained it (0 for flat): exact (``IndexIDMap2`` over
+    ``IndexFlatIP``) below ``ivf_threshold`` vectors, else an ``IndexIVFFlat`` with ~4 sqrt(n)
+    lists trained on a seeded sample and ``nprobe`` lists probed. Both give true inner products
+    (cosine for unit vectors) for the vectors they find. Shared by the concept and photo stores.
+    """
+    n = len(ids)
+    if n < ivf_threshold:
+        index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+        if n:
+            index.add_with_ids(vectors, ids)
+        return index, 0
+    # ~4 sqrt(n) lists, at least 40 training points each (FAISS warns below 39).
+    nlist = max(1, min(int(4 * math.sqrt(n)), n // 40))
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+    index.cp.niter = 10
+    sample = np.random.default_rng(0).choice(n, size=min(n, 64 * nlist), replace=False)
+    index.train(vectors[np.sort(sample)])
+    index.add_with_ids(vectors, ids)
+    index.nprobe = min(nprobe, nlist)
+    return index, n
+
+
+def needs_rebuild(entry: _ScopeIndex, ivf_threshold: int) -> bool:
+    """Whether a scope's index should be rebuilt by :func:`build_index`: a flat index that
+    reached the threshold, an IVF index that shrank below half of it or doubled since training."""
+    if entry.kind == "flat":
+        return entry.size >= ivf_threshold
+    return entry.size < ivf_threshold // 2 or entry.size > 2 * entry.trained_size
+
+
 # ----------------------------------------------------------------------------- the store
 
 
@@ -456,27 +490,10 @@ class FaissConceptStore:
 
     def _build(self, ids: np.ndarray, vectors: np.ndarray) -> tuple[faiss.Index, int]:
         """A new index of the kind that suits the size, and how many vectors trained it."""
-        n = len(ids)
-        if n < self._ivf_threshold:
-            index = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
-            index.add_with_ids(vectors, ids)
-            return index, 0
-        # ~4 sqrt(n) lists, at least 40 training points each (FAISS warns below 39).
-        nlist = max(1, min(int(4 * math.sqrt(n)), n // 40))
-        index = faiss.IndexIVFFlat(
-            faiss.IndexFlatIP(self.dim), self.dim, nlist, faiss.METRIC_INNER_PRODUCT
-        )
-        index.cp.niter = 10
-        sample = np.random.default_rng(0).choice(n, size=min(n, 64 * nlist), replace=False)
-        index.train(vectors[np.sort(sample)])
-        index.add_with_ids(vectors, ids)
-        index.nprobe = min(self._nprobe, nlist)
-        return index, n
+        return build_index(self.dim, ids, vectors, self._ivf_threshold, self._nprobe)
 
     def _needs_rebuild(self, entry: _ScopeIndex) -> bool:
-        if entry.kind == "flat":
-            return entry.size >= self._ivf_threshold
-        return entry.size < self._ivf_threshold // 2 or entry.size > 2 * entry.trained_size
+        return needs_rebuild(entry, self._ivf_threshold)
 
     def _rebuild(self, scope: str) -> _ScopeIndex:
         with self._read() as db:
@@ -965,3 +982,10 @@ class FaissConceptStore:
             ]
             for row_scores, row_ids in zip(scores, ids, strict=True)
         ]
+
+    def count_concepts(self) -> int:
+        """Concepts in every scope (metrics: ``rapbot_store_items{kind="concepts"}``)."""
+        with self._lock:
+            self._check_open()
+            with self._sqlite_errors():
+                return int(self._db.execute("SELECT COUNT(*) FROM concepts").fetchone()[0])

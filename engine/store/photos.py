@@ -8,10 +8,20 @@ Layout, in ``<data_dir>/photos`` (separate from the concept store)::
 Like the concept store, SQLite holds the truth and an index is a cache: every change bumps the
 scope's version in the same transaction, and a search first compares the cached index's version
 with SQLite's, rebuilding (or patching, for this process's own writes) when they differ. Photo ids
-are AUTOINCREMENT and never reused. Indexes are exact (``IndexIDMap2`` over ``IndexFlatIP``):
-a flat scan of 100k x 512 float32 vectors is a few tens of ms on one core (see
-``benchmarks/bench_photo_search.py``); they are rebuilt from SQLite when a process starts rather
-than written to files. Everything is strictly per scope except :meth:`PhotoStore.delete_user`.
+are AUTOINCREMENT and never reused. A scope's index is built by the concept store's
+:func:`engine.store.faiss_store.build_index`: exact (``IndexIDMap2`` over ``IndexFlatIP``) below
+``ivf_threshold`` photos (default 10,000) and an ``IndexIVFFlat`` (``nprobe`` of ~4 sqrt(n) lists
+probed) above it, rebuilt when the scope doubles since training or shrinks below half the
+threshold; both score by inner product, i.e. cosine for the unit vectors stored here (see
+``benchmarks/bench_photo_search.py`` for flat vs IVF at 100k). Indexes are rebuilt from SQLite
+when a process starts rather than written to files. Everything is strictly per scope except
+:meth:`PhotoStore.delete_user`.
+
+The store records the embedding model (id and size) its vectors come from. Opened for another
+model with ``strict=False`` (the engine does, since the search encoder is a setting), it still
+answers the indexing flags, thumbnails and every deletion (so ``forget_user`` always works), but
+refuses to add or search with a message saying how to re-index; :meth:`PhotoStore.reembed`
+re-embeds the stored thumbnails with the new model and adopts it.
 
 Indexing is off for a scope until :meth:`PhotoStore.set_indexing` turns it on (an admin's
 decision; the engine checks the rights).
@@ -22,11 +32,10 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
-import faiss
 import numpy as np
 
 from engine.errors import InvalidInputError, StoreError
@@ -35,7 +44,9 @@ from engine.store.faiss_store import (
     _SMALL_SEARCH_WORK,
     _omp_threads,
     _ScopeIndex,
+    build_index,
     bump_scope_version,
+    needs_rebuild,
     scope_version,
 )
 from engine.types import PhotoHit
@@ -68,9 +79,22 @@ _DDL = (
 class PhotoStore:
     """Per-scope photo embeddings and thumbnails; thread-safe; see the module doc."""
 
-    def __init__(self, root: Path, model_id: str, dim: int) -> None:
+    def __init__(
+        self,
+        root: Path,
+        model_id: str,
+        dim: int,
+        *,
+        ivf_threshold: int = 10_000,
+        nprobe: int = 32,
+        strict: bool = True,
+    ) -> None:
         self.model_id, self.dim = check_model(model_id, dim)
         self.root = Path(root)
+        self._ivf_threshold = max(2, int(ivf_threshold))
+        self._nprobe = max(1, int(nprobe))
+        self._strict = strict
+        self.mismatch: str | None = None  # why vectors cannot be used (another model's index)
         self._lock = threading.RLock()
         self._cache: dict[str, _ScopeIndex] = {}
         self._closed = False
@@ -99,11 +123,20 @@ class PhotoStore:
                 meta = {"model_id": self.model_id, "dim": str(self.dim)}
                 db.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", meta.items())
         if meta.get("model_id") != self.model_id or meta.get("dim") != str(self.dim):
-            raise StoreError(
+            self.mismatch = (
                 f"The photo index in {self.root} was made with {meta.get('model_id')} (dim"
-                f" {meta.get('dim')}), not {self.model_id} (dim {self.dim}): use the same model"
-                " profile or another data folder."
+                f" {meta.get('dim')}), not {self.model_id} (dim {self.dim}): switch the search"
+                " encoder / model profile back, use another data folder, or re-index the photos"
+                " with the new model (python -c 'from engine.engine import Engine;"
+                " Engine.open().reindex_photos()')."
             )
+            if self._strict:
+                raise StoreError(self.mismatch)
+
+    def _check_vectors(self) -> None:
+        """Adds and searches need this store's vectors to come from the configured model."""
+        if self.mismatch is not None:
+            raise StoreError(self.mismatch)
 
     def close(self) -> None:
         with self._lock:
@@ -137,11 +170,9 @@ class PhotoStore:
 
     # ------------------------------------------------------------------------- index cache
 
-    def _empty(self, version: int = 0) -> _ScopeIndex:
-        return _ScopeIndex(faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim)), version)
-
     def _sync(self, scope: str) -> _ScopeIndex:
         """The scope's index at SQLite's version: cached, or rebuilt from SQLite."""
+        self._check_vectors()
         with self._errors():
             version = scope_version(self._db, scope)
             entry = self._cache.get(scope)
@@ -150,11 +181,12 @@ class PhotoStore:
             rows = self._db.execute(
                 "SELECT id, embedding FROM photos WHERE scope = ? ORDER BY id", (scope,)
             ).fetchall()
-        entry = self._empty(version)
-        if rows:
-            ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-            vectors = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32)
-            entry.add(ids, vectors.reshape(len(rows), self.dim))
+        ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+        vectors = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32)
+        index, trained = build_index(
+            self.dim, ids, vectors.reshape(len(rows), self.dim), self._ivf_threshold, self._nprobe
+        )
+        entry = _ScopeIndex(index, version, trained)
         self._cache[scope] = entry
         return entry
 
@@ -169,6 +201,8 @@ class PhotoStore:
         if added is not None:
             entry.add(*added)
         entry.version = new
+        if needs_rebuild(entry, self._ivf_threshold):  # flat <-> IVF, or IVF retrained
+            self._cache.pop(scope, None)  # rebuilt on next use
 
     # ------------------------------------------------------------------------- indexing flag
 
@@ -207,6 +241,7 @@ class PhotoStore:
             raise InvalidInputError("A photo needs a source reference.")
         vector = check_embedding(embedding, self.dim)
         when = time.time() if posted_at is None else float(posted_at)
+        self._check_vectors()
         with self._lock:
             with self._write() as db:
                 row = db.execute(
@@ -229,6 +264,7 @@ class PhotoStore:
     def add_many(self, scope: str, rows: list[tuple[np.ndarray, bytes, str, float, str]]) -> int:
         """Bulk :meth:`add` in one transaction (benchmarks, imports); returns how many were new."""
         scope = check_scope(scope)
+        self._check_vectors()
         with self._lock:
             with self._write() as db:
                 before = db.execute(
@@ -285,19 +321,79 @@ class PhotoStore:
     def count(self, scope: str) -> int:
         scope = check_scope(scope)
         with self._lock:
+            if self.mismatch is not None:  # no usable index, but SQLite knows
+                with self._errors():
+                    return int(
+                        self._db.execute(
+                            "SELECT COUNT(*) FROM photos WHERE scope = ?", (scope,)
+                        ).fetchone()[0]
+                    )
             return self._sync(scope).size
+
+    def index_kind(self, scope: str) -> str:
+        """``flat`` or ``ivf``: the kind of the scope's index (benchmarks, tests)."""
+        with self._lock:
+            return self._sync(check_scope(scope)).kind
+
+    def reembed(self, embed: Callable[[list[bytes]], np.ndarray], batch_size: int = 32) -> int:
+        """Re-embed every stored photo's thumbnail with ``embed`` (JPEG bytes -> unit rows of
+        this store's size) and adopt this store's model; returns how many photos. For switching
+        the embedding model (the search encoder): the thumbnails are all that is kept, so the
+        new vectors come from 256-pixel images. Safe to run again after an interruption (the
+        old model stays recorded until every photo is done)."""
+        with self._lock, self._errors():
+            ids = [r[0] for r in self._db.execute("SELECT id FROM photos ORDER BY id")]
+        done = 0
+        for start in range(0, len(ids), batch_size):
+            chunk = ids[start : start + batch_size]
+            with self._lock, self._errors():
+                rows = self._db.execute(
+                    f"SELECT id, thumbnail FROM photos WHERE id IN ({','.join('?' * len(chunk))})"
+                    " ORDER BY id",
+                    chunk,
+                ).fetchall()
+            if not rows:
+                continue
+            vectors = np.asarray(embed([bytes(r[1]) for r in rows]), dtype=np.float32)
+            if vectors.shape != (len(rows), self.dim):
+                raise StoreError(
+                    f"re-embedding gave vectors of shape {vectors.shape}, not"
+                    f" ({len(rows)}, {self.dim})"
+                )
+            with self._write() as db:
+                db.executemany(
+                    "UPDATE photos SET embedding = ? WHERE id = ?",
+                    [
+                        (check_embedding(v, self.dim).tobytes(), int(r[0]))
+                        for v, r in zip(vectors, rows, strict=True)
+                    ],
+                )
+            done += len(rows)
+        with self._write() as db:
+            db.execute("DELETE FROM meta")
+            db.executemany(
+                "INSERT INTO meta (key, value) VALUES (?, ?)",
+                {"model_id": self.model_id, "dim": str(self.dim)}.items(),
+            )
+            for (scope,) in db.execute("SELECT DISTINCT scope FROM photos").fetchall():
+                bump_scope_version(db, scope)
+        with self._lock:
+            self._cache.clear()
+            self.mismatch = None
+        return done
 
     def thumbnail(self, scope: str, photo_id: int) -> bytes | None:
         scope = check_scope(scope)
         with self._lock, self._errors():
             row = self._db.execute(
-                "SELECT thumbnail FROM photos WHERE scope = ? AND id = ?", (scope, int(photo_id))
+                "SELECT thumbnail FROM photos WHERE +scope = ? AND id = ?", (scope, int(photo_id))
             ).fetchone()
         return bytes(row[0]) if row else None
 
     def search(self, scope: str, vector: np.ndarray, k: int) -> list[PhotoHit]:
         """The scope's ``k`` photos most similar (inner product) to ``vector``, best first."""
         scope, k = check_scope(scope), check_k(k)
+        self._check_vectors()
         query = check_embedding(vector, self.dim).reshape(1, self.dim)
         with self._lock:
             entry = self._sync(scope)
@@ -311,10 +407,12 @@ class PhotoStore:
             with self._errors():
                 for start in range(0, len(wanted), _SQL_CHUNK):
                     chunk = wanted[start : start + _SQL_CHUNK]
-                    # The scope filter keeps isolation even if an index were wrong.
+                    # The scope filter keeps isolation even if an index were wrong. Its "+"
+                    # makes SQLite look rows up by id: otherwise it walks the scope's
+                    # (scope, source) index, every photo of the scope (5 ms at 100k).
                     sources.update(
                         self._db.execute(
-                            "SELECT id, source FROM photos WHERE scope = ? AND id IN"
+                            "SELECT id, source FROM photos WHERE +scope = ? AND id IN"
                             f" ({','.join('?' * len(chunk))})",
                             (scope, *chunk),
                         ).fetchall()
@@ -324,3 +422,8 @@ class PhotoStore:
             for s, i in zip(scores[0].tolist(), ids[0].tolist(), strict=True)
             if int(i) in sources
         ]
+
+    def total(self) -> int:
+        """Photos indexed in every scope (metrics: ``rapbot_store_items{kind="photos"}``)."""
+        with self._lock, self._errors():
+            return int(self._db.execute("SELECT COUNT(*) FROM photos").fetchone()[0])
