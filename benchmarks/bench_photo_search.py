@@ -4,8 +4,18 @@ throughput, with the ``cpu`` profile's CLIP architecture (ViT-B-32) and random w
 Indexing: ``Engine.index_photo`` on real photos (decode, embed, thumbnail, SQLite + FAISS), one
 photo per call as the chat adapters do, in photos per second. Search: one scope filled with
 N random unit vectors (``PhotoStore.add_many``), then per query the store's search alone
-(exact inner-product scan, k=10) and the whole ``Engine.search`` for a text query (CLIP text
-tower + names lookup + scan), median and p95 in ms.
+(k=10, with the index the store picks: flat below 10k photos, IVF from 10k) and the whole
+``Engine.search`` for a text query (CLIP text tower + names lookup + search), median and p95 in
+ms.
+
+Flat vs IVF at the largest size: the same photos searched by an exact (flat) index and by IVF
+indexes at several ``nprobe`` (the store's default is 32), each built from SQLite as a process
+does on its first search (build seconds), on two kinds of vectors: ``uniform`` (independent
+random unit vectors: no structure at all, the worst case for IVF) and ``clustered`` (2,000
+"scenes", each photo its scene plus noise, cosine ~0.6 within a scene: closer to real photo
+embeddings). Queries are fresh vectors of the same kind; recall@10 is the share of the flat
+index's top 10 that IVF also returns; ``dup@1`` is the share of stored vectors that find
+themselves first when queried as they are (an exact duplicate, "like this photo").
 
     python benchmarks/bench_photo_search.py            # 100 queries per size, 64 photos
     python benchmarks/bench_photo_search.py --quick    # 30 queries per size, 16 photos
@@ -33,6 +43,7 @@ from engine.engine import Engine  # noqa: E402
 from engine.permissions import Actor  # noqa: E402
 from engine.settings import EngineSettings  # noqa: E402
 from engine.store import open_store  # noqa: E402
+from engine.store.photos import PhotoStore  # noqa: E402
 
 PHOTOS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "dreambooth"
 
@@ -42,11 +53,103 @@ def _ms(values: list[float]) -> tuple[float, float]:
     return statistics.median(ordered) * 1e3, ordered[int(0.95 * (len(ordered) - 1))] * 1e3
 
 
+def _uniform(rng, n: int, dim: int) -> np.ndarray:
+    vectors = rng.standard_normal((n, dim), dtype=np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def _clustered(rng, n: int, dim: int, centres: np.ndarray) -> np.ndarray:
+    """Each vector a random centre plus noise (norm ~0.8): cosine ~0.6 between two of a scene."""
+    picks = centres[rng.integers(len(centres), size=n)]
+    noise = rng.standard_normal((n, dim), dtype=np.float32) * (0.8 / np.sqrt(dim))
+    vectors = picks + noise
+    return (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _fill(photos: PhotoStore, scope: str, vectors: np.ndarray) -> None:
+    for start in range(0, len(vectors), 10_000):
+        rows = [
+            (vectors[i], b"", "u", 0.0, f"{scope}-{i}")
+            for i in range(start, min(len(vectors), start + 10_000))
+        ]
+        photos.add_many(scope, rows)
+
+
+def _measure(store: PhotoStore, scope: str, queries: np.ndarray) -> tuple[float, list, list]:
+    """(build seconds, per-query seconds, per-query top-10 sources)."""
+    started = time.perf_counter()
+    store.count(scope)  # builds the scope's index from SQLite
+    build = time.perf_counter() - started
+    times, tops = [], []
+    for query in queries:
+        t0 = time.perf_counter()
+        hits = store.search(scope, query, 10)
+        times.append(time.perf_counter() - t0)
+        tops.append([h.source for h in hits])
+    return build, times, tops
+
+
+def flat_vs_ivf(root: Path, model_id: str, dim: int, size: int, nprobes, args) -> None:
+    """Recall@10 of IVF against flat and p50 latency at ``size`` photos (see the module doc)."""
+    rng = np.random.default_rng(1)
+    n_queries = 50 if args.quick else args.recall_queries
+    centres = _uniform(rng, 2_000, dim)
+    kinds = {
+        "uniform": lambda n: _uniform(rng, n, dim),
+        "clustered": lambda n: _clustered(rng, n, dim, centres),
+    }
+    print(f"\nflat vs IVF at {size} photos, {n_queries} fresh queries (k=10, one thread)")
+    print(
+        f"{'vectors':>9} {'index':>5} {'nprobe':>6} {'build s':>8} {'p50 ms':>7} {'p95 ms':>7}"
+        f" {'recall@10':>9} {'dup@1':>6}"
+    )
+    for kind, make in kinds.items():
+        scope = f"recall-{kind}"
+        vectors = make(size)
+        writer = PhotoStore(root, model_id, dim)
+        _fill(writer, scope, vectors)
+        writer.close()
+        queries = make(n_queries)
+        dups = vectors[rng.choice(size, size=n_queries, replace=False)]
+        flat = PhotoStore(root, model_id, dim, ivf_threshold=10**9)
+        build, times, truth = _measure(flat, scope, queries)
+        p50, p95 = _ms(times)
+        print(
+            f"{kind:>9} {'flat':>5} {'-':>6} {build:>8.2f} {p50:>7.2f} {p95:>7.2f} {1:>9.3f}",
+            end="",
+        )
+        print(f" {_dup_at_1(flat, scope, dups, vectors):>6.3f}")
+        flat.close()
+        for nprobe in nprobes:
+            ivf = PhotoStore(root, model_id, dim, ivf_threshold=2, nprobe=nprobe)
+            build, times, tops = _measure(ivf, scope, queries)
+            assert ivf.index_kind(scope) == "ivf"
+            recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(tops, truth, strict=True)])
+            p50, p95 = _ms(times)
+            print(
+                f"{kind:>9} {'ivf':>5} {nprobe:>6} {build:>8.2f} {p50:>7.2f} {p95:>7.2f}"
+                f" {recall:>9.3f} {_dup_at_1(ivf, scope, dups, vectors):>6.3f}"
+            )
+            ivf.close()
+
+
+def _dup_at_1(store: PhotoStore, scope: str, dups: np.ndarray, vectors: np.ndarray) -> float:
+    """Share of stored vectors found first when queried exactly (sources name their row)."""
+    found = 0
+    for query in dups:
+        top = store.search(scope, query, 1)[0]
+        row = int(top.source.rsplit("-", 1)[1])
+        found += bool(np.array_equal(vectors[row], query))
+    return found / len(dups)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer queries and photos")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     parser.add_argument("--sizes", default="1000,10000,100000", help="photos per scope")
+    parser.add_argument("--nprobes", default="16,32,64,128", help="IVF lists probed, compared")
+    parser.add_argument("--recall-queries", type=int, default=200, help="flat vs IVF queries")
     args = parser.parse_args()
     queries = 30 if args.quick else 100
     n_photos = 16 if args.quick else 64
@@ -75,17 +178,14 @@ def main() -> None:
 
         rng = np.random.default_rng(0)
         texts = itertools.cycle(["a dog on the sofa", "a red backpack", "a cat at the beach"])
-        print(f"{'photos':>8} {'store ms p50':>13} {'p95':>7} {'engine ms p50':>14} {'p95':>7}")
+        print(
+            f"{'photos':>8} {'index':>6} {'store ms p50':>13} {'p95':>7}"
+            f" {'engine ms p50':>14} {'p95':>7}"
+        )
         for size in sizes:
             scope = f"bench-{size}"
-            vectors = rng.standard_normal((size, clip.dim), dtype=np.float32)
-            vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-            for start in range(0, size, 10_000):
-                rows = [
-                    (vectors[i], b"", "u", 0.0, f"{scope}-{i}")
-                    for i in range(start, min(size, start + 10_000))
-                ]
-                engine.photos.add_many(scope, rows)
+            vectors = _uniform(rng, size, clip.dim)
+            _fill(engine.photos, scope, vectors)
             engine.photos.search(scope, vectors[0], 10)  # builds the index
             store_times, engine_times = [], []
             for q in range(queries):
@@ -98,8 +198,11 @@ def main() -> None:
                 engine_times.append(time.perf_counter() - t0)
                 del q
             (s50, s95), (e50, e95) = _ms(store_times), _ms(engine_times)
-            print(f"{size:>8} {s50:>13.2f} {s95:>7.2f} {e50:>14.2f} {e95:>7.2f}")
+            kind = engine.photos.index_kind(scope)
+            print(f"{size:>8} {kind:>6} {s50:>13.2f} {s95:>7.2f} {e50:>14.2f} {e95:>7.2f}")
         engine.close()
+        nprobes = [int(n) for n in args.nprobes.split(",")]
+        flat_vs_ivf(root / "photos", clip.model_id, clip.dim, max(sizes), nprobes, args)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

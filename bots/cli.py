@@ -128,7 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target_user", metavar="USER")
 
     p = sub.add_parser("index", parents=[common], help="add photos to the chat's search history")
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="photo files (source = the path)")
+    p.add_argument("images", nargs="*", metavar="IMAGE", help="photo files (source = the path)")
+    p.add_argument(
+        "--rebuild",
+        action="store_true",
+        help="re-embed every chat's indexed photos with the configured search encoder"
+        " (after changing RAPBOT_SEARCH_ENCODER or the profile)",
+    )
 
     p = sub.add_parser("search", parents=[common], help="search the chat's indexed photos")
     p.add_argument("text", nargs="*", metavar="TEXT", help="what to look for (or the change)")
@@ -492,7 +498,14 @@ def run(args: argparse.Namespace) -> int:
             case "forget":
                 c = engine.forget(args.chat, args.name, actor)
                 _emit(args, {"forgotten": c.name}, f"Forgot {c.name}.")
+            case "index" if args.rebuild:
+                if args.images:
+                    raise InvalidInputError("Give either photos or --rebuild, not both.")
+                count = engine.reindex_photos()
+                _emit(args, {"reindexed": count}, f"Re-embedded {count} photo(s).")
             case "index":
+                if not args.images:
+                    raise InvalidInputError("Give the photos to index (or --rebuild).")
                 # The CLI indexes the files it is given whatever the chat's /index setting: they
                 # are the user's own. Idempotent: the source is the file's absolute path.
                 added = []

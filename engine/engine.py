@@ -49,6 +49,7 @@ class Engine:
         self.store = store
         self.limits = ImageLimits.from_settings(settings)
         self._photos = None  # the photo history for /search, opened on first use
+        self._cir = None  # the CIR-LVLM search encoder (search_encoder=cir-lvlm), on first use
 
     @property
     def models(self):
@@ -103,15 +104,44 @@ class Engine:
     @property
     def photos(self):
         """The scopes' photo histories (:class:`engine.store.photos.PhotoStore`) in
-        ``<data_dir>/photos``, for the same embedding model as the concept store."""
+        ``<data_dir>/photos``, keyed by the search encoder's identity: the concept store's CLIP
+        model, or the CIR-LVLM encoder's (computed without loading it). An index made with
+        another encoder still answers flags and deletions but refuses adds and searches with a
+        message to re-index (:meth:`reindex_photos`)."""
         if self._photos is None:
             from pathlib import Path
 
             from engine.store.photos import PhotoStore
 
+            if self.settings.search_encoder == "cir-lvlm":
+                from engine.cir.search import cir_identity
+
+                model_id, dim = cir_identity(self.settings)
+            else:
+                model_id, dim = self.store.model_id, self.store.dim
             root = Path(self.settings.data_dir).expanduser() / "photos"
-            self._photos = PhotoStore(root, self.store.model_id, self.store.dim)
+            self._photos = PhotoStore(root, model_id, dim, strict=False)
         return self._photos
+
+    @property
+    def search_encoder(self):
+        """The CIR-LVLM encoder (:class:`engine.cir.search.CirSearchEncoder`) when
+        ``search_encoder`` is ``cir-lvlm``, loaded on first use (once per process and device,
+        under a lock); None for the CLIP embedder and the training-free composition."""
+        if self.settings.search_encoder != "cir-lvlm":
+            return None
+        if self._cir is None:
+            from engine.cir.search import load_search_encoder
+
+            self._cir = load_search_encoder(self.settings)
+        return self._cir
+
+    def _embed_photos(self, pictures: list[Image.Image]):
+        """Index-side embeddings of whole photos with the configured search encoder."""
+        encoder = self.search_encoder
+        if encoder is not None:
+            return encoder.embed_targets(pictures)
+        return self.models.embedder.embed_images(pictures)
 
     # ----------------------------------------------------------------------------- helpers
 
@@ -475,9 +505,20 @@ class Engine:
         timer = StageTimer()
         picture = self._decode(image, timer)
         with timer.stage("embed"):
-            vector = self.models.embedder.embed_images([picture])[0]
+            vector = self._embed_photos([picture])[0]
         thumb = encode_jpeg(thumbnail(picture, 256), quality=85)
         return self.photos.add(scope, vector, thumb, user, posted_at, source)
+
+    def reindex_photos(self) -> int:
+        """Re-embed every indexed photo (all scopes) with the configured search encoder, from
+        the stored thumbnails, after switching encoders; returns how many photos."""
+
+        def embed(thumbnails: list[bytes]):
+            return self._embed_photos([decode_image(t, self.limits) for t in thumbnails])
+
+        count = self.photos.reembed(embed)
+        log.info("reindex_photos model=%s photos=%d", self.photos.model_id, count)
+        return count
 
     def search(
         self,
@@ -489,9 +530,11 @@ class Engine:
     ) -> list:
         """Composed image search over the scope's photos: text, a reference photo, both
         (reference changed by the text), and names of remembered concepts in the text, which
-        bring in those concepts' examples (see :mod:`engine.photos`). Returns
-        :class:`engine.types.PhotoHit` (photo_id, score, source), best first."""
-        from engine.photos import TEXT_WEIGHT, compose_query, concept_vectors
+        bring in those concepts' examples: composed from CLIP embeddings (:mod:`engine.photos`,
+        ``text_weight`` or the ``search_text_weight`` setting, ``search_slerp``) or encoded by
+        the CIR-LVLM encoder (:mod:`engine.cir.search`). Returns :class:`engine.types.PhotoHit`
+        (photo_id, score, source), best first."""
+        from engine.photos import compose_query, concept_vectors
 
         scope = clean_scope(scope)
         text = clean_description(text or "", MAX_QUESTION_LENGTH)
@@ -500,6 +543,8 @@ class Engine:
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 100:
             raise InvalidInputError("The number of results must be between 1 and 100.")
         timer = StageTimer()
+        if self.settings.search_encoder == "cir-lvlm":
+            return self._search_cir(scope, text, ref_image, k, timer)
         embedder = self.models.embedder
         ref = None
         if ref_image is not None:
@@ -513,8 +558,28 @@ class Engine:
             named = self.retriever.named_in(scope, text)
             if named:
                 concepts = concept_vectors(self.store, scope, [c.id for c in named])
-        weight = TEXT_WEIGHT if text_weight is None else text_weight
-        query = compose_query(text_vector, ref, concepts, weight)
+        weight = self.settings.search_text_weight if text_weight is None else text_weight
+        query = compose_query(text_vector, ref, concepts, weight, self.settings.search_slerp)
+        with timer.stage("search"):
+            return self.photos.search(scope, query, k)
+
+    def _search_cir(self, scope: str, text: str, ref_image: bytes | None, k: int, timer):
+        """:meth:`search` with the CIR-LVLM encoder (see :mod:`engine.cir.search`)."""
+        from engine.cir.search import MAX_CONCEPT_EXAMPLES, cir_query
+        from engine.naming import names_in_text
+
+        encoder = self.search_encoder
+        ref = self._decode(ref_image, timer) if ref_image is not None else None
+        concepts = []
+        if text:  # the scope's names in the text, without loading the retriever's models
+            known = {c.name.casefold(): c for c in self.store.list_concepts(scope)}
+            for name in names_in_text(text, [c.name for c in known.values()]):
+                concept = known[name.casefold()]
+                crops = self.store.example_crops(scope, concept.id)[:MAX_CONCEPT_EXAMPLES]
+                pictures = [decode_image(c, self.limits) for c in crops]
+                concepts.append((concept, pictures))
+        with timer.stage("embed"):
+            query = cir_query(encoder, text, ref, concepts)
         with timer.stage("search"):
             return self.photos.search(scope, query, k)
 

@@ -1,4 +1,5 @@
-"""Training-free composed image search queries on open_clip (the default of issue 6).
+"""Training-free composed image search queries on open_clip (the default of issue 6,
+``RAPBOT_SEARCH_ENCODER=clip``; the trained alternative is :mod:`engine.cir.search`).
 
 A query is composed from up to three L2-normalised parts in CLIP's joint space:
 
@@ -13,6 +14,10 @@ query is the normalised weighted sum ``(1 - w) * visual + w * text`` with ``w = 
 features as a strong zero-shot baseline) — or, with ``slerp=True``, the spherical interpolation
 between the two at ``w``. Text alone or visual alone is used as is. With a ``TEXT_WEIGHT`` of 0.5
 the named concept's look dominates photos that merely match the words.
+
+The engine takes ``w`` from ``RAPBOT_SEARCH_TEXT_WEIGHT`` and the sum/slerp choice from
+``RAPBOT_SEARCH_SLERP``; ``benchmarks/tune_composition.py`` sweeps both on CIRR/FashionIQ-format
+triplets. 0.5 stays the default until a sweep with real weights says otherwise.
 """
 
 from __future__ import annotations

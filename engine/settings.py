@@ -82,9 +82,13 @@ class EngineSettings(BaseSettings):
     )
 
     # Detection and retrieval.
-    detector_confidence: float = Field(0.25, ge=0.0, le=1.0)
-    detector_image_size: int = Field(640, ge=32)
-    max_detections: int = Field(20, ge=1)
+    detector_confidence: float = Field(
+        0.25, ge=0.0, le=1.0, description="detections below this confidence are ignored"
+    )
+    detector_image_size: int = Field(
+        640, ge=32, description="detector input size in pixels (default: the profile's)"
+    )
+    max_detections: int = Field(20, ge=1, description="regions looked at per photo")
     match_threshold: float | None = Field(
         None,
         ge=-1.0,
@@ -92,7 +96,7 @@ class EngineSettings(BaseSettings):
         description="cosine similarity below which a crop is 'nobody I know' (default: profile's)",
     )
     top_k: int = Field(5, ge=1, description="examples looked at per crop")
-    embed_batch_size: int = Field(32, ge=1)
+    embed_batch_size: int = Field(32, ge=1, description="crops per CLIP forward")
 
     # Micro-batching (engine.batching): concurrent requests in one worker share model forwards.
     micro_batching: bool = Field(
@@ -104,9 +108,34 @@ class EngineSettings(BaseSettings):
     )
 
     # Untrusted image limits.
-    max_image_bytes: int = Field(20 * 1024 * 1024, ge=1)
-    max_image_pixels: int = Field(50_000_000, ge=1)
+    max_image_bytes: int = Field(
+        20 * 1024 * 1024, ge=1, description="uploads larger than this are refused before decoding"
+    )
+    max_image_pixels: int = Field(
+        50_000_000, ge=1, description="images with more pixels are refused from their header"
+    )
 
     # Concept text limits.
-    max_name_length: int = Field(64, ge=1)
-    max_description_length: int = Field(300, ge=1)
+    max_name_length: int = Field(64, ge=1, description="longest concept name, characters")
+    max_description_length: int = Field(
+        300, ge=1, description="longest concept description, characters"
+    )
+
+    # Composed image search over a chat's photos (engine.photos, engine.cir.search).
+    search_encoder: Literal["clip", "cir-lvlm"] = Field(
+        "clip",
+        description="photo search encoder: clip (the profile's CLIP, training-free composition)"
+        " or cir-lvlm (the encoder in RAPBOT_SEARCH_MODEL); switching needs a re-index",
+    )
+    search_model: str = Field(
+        "", description="cir-lvlm: the folder `rapbot train cir --out` wrote (loaded offline)"
+    )
+    search_text_weight: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="clip: weight of the text against the photo/concept side of a query (0..1)",
+    )
+    search_slerp: bool = Field(
+        False, description="clip: spherical interpolation instead of a weighted sum (composition)"
+    )

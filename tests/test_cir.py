@@ -290,3 +290,231 @@ def test_train_checkpoint_resume_and_cli(tiny_llava, shapes, tmp_path, capsys) -
     scores = json.loads(capsys.readouterr().out)
     assert {"R@1", "R@5", "R@10", "R@50", "mAP@5"} <= set(scores)
     assert 0 <= scores["R@1"] <= scores["R@5"] <= 100
+
+
+# ------------------------------------------------------------------------------- engine search
+# RAPBOT_SEARCH_ENCODER=cir-lvlm: the engine indexes and searches a chat's photos with a
+# `rapbot train cir` folder (tiny LLaVA, 2 steps: the point is every line, not quality).
+
+OTHERS = ["dog2", "dog3", "dog5", "dog6", "cat", "cat2", "backpack", "teapot"]
+
+
+@pytest.fixture(scope="module")
+def cir_folder(shapes, tmp_path_factory) -> Path:
+    """A trained encoder folder that must load alone: its base VLM is deleted after training."""
+    import shutil
+
+    root, train_set, _ = shapes
+    work = tmp_path_factory.mktemp("cir-search")
+    base = tiny_model_path("tiny-llava", work / "base-elsewhere")
+    data = _write_cirr(work, train_set[:8])
+    config = CirTrainConfig(
+        data=data,
+        images=root,
+        base=str(base),
+        out=work / "encoder",
+        steps=2,
+        batch_size=4,
+        pool_size=4,
+        prompt_len=2,
+        save_every=2,
+        progress=False,
+    )
+    train(config)
+    shutil.rmtree(work / "base-elsewhere")  # the folder alone must do
+    return config.out
+
+
+def _cir_engine(tiny_models, root: Path, **settings):
+    from engine.engine import Engine
+    from engine.store import open_store
+
+    base_settings, models = tiny_models
+    update = {"data_dir": root, "search_encoder": "cir-lvlm", **settings}
+    store = open_store(root / "store", models.embedder.model_id, models.embedder.dim)
+    return Engine(base_settings.model_copy(update=update), models, store)
+
+
+def _index_all(engine, scope, paths, user="alice"):
+    from engine.permissions import Actor
+
+    engine.set_indexing(scope, True, Actor("admin", is_admin=True))
+    return [engine.index_photo(scope, p.read_bytes(), user, str(p)) for p in paths]
+
+
+def _subjects(dreambooth):
+    rex = [dreambooth / "dog" / "00.jpg", dreambooth / "dog" / "01.jpg"]
+    return rex, [dreambooth / s / "00.jpg" for s in OTHERS]
+
+
+def test_trained_folder_is_self_contained(cir_folder, monkeypatch) -> None:
+    from engine.cir.train import load_encoder
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    meta = json.loads((cir_folder / "cir_config.json").read_text())
+    assert meta["base"] == "base" and (cir_folder / "base" / "config.json").is_file()
+    assert not Path(meta["base_source"]).exists()  # deleted: loading cannot be using it
+    enc = load_encoder(cir_folder)
+    assert enc.encode_texts(["a red square"]).embeddings.shape == (1, 64)
+
+
+def test_engine_cir_search_reference_text_and_concepts(
+    tiny_models, cir_folder, dreambooth, tmp_path
+) -> None:
+    from PIL import Image
+
+    from engine.types import Box
+
+    engine = _cir_engine(tiny_models, tmp_path, search_model=str(cir_folder))
+    try:
+        assert engine.photos.model_id.startswith("cir-lvlm:") and engine.photos.dim == 64
+        rex, others = _subjects(dreambooth)
+        paths = rex + others
+        ids = _index_all(engine, "chat", paths)
+        assert len(set(ids)) == len(paths)
+        sources = {str(p) for p in paths}
+        ref = others[2].read_bytes()
+
+        def check(hits, n):
+            assert len(hits) == n and all(h.source in sources for h in hits)
+            assert all(h.photo_id in ids and isinstance(h.score, float) for h in hits)
+            assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+            return hits
+
+        composed = check(engine.search("chat", "but at the beach", ref, k=5), 5)
+        text_only = check(engine.search("chat", "a dog on the sofa", k=5), 5)
+        assert [h.score for h in composed] != [h.score for h in text_only]
+        same = check(engine.search("chat", "", ref, k=1), 1)[0]  # target vs target
+        assert same.source == str(others[2]) and same.score == pytest.approx(1.0, abs=1e-4)
+        # The encoder's query differs from the reference's own target embedding.
+        assert composed[0].score < 1.0 - 1e-3
+
+        for path in rex:  # remembered from the whole photo: the crops are the indexed photos
+            width, height = Image.open(path).size
+            engine.remember(
+                "chat", path.read_bytes(), "Rex", user="alice", box=Box(0, 0, width, height)
+            )
+        named = check(engine.search("chat", "Rex", k=len(paths)), len(paths))
+        assert {h.source for h in named[:2]} == {str(p) for p in rex}
+        assert named[0].score > 0.99  # the mean of two near-identical targets
+        on_sofa = check(engine.search("chat", "Rex on the sofa", k=len(paths)), len(paths))
+        plain = engine.search("chat", "a dog on the sofa", k=len(paths))
+        assert [h.score for h in on_sofa] != [h.score for h in plain]
+        check(engine.search("chat", "with Rex", ref, k=3), 3)
+        # In another chat "Rex" is only a word: the text-only embedding.
+        _index_all(engine, "other", paths)
+        elsewhere = engine.search("other", "Rex", k=len(paths))
+        assert [h.score for h in elsewhere] != [h.score for h in named]
+    finally:
+        engine.close()
+
+
+def test_cir_query_table(tiny_models, cir_folder, dreambooth) -> None:
+    """The query for each kind of input is the one the module doc promises."""
+    import numpy as np
+    from PIL import Image
+
+    from engine.cir.search import cir_query, load_search_encoder, modification_text
+    from engine.types import Concept
+
+    settings = tiny_models[0].model_copy(
+        update={"search_encoder": "cir-lvlm", "search_model": str(cir_folder)}
+    )
+    enc = load_search_encoder(settings)
+    assert load_search_encoder(settings) is enc  # loaded once
+    rex = Concept("c1", "s", "Rex", "", "dog", "alice", 0.0)
+    assert modification_text("rex on the sofa", [rex]) == ("the dog on the sofa", True)
+    assert modification_text("Rex!", [rex]) == ("the dog!", False)
+    photo = Image.open(dreambooth / "cat" / "00.jpg").convert("RGB")
+    crops = [Image.open(dreambooth / "dog" / f"0{i}.jpg").convert("RGB") for i in range(2)]
+
+    def unit(v):
+        return v / np.linalg.norm(v)
+
+    q = enc.embed_queries([photo], ["at night"])[0]
+    assert np.allclose(cir_query(enc, "at night", photo), unit(q), atol=1e-5)
+    assert np.allclose(cir_query(enc, "", photo), enc.embed_targets([photo])[0], atol=1e-5)
+    assert np.allclose(cir_query(enc, "a cat", None), enc.embed_texts(["a cat"])[0], atol=1e-5)
+    looks = unit(enc.embed_targets(crops).mean(0))
+    assert np.allclose(cir_query(enc, "Rex", None, [(rex, crops)]), looks, atol=1e-5)
+    on_sofa = unit(enc.embed_queries(crops, ["the dog on the sofa"] * 2).mean(0))
+    assert np.allclose(cir_query(enc, "Rex on the sofa", None, [(rex, crops)]), on_sofa, atol=1e-5)
+    with_rex = unit(unit(enc.embed_queries([photo], ["with the dog"])[0]) + looks)
+    assert np.allclose(cir_query(enc, "with Rex", photo, [(rex, crops)]), with_rex, atol=1e-5)
+
+
+def test_switching_encoders_never_mixes_indexes(
+    tiny_models, cir_folder, dreambooth, tmp_path
+) -> None:
+    from engine.errors import StoreError
+
+    rex, others = _subjects(dreambooth)
+    clip = _cir_engine(tiny_models, tmp_path, search_encoder="clip")
+    _index_all(clip, "chat", rex + others[:2], user="alice")
+    _index_all(clip, "chat", others[2:4], user="bob")
+    clip_id = clip.photos.model_id
+    assert not clip_id.startswith("cir-lvlm:")
+    clip.close()
+
+    cir = _cir_engine(tiny_models, tmp_path, search_model=str(cir_folder))
+    try:
+        assert cir.photos.model_id != clip_id
+        with pytest.raises(StoreError, match="re-index"):
+            cir.search("chat", "a dog")
+        with pytest.raises(StoreError, match="re-index"):
+            cir.index_photo("chat", rex[0].read_bytes(), "alice", "new")
+        # Flags and deletions still work on the other encoder's index (forget_user must).
+        assert cir.indexing("chat") and cir.photos.count("chat") == 6
+        cir.forget_user("alice")
+        assert cir.photos.count("chat") == 2
+        assert cir.reindex_photos() == 2  # the thumbnails, with the CIR-LVLM encoder
+        hits = cir.search("chat", "", others[2].read_bytes(), k=2)
+        assert {h.source for h in hits} == {str(p) for p in others[2:4]}
+        assert hits[0].source == str(others[2])  # from its thumbnail: close, not identical
+    finally:
+        cir.close()
+    back = _cir_engine(tiny_models, tmp_path, search_encoder="clip")
+    try:
+        with pytest.raises(StoreError, match="re-index"):
+            back.search("chat", "a dog")
+    finally:
+        back.close()
+
+
+def test_missing_search_model_is_one_clear_line(tiny_models, tmp_path) -> None:
+    from engine.errors import MissingWeightError
+
+    for folder, words in (("", "RAPBOT_SEARCH_MODEL"), (str(tmp_path / "nope"), "not found")):
+        engine = _cir_engine(tiny_models, tmp_path, search_model=folder)
+        try:
+            with pytest.raises(MissingWeightError, match=words) as error:
+                engine.search("chat", "a dog")
+            assert "\n" not in str(error.value)
+        finally:
+            engine.close()
+    (tmp_path / "empty").mkdir()
+    engine = _cir_engine(tiny_models, tmp_path, search_model=str(tmp_path / "empty"))
+    try:
+        with pytest.raises(MissingWeightError, match="cir_config.json is missing"):
+            engine.indexing("chat")
+    finally:
+        engine.close()
+
+
+def test_concurrent_cir_searches_agree(tiny_models, cir_folder, dreambooth, tmp_path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    engine = _cir_engine(tiny_models, tmp_path, search_model=str(cir_folder))
+    try:
+        rex, others = _subjects(dreambooth)
+        _index_all(engine, "chat", rex + others)
+        ref = others[0].read_bytes()
+        queries = [("a dog", None), ("at the beach", ref), ("", ref)] * 3
+        alone = [engine.search("chat", t, r, k=3) for t, r in queries]
+        with ThreadPoolExecutor(4) as pool:
+            together = list(pool.map(lambda q: engine.search("chat", q[0], q[1], k=3), queries))
+        assert [[h.photo_id for h in hits] for hits in together] == [
+            [h.photo_id for h in hits] for hits in alone
+        ]
+    finally:
+        engine.close()

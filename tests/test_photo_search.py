@@ -199,6 +199,13 @@ def test_cli_index_and_search_json(tiny_models, tmp_path, monkeypatch, capsys, d
     assert json.loads(capsys.readouterr().out)["results"][0]["source"] == paths[2]
     assert main(["search", "a dog", "--chat", "elsewhere", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == {"results": []}
+    # Re-embedding after an encoder change: every chat's photos, same answers with the same model.
+    assert main(["index", "--rebuild", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"reindexed": len(paths)}
+    assert main(["search", "--ref", paths[2], "--json", "-k", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["results"][0]["source"] == paths[2]
+    assert main(["index"]) == 1
+    assert "Give the photos to index (or --rebuild)." in capsys.readouterr().err
 
 
 def test_core_index_and_search_commands(tiny_engine, dreambooth) -> None:
@@ -249,3 +256,114 @@ def test_terminal_chat_indexes_posted_photos_when_on(tiny_engine, dreambooth, tm
     refs = [line.strip() for line in out if line.startswith("  ")]
     assert refs[0] == str(rex[0].resolve())  # the identical photo first
     assert set(refs) == {str(rex[0].resolve()), str(others[1].resolve())}  # posted before: not
+
+
+# ----------------------------------------------------------------------------- IVF and weights
+
+
+def _unit_rows(rng, n, dim=32):
+    rows = rng.standard_normal((n, dim)).astype(np.float32)
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+def test_ivf_photo_index_matches_flat_and_keeps_scopes(tmp_path) -> None:
+    """Above a (lowered) threshold a scope's index is IVF; exact-duplicate queries find the same
+    photo with the same cosine as the flat index, and scopes stay apart."""
+    rng = np.random.default_rng(3)
+    a, b = _unit_rows(rng, 600), _unit_rows(rng, 300)
+    b[:50] = a[:50]  # the same photos posted in both chats
+    ivf = PhotoStore(tmp_path / "ivf", "m", 32, ivf_threshold=400, nprobe=4)
+    flat = PhotoStore(tmp_path / "flat", "m", 32)
+    try:
+        for store in (ivf, flat):
+            store.add_many("A", [(v, b"j", "u", 0.0, f"a{i}") for i, v in enumerate(a)])
+            store.add_many("B", [(v, b"j", "u", 0.0, f"b{i}") for i, v in enumerate(b)])
+        assert (ivf.index_kind("A"), ivf.index_kind("B"), flat.index_kind("A")) == (
+            "ivf",
+            "flat",
+            "flat",
+        )
+        for i in range(0, 600, 7):
+            got, want = ivf.search("A", a[i], 5), flat.search("A", a[i], 5)
+            assert got[0].source == want[0].source == f"a{i}"
+            assert got[0].score == pytest.approx(want[0].score, abs=1e-5)
+            assert got[0].score == pytest.approx(1.0, abs=1e-5)
+            assert all(h.source.startswith("a") for h in got)
+            assert [h.score for h in got] == sorted((h.score for h in got), reverse=True)
+        for i in range(50):  # A's photos queried in B: B's copies only
+            hits = ivf.search("B", a[i], 10)
+            assert hits[0].source == f"b{i}" and all(h.source.startswith("b") for h in hits)
+        # One more photo in A goes into the IVF index; deleting below half the threshold
+        # turns it back into a flat index with the same answers.
+        extra = _unit_rows(rng, 1)[0]
+        ivf.add("A", extra, b"j", "v", 0.0, "a-extra")
+        assert ivf.index_kind("A") == "ivf" and ivf.search("A", extra, 1)[0].source == "a-extra"
+        assert ivf.delete_user("u") == 900
+        assert ivf.index_kind("A") == "flat" and ivf.count("A") == 1
+        assert [h.source for h in ivf.search("A", extra, 3)] == ["a-extra"]
+    finally:
+        ivf.close()
+        flat.close()
+
+
+def test_growing_scope_switches_to_ivf(tmp_path) -> None:
+    rng = np.random.default_rng(4)
+    rows = _unit_rows(rng, 120)
+    store = PhotoStore(tmp_path, "m", 32, ivf_threshold=100)
+    try:
+        for i, v in enumerate(rows[:99]):
+            store.add("A", v, b"j", "u", 0.0, f"p{i}")
+        assert store.index_kind("A") == "flat"
+        for i, v in enumerate(rows[99:], start=99):
+            store.add("A", v, b"j", "u", 0.0, f"p{i}")
+        assert store.index_kind("A") == "ivf" and store.count("A") == 120
+        assert all(store.search("A", rows[i], 1)[0].source == f"p{i}" for i in range(120))
+    finally:
+        store.close()
+
+
+def test_search_text_weight_moves_the_ranking_towards_the_text(tiny_engine, dreambooth) -> None:
+    """RAPBOT_SEARCH_TEXT_WEIGHT: 0 = the reference photo alone, 1 = the text alone; between,
+    the reference's own score falls as the weight grows. RAPBOT_SEARCH_SLERP changes the mix."""
+    from engine.engine import Engine
+
+    rex, others = _photos(dreambooth)
+    paths = rex + others
+    _index(tiny_engine, "chat", paths)
+    ref, text = others[2].read_bytes(), "a red backpack at the beach"
+
+    def engine_with(**update):
+        settings = tiny_engine.settings.model_copy(update=update)
+        return Engine(settings, tiny_engine.models, tiny_engine.store)
+
+    def scores(engine):
+        hits = engine.search("chat", text, ref, k=len(paths))
+        return {h.source: h.score for h in hits}, [h.source for h in hits]
+
+    def order(hits):
+        return [h.source for h in hits]
+
+    ref_score = []
+    for weight in (0.0, 0.25, 0.5, 0.75, 1.0):
+        engine = engine_with(search_text_weight=weight)
+        try:
+            by_source, ranking = scores(engine)
+            ref_score.append(by_source[str(others[2])])
+            if weight == 0.0:
+                assert order(engine.search("chat", "", ref, k=len(paths))) == ranking
+                assert ranking[0] == str(others[2])
+            if weight == 1.0:
+                assert order(engine.search("chat", text, k=len(paths))) == ranking
+            if weight == 0.5:
+                assert order(tiny_engine.search("chat", text, ref, k=len(paths))) == ranking
+        finally:
+            engine._photos.close()
+    assert ref_score == sorted(ref_score, reverse=True) and ref_score[0] > ref_score[-1] + 0.05
+    summed = engine_with(search_text_weight=0.25)
+    slerped = engine_with(search_text_weight=0.25, search_slerp=True)
+    try:
+        a, b = scores(summed)[0], scores(slerped)[0]
+        assert a.keys() == b.keys() and any(abs(a[s] - b[s]) > 1e-4 for s in a)
+    finally:
+        summed._photos.close()
+        slerped._photos.close()

@@ -11,6 +11,11 @@ query features and chosen key) pulls the keys towards the queries that use them,
 prompt-pool methods (L2P). The language model's linear projections get LoRA through peft; the
 vision tower and projector stay frozen.
 
+Text-only queries (photo search without a reference photo, :mod:`engine.cir.search`) go through
+``TEXT_PROMPT``, the target prompt with the words where the image would be, without a soft prompt:
+E5-V's observation (arXiv 2407.12580) that a one-word summary puts a sentence and an image in the
+same space, even for a model trained only on one of the two prompts.
+
 The language model is called directly on the merged input embeddings with 1-D positions
 (``cumsum`` of the attention mask), so any ``AutoModelForImageTextToText`` whose inner model has
 ``get_image_features`` and ``language_model`` works (LLaVA, Qwen2-VL; for Qwen2-VL this drops
@@ -29,6 +34,7 @@ from torch import nn
 
 QUERY_PROMPT = "{image} Modify this image: {text}. Describe the target image in one word:"
 TARGET_PROMPT = "{image} Describe this image in one word:"
+TEXT_PROMPT = "{text}. Describe this image in one word:"
 
 
 @dataclass
@@ -76,6 +82,7 @@ class CirLvlmEncoder(nn.Module):
         use_lora: bool = True,
         query_prompt: str = QUERY_PROMPT,
         target_prompt: str = TARGET_PROMPT,
+        text_prompt: str = TEXT_PROMPT,
     ) -> None:
         super().__init__()
         self.processor = processor
@@ -90,6 +97,7 @@ class CirLvlmEncoder(nn.Module):
         self.image_token_id = tokenizer.convert_tokens_to_ids(processor.image_token)
         self.query_prompt = query_prompt
         self.target_prompt = target_prompt
+        self.text_prompt = text_prompt
         model.requires_grad_(False)
         if use_lora:
             from peft import LoraConfig, get_peft_model
@@ -111,11 +119,14 @@ class CirLvlmEncoder(nn.Module):
         self.pool = PromptPool(pool_size, prompt_len, hidden)
 
     @classmethod
-    def from_pretrained(cls, base: str | Path, device: str = "cpu", **kwargs) -> CirLvlmEncoder:
+    def from_pretrained(
+        cls, base: str | Path, device: str = "cpu", local_files_only: bool = False, **kwargs
+    ) -> CirLvlmEncoder:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        processor = AutoProcessor.from_pretrained(base)
-        model = AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32)
+        local = {"local_files_only": True} if local_files_only else {}
+        processor = AutoProcessor.from_pretrained(base, **local)
+        model = AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32, **local)
         return cls(model, processor, **kwargs).to(device)
 
     @property
@@ -181,6 +192,15 @@ class CirLvlmEncoder(nn.Module):
         batch = self._batch(prompts, images)
         embeds = self._merged_embeds(batch)
         return Encoded(self._last_token(embeds, batch["attention_mask"]))
+
+    def encode_texts(self, texts: Sequence[str]) -> Encoded:
+        """Text-only queries through ``text_prompt`` (no image, no soft prompt; see the module
+        doc): for searching a target gallery by words alone."""
+        prompts = [self.text_prompt.format(text=t.strip().rstrip(".")) for t in texts]
+        batch = self.processor.tokenizer(prompts, return_tensors="pt", padding=True)
+        ids = batch["input_ids"].to(self.device)
+        mask = batch["attention_mask"].to(self.device)
+        return Encoded(self._last_token(self.vlm.get_input_embeddings()(ids), mask))
 
     # -- weights ------------------------------------------------------------------------------
 

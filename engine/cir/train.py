@@ -16,12 +16,16 @@ copies of a query's own target image masked out, plus ``key_loss_weight`` times 
 pool's key-matching loss. Only the LoRA weights and the prompt pool train. A checkpoint
 ``checkpoint-STEP`` (every ``save_every`` steps and at the end) holds those weights, the
 optimizer and ``state.json``; the batch order is a function of (seed, step), so ``--resume``
-continues exactly. The final weights are ``cir_encoder.pt`` + ``cir_config.json`` in ``out``.
+continues exactly. The final weights are ``cir_encoder.pt`` + ``cir_config.json`` in ``out``,
+and the base VLM is put beside them in ``out/base`` (hard links to a local base folder where the
+file system allows, else a copy), so that the folder alone loads the encoder, offline, wherever
+it is moved (:func:`load_encoder`; the photo search's ``RAPBOT_SEARCH_MODEL``).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -31,9 +35,13 @@ import torch
 import torch.nn.functional as F
 
 from engine.cir.lvlm import CirLvlmEncoder
-from engine.errors import InvalidInputError
+from engine.errors import InvalidInputError, MissingWeightError
+from engine.weights import first_line
 
 CHECKPOINT_PREFIX = "checkpoint-"
+ENCODER_FILE = "cir_encoder.pt"
+CONFIG_FILE = "cir_config.json"
+BASE_DIR = "base"  # the base VLM, inside the output folder
 _EXTS = ("", ".png", ".jpg", ".jpeg", ".webp")
 
 
@@ -202,20 +210,91 @@ def save_checkpoint(encoder, optimizer, step: int, losses: list[float], config) 
     return final
 
 
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)  # follows the hub cache's symlinks to their blobs
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _base_folder(base: str) -> Path | None:
+    """The local folder of a base VLM: the folder given, or a hub name's cached snapshot."""
+    path = Path(base).expanduser()
+    if path.is_dir():
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(base), local_files_only=True))
+    except Exception:
+        return None
+
+
+def save_base(encoder, base: str, out: Path) -> None:
+    """Put the base VLM in ``out/base``: its folder's files (hard-linked where possible), or, if
+    it has no local folder, the model and processor as loaded (the weights without LoRA)."""
+    dest, tmp = out / BASE_DIR, out / f".tmp-{BASE_DIR}"
+    source = _base_folder(base)
+    if source is not None and dest.exists() and source.resolve() == dest.resolve():
+        return
+    shutil.rmtree(tmp, ignore_errors=True)
+    if source is not None:
+        ignore = shutil.ignore_patterns(".git", ".cache", "*.lock")
+        shutil.copytree(source, tmp, copy_function=_link_or_copy, ignore=ignore)
+    else:
+        from transformers import AutoModelForImageTextToText
+
+        model = AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32)
+        model.save_pretrained(tmp)
+        encoder.processor.save_pretrained(tmp)
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+
+
 def save_encoder(encoder, config: CirTrainConfig) -> None:
     out = Path(config.out)
-    torch.save(encoder.trainable_state(), out / "cir_encoder.pt")
-    meta = {"base": str(config.base), **encoder_kwargs(config)}
-    (out / "cir_config.json").write_text(json.dumps(meta, indent=2))
+    save_base(encoder, str(config.base), out)
+    torch.save(encoder.trainable_state(), out / ENCODER_FILE)
+    meta = {"base": BASE_DIR, "base_source": str(config.base), **encoder_kwargs(config)}
+    (out / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+
+
+def encoder_base(folder: str | Path) -> tuple[dict, str]:
+    """(the encoder's settings, its base VLM's location) from a ``rapbot train cir`` folder;
+    a clear :class:`MissingWeightError` when the folder is not one."""
+    folder = Path(folder).expanduser()
+    for name in (CONFIG_FILE, ENCODER_FILE):
+        if not (folder / name).is_file():
+            raise MissingWeightError(
+                f"No CIR-LVLM encoder in {folder}: {name} is missing (give the folder that"
+                " `rapbot train cir --out` wrote)."
+            )
+    try:
+        meta = json.loads((folder / CONFIG_FILE).read_text())
+        base = str(meta.pop("base"))
+    except (OSError, ValueError, KeyError, AttributeError) as error:
+        message = f"Unreadable {folder / CONFIG_FILE}: {first_line(error)}"
+        raise MissingWeightError(message) from None
+    meta.pop("base_source", None)
+    inside = folder / base
+    # Folders from before the base was saved inside name it by its own path or hub name.
+    return meta, str(inside) if inside.is_dir() else base
 
 
 def load_encoder(folder: str | Path, device: str = "cpu") -> CirLvlmEncoder:
-    """A trained encoder from ``rapbot train cir``'s output folder."""
+    """A trained encoder from ``rapbot train cir``'s output folder (with its ``base``: offline)."""
     folder = Path(folder).expanduser()
-    meta = json.loads((folder / "cir_config.json").read_text())
-    base = meta.pop("base")
-    encoder = CirLvlmEncoder.from_pretrained(base, device=device, **meta)
-    encoder.load_trainable_state(torch.load(folder / "cir_encoder.pt", map_location=device))
+    meta, base = encoder_base(folder)
+    try:
+        encoder = CirLvlmEncoder.from_pretrained(
+            base, device=device, local_files_only=Path(base).is_dir(), **meta
+        )
+        state = torch.load(folder / ENCODER_FILE, map_location=device)
+        encoder.load_trainable_state(state)
+    except (OSError, ValueError, RuntimeError) as error:
+        raise MissingWeightError(
+            f"Could not load the CIR-LVLM encoder in {folder} (base {base}): {first_line(error)}"
+        ) from None
     return encoder.eval()
 
 

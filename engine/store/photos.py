@@ -10,12 +10,15 @@ scope's version in the same transaction, and a search first compares the cached 
 with SQLite's, rebuilding (or patching, for this process's own writes) when they differ. Photo ids
 are AUTOINCREMENT and never reused. A scope's index is built by the concept store's
 :func:`engine.store.faiss_store.build_index`: exact (``IndexIDMap2`` over ``IndexFlatIP``) below
-``ivf_threshold`` photos (default 10,000) and an ``IndexIVFFlat`` (``nprobe`` of ~4 sqrt(n) lists
+``ivf_threshold`` photos (default 100,000) and an ``IndexIVFFlat`` (``nprobe`` of ~4 sqrt(n) lists
 probed) above it, rebuilt when the scope doubles since training or shrinks below half the
 threshold; both score by inner product, i.e. cosine for the unit vectors stored here (see
 ``benchmarks/bench_photo_search.py`` for flat vs IVF at 100k). Indexes are rebuilt from SQLite
-when a process starts rather than written to files. Everything is strictly per scope except
-:meth:`PhotoStore.delete_user`.
+when a process starts rather than written to files; for IVF that includes its k-means, ~10 s
+for a 100k-photo scope on two busy cores, paid by the scope's first search in a process. Hence
+the threshold is higher than the concept store's: a flat search of 100k photos takes ~7 ms,
+which no user notices, while a k-means at every worker start for each large chat would be.
+Everything is strictly per scope except :meth:`PhotoStore.delete_user`.
 
 The store records the embedding model (id and size) its vectors come from. Opened for another
 model with ``strict=False`` (the engine does, since the search encoder is a setting), it still
@@ -85,7 +88,7 @@ class PhotoStore:
         model_id: str,
         dim: int,
         *,
-        ivf_threshold: int = 10_000,
+        ivf_threshold: int = 100_000,
         nprobe: int = 32,
         strict: bool = True,
     ) -> None:
@@ -127,8 +130,7 @@ class PhotoStore:
                 f"The photo index in {self.root} was made with {meta.get('model_id')} (dim"
                 f" {meta.get('dim')}), not {self.model_id} (dim {self.dim}): switch the search"
                 " encoder / model profile back, use another data folder, or re-index the photos"
-                " with the new model (python -c 'from engine.engine import Engine;"
-                " Engine.open().reindex_photos()')."
+                " with the new model: `rapbot index --rebuild`."
             )
             if self._strict:
                 raise StoreError(self.mismatch)
