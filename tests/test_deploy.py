@@ -4,7 +4,9 @@ No Docker daemon is needed: the compose files are read as YAML and checked again
 services need (healthchecks, restart policies, GPUs, profiles, real `rapbot` commands), the
 example configuration is validated by the one settings model, and the slim bot image's promise
 (no torch) is checked by running the bots' start-up path with the model libraries blocked.
-`docker compose config` runs too where the compose plugin is installed.
+Every compose file is validated against the Compose Specification's JSON schema (the copy
+check-jsonschema ships), and `docker compose config` runs too where the compose plugin is
+installed.
 """
 
 from __future__ import annotations
@@ -348,6 +350,34 @@ def test_per_service_environment_is_valid_configuration(
             assert not settings.telegram_bot_token.get_secret_value(), name
         else:
             assert settings.gateway == "celery", name
+
+
+def _compose_schema_validator():
+    import json
+    from importlib.resources import files
+
+    jsonschema = pytest.importorskip("jsonschema")
+    vendor = files("check_jsonschema.builtin_schemas.vendor")
+    schema = json.loads((vendor / "compose-spec.json").read_text())
+    return jsonschema.validators.validator_for(schema)(schema)
+
+
+@pytest.mark.parametrize("path", [COMPOSE, *EXTRA_COMPOSE], ids=lambda p: p.name)
+def test_compose_files_follow_the_compose_specification(path: Path) -> None:
+    validator = _compose_schema_validator()
+    document = yaml.safe_load(path.read_text())
+    problems = [f"{'/'.join(map(str, e.path))}: {e.message}" for e in validator.iter_errors(document)]
+    assert not problems, problems
+
+
+def test_the_schema_check_catches_mistakes() -> None:
+    """The validator is not vacuous: typical slips in a compose file are refused."""
+    validator = _compose_schema_validator()
+    document = yaml.safe_load(COMPOSE.read_text())
+    document["services"]["redis"]["healthcheck"]["intervall"] = "10s"  # a typo'd key
+    document["services"]["qdrant"]["ports"] = {"6333": 6333}  # a mapping where a list belongs
+    paths = {"/".join(map(str, e.path)) for e in validator.iter_errors(document)}
+    assert "services/redis/healthcheck" in paths and "services/qdrant/ports" in paths
 
 
 def test_docker_compose_config_accepts_the_stack(tmp_path: Path) -> None:
