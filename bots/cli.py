@@ -193,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="what this process is (auto: bot with RAPBOT_GATEWAY=celery, else local)",
     )
     p.add_argument("--skip-models", action="store_true", help="do not load the models")
+    p.add_argument(
+        "--online", action="store_true", help="ask Telegram / Discord whether the tokens work"
+    )
 
     p = sub.add_parser("config", parents=[common], help="show the settings in effect")
     p.add_argument(
@@ -614,7 +617,9 @@ def _run_doctor(args: argparse.Namespace) -> int:
         settings = None
         checks = [Check("configuration", False, str(error).replace("\n", "; "))]
     if settings is not None:
-        checks = diagnose(settings, role=args.role, models=not args.skip_models)
+        checks = diagnose(
+            settings, role=args.role, models=not args.skip_models, online=args.online
+        )
     _emit(args, as_json(checks), report(checks))
     return exit_code(checks)
 

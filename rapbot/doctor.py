@@ -24,6 +24,9 @@ from rapbot.settings import ConfigError, Settings, load_settings
 TELEGRAM_TOKEN = re.compile(r"^\d{5,}:[A-Za-z0-9_-]{30,}$")
 DISCORD_TOKEN = re.compile(r"^[A-Za-z0-9_-]{20,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{20,}$")
 NETWORK_TIMEOUT_S = 3.0
+# Where `--online` asks whether a token is accepted (tests point these at a local server).
+TELEGRAM_API = "https://api.telegram.org"
+DISCORD_API = "https://discord.com/api/v10"
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,7 @@ def check_store(settings: Settings) -> Check:
             api_key=settings.qdrant_api_key.get_secret_value() or None,
             https=settings.qdrant_https,
             timeout=int(NETWORK_TIMEOUT_S),
+            check_compatibility=False,  # a down server is reported below, not warned about
         )
         try:
             names = [c.name for c in client.get_collections().collections]
@@ -220,7 +224,14 @@ def check_models(settings: Settings) -> Check:
     )
 
 
-def check_token(name: str, variable: str, token: str, pattern: re.Pattern[str]) -> Check:
+def check_token(
+    name: str,
+    variable: str,
+    token: str,
+    pattern: re.Pattern[str],
+    ask: Callable[[str], str] | None = None,
+) -> Check:
+    """The token's form; with ``ask`` (``--online``) also whether the platform accepts it."""
     if not token:
         return Check(name, None, f"{variable} is not set (needed only to serve {name.split()[0]})")
     if not pattern.match(token):
@@ -230,7 +241,52 @@ def check_token(name: str, variable: str, token: str, pattern: re.Pattern[str]) 
             f"{variable} does not look like a {name} (check for quotes, spaces or a cut copy)",
             f"copy the token again into {variable}",
         )
-    return Check(name, True, f"{variable} is well formed")
+    if ask is None:
+        return Check(name, True, f"{variable} is well formed (--online asks the platform)")
+    try:
+        who = ask(token)
+    except PermissionError:
+        return Check(
+            name,
+            False,
+            f"{name.split()[0].title()} refuses {variable} (revoked or from another bot)",
+            f"create a new token and put it in {variable}",
+        )
+    except OSError as error:
+        return Check(name, False, f"can't reach {name.split()[0].title()}: {first_line(error)}")
+    return Check(name, True, f"{variable} is accepted: the bot is {who}")
+
+
+def _get_json(url: str, headers: dict[str, str] | None = None) -> dict:
+    """GET ``url`` as JSON; PermissionError for 401/403/404 (a token the platform refuses)."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(
+        url, headers={"User-Agent": "rapbot-doctor", **(headers or {})}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=NETWORK_TIMEOUT_S) as response:
+            return json.loads(response.read().decode("utf-8"))
+    except urllib.error.HTTPError as error:
+        if error.code in (401, 403, 404):
+            raise PermissionError(error.code) from None
+        raise
+
+
+def ask_telegram(token: str) -> str:
+    """The bot's @username from Telegram's getMe (the token is in the URL path, never logged)."""
+    me = _get_json(f"{TELEGRAM_API}/bot{token}/getMe")
+    if not me.get("ok"):
+        raise PermissionError(me.get("description", "refused"))
+    return "@" + str(me["result"].get("username", "?"))
+
+
+def ask_discord(token: str) -> str:
+    """The bot user's name from Discord's /users/@me."""
+    me = _get_json(f"{DISCORD_API}/users/@me", {"Authorization": f"Bot {token}"})
+    return str(me.get("username", "?"))
 
 
 def _safe_url(url: str) -> str:
@@ -243,6 +299,7 @@ def diagnose(
     *,
     role: str = "auto",
     models: bool = True,
+    online: bool = False,
     config_file: str | None = None,
 ) -> list[Check]:
     """Every check for a process in ``role`` (auto: from ``RAPBOT_GATEWAY``): ``local`` (engine
@@ -293,6 +350,7 @@ def diagnose(
             "TELEGRAM_BOT_TOKEN",
             settings.telegram_bot_token.get_secret_value().strip(),
             TELEGRAM_TOKEN,
+            ask_telegram if online else None,
         )
     )
     checks.append(
@@ -301,6 +359,7 @@ def diagnose(
             "DISCORD_BOT_TOKEN",
             settings.discord_bot_token.get_secret_value().strip(),
             DISCORD_TOKEN,
+            ask_discord if online else None,
         )
     )
     return checks

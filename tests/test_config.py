@@ -162,3 +162,74 @@ def test_doctor_catches_a_store_of_another_model(clean_env, tmp_path):
     )
     assert checks["models"].ok is False
     assert "the store was built with open_clip:ViT-L-14:openai" in checks["models"].detail
+
+
+@pytest.fixture
+def fake_platforms(monkeypatch):
+    """A local HTTP server answering Telegram's getMe and Discord's /users/@me like the real
+    APIs: 200 with the bot for the good tokens, 401 otherwise."""
+    import http.server
+    import threading
+
+    from rapbot import doctor
+
+    good_telegram, good_discord = "123456789:" + "A" * 35, "M" * 24 + ".GhIjKl." + "x" * 27
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            if self.path == f"/tg/bot{good_telegram}/getMe":
+                body = {"ok": True, "result": {"username": "mochi_bot"}}
+            elif (
+                self.path == "/dc/users/@me"
+                and self.headers["Authorization"] == f"Bot {good_discord}"
+            ):
+                body = {"username": "Mochi"}
+            else:
+                self.send_response(401)
+                self.end_headers()
+                return
+            data = json.dumps(body).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):  # quiet
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_port}"
+    monkeypatch.setattr(doctor, "TELEGRAM_API", f"{base}/tg")
+    monkeypatch.setattr(doctor, "DISCORD_API", f"{base}/dc")
+    yield good_telegram, good_discord
+    server.shutdown()
+    server.server_close()
+
+
+def test_doctor_online_asks_the_platforms_about_the_tokens(clean_env, tmp_path, fake_platforms):
+    good_telegram, good_discord = fake_platforms
+    clean_env.setenv("TELEGRAM_BOT_TOKEN", good_telegram)
+    clean_env.setenv("DISCORD_BOT_TOKEN", good_discord)
+    settings = load_settings(profile="tiny", data_dir=tmp_path)
+    offline = {c.name: c for c in diagnose(settings, models=False)}
+    assert offline["telegram token"].detail.endswith("well formed (--online asks the platform)")
+    online = {c.name: c for c in diagnose(settings, models=False, online=True)}
+    assert (
+        online["telegram token"].detail == "TELEGRAM_BOT_TOKEN is accepted: the bot is @mochi_bot"
+    )
+    assert online["discord token"].detail == "DISCORD_BOT_TOKEN is accepted: the bot is Mochi"
+    # Well-formed tokens the platforms refuse (revoked): named, with what to do.
+    clean_env.setenv("TELEGRAM_BOT_TOKEN", "123456789:" + "B" * 35)
+    clean_env.setenv("DISCORD_BOT_TOKEN", good_discord[:-1] + "y")
+    refused = {
+        c.name: c for c in diagnose(load_settings(data_dir=tmp_path), models=False, online=True)
+    }
+    assert refused["telegram token"].ok is False
+    assert refused["telegram token"].detail.startswith("Telegram refuses TELEGRAM_BOT_TOKEN")
+    assert (
+        refused["discord token"].ok is False
+        and "create a new token" in refused["discord token"].fix
+    )
+    assert "B" * 35 not in refused["telegram token"].detail  # tokens never appear in findings
