@@ -40,6 +40,12 @@ class EngineSettings(BaseSettings):
     qdrant_api_key: SecretStr = Field(SecretStr(""), description="Qdrant API key (if any)")
     qdrant_https: bool | None = Field(None, description="force TLS on/off (default: from the URL)")
     qdrant_timeout: float = Field(10.0, gt=0, description="seconds per Qdrant request")
+    qdrant_shards: int = Field(
+        0, ge=0, description="shards of a collection rapbot creates (cluster; 0: the server's)"
+    )
+    qdrant_replication_factor: int = Field(
+        0, ge=0, description="copies of each shard in a collection rapbot creates (0: server's)"
+    )
     qdrant_prefix: str = Field(
         "rapbot",
         pattern=r"^[A-Za-z0-9_-]{1,64}$",

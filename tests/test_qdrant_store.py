@@ -288,3 +288,30 @@ def test_engine_open_uses_the_configured_store(tmp_path: Path) -> None:
         assert engine.store.collection.startswith("rapbot_concepts__open_clip_")
     finally:
         engine.close()
+
+
+def test_a_cluster_collection_gets_the_configured_shards(monkeypatch, tmp_path) -> None:
+    """RAPBOT_QDRANT_SHARDS / _REPLICATION_FACTOR reach Qdrant when rapbot creates the
+    collection (the in-process Qdrant ignores them, so the request itself is checked)."""
+    from engine.settings import EngineSettings
+    from engine.store import open_concept_store
+
+    created = []
+    original = QdrantClient.create_collection
+
+    def recording(self, *args, **kwargs):
+        created.append(kwargs)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(QdrantClient, "create_collection", recording)
+    settings = EngineSettings(
+        data_dir=tmp_path,
+        store="qdrant",
+        qdrant_url=":memory:",
+        qdrant_shards=6,
+        qdrant_replication_factor=2,
+    )
+    open_concept_store(settings, "m", DIM).close()
+    assert (created[-1]["shard_number"], created[-1]["replication_factor"]) == (6, 2)
+    open_concept_store(settings.model_copy(update={"qdrant_shards": 0}), "m", DIM).close()
+    assert (created[-1]["shard_number"], created[-1]["replication_factor"]) == (None, 2)

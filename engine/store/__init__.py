@@ -70,4 +70,12 @@ def open_concept_store(settings: EngineSettings, model_id: str, dim: int) -> Con
         timeout=settings.qdrant_timeout,
         path=str(path),
     )
-    return QdrantConceptStore(client, model_id, dim, prefix=settings.qdrant_prefix, where=where)
+    return QdrantConceptStore(
+        client,
+        model_id,
+        dim,
+        prefix=settings.qdrant_prefix,
+        where=where,
+        shards=settings.qdrant_shards or None,
+        replication_factor=settings.qdrant_replication_factor or None,
+    )

@@ -178,8 +178,12 @@ class QdrantConceptStore:
         prefix: str = "rapbot",
         where: str = "",
         owns_client: bool = True,
+        shards: int | None = None,
+        replication_factor: int | None = None,
     ) -> None:
         self.model_id, self.dim = check_model(model_id, dim)
+        # Used only when this store creates the collection (a Qdrant cluster); None = server's.
+        self._shards, self._replication_factor = shards, replication_factor
         self.client = client
         self.collection = collection_name(prefix, KIND, self.model_id)
         self.where = where or "(in-process Qdrant)"
@@ -218,6 +222,8 @@ class QdrantConceptStore:
                         # Tenants get their own HNSW graphs; no global graph (always filtered).
                         hnsw_config=models.HnswConfigDiff(payload_m=16, m=0),
                         on_disk_payload=True,  # crops are the bulk of the payload
+                        shard_number=self._shards,
+                        replication_factor=self._replication_factor,
                     )
                 except UnexpectedResponse as error:
                     if error.status_code != 409:  # 409: another worker created it just now
