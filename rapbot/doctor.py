@@ -344,24 +344,25 @@ def diagnose(
         checks.append(Check("models", None, "skipped (--skip-models)"))
     else:
         checks.append(Check("models", None, "loaded by the workers, not the bot"))
-    checks.append(
-        check_token(
+    platforms = (
+        (
             "telegram token",
             "TELEGRAM_BOT_TOKEN",
-            settings.telegram_bot_token.get_secret_value().strip(),
+            settings.telegram_bot_token,
             TELEGRAM_TOKEN,
-            ask_telegram if online else None,
-        )
-    )
-    checks.append(
-        check_token(
+            ask_telegram,
+        ),
+        (
             "discord token",
             "DISCORD_BOT_TOKEN",
-            settings.discord_bot_token.get_secret_value().strip(),
+            settings.discord_bot_token,
             DISCORD_TOKEN,
-            ask_discord if online else None,
-        )
+            ask_discord,
+        ),
     )
+    for name, variable, secret, pattern, ask in platforms:
+        token = secret.get_secret_value().strip()
+        checks.append(check_token(name, variable, token, pattern, ask if online else None))
     return checks
 
 
