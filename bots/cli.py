@@ -626,12 +626,13 @@ def _run_doctor(args: argparse.Namespace) -> int:
 
 def _run_config(args: argparse.Namespace, settings) -> int:
     """`rapbot config`: the settings in effect (secrets hidden), or the README's tables."""
-    from rapbot.settings import field_names, settings_table, variable_of
+    from rapbot.settings import field_names, redact_url, settings_table, variable_of
 
     if args.table:
         print(settings_table(), end="")
         return 0
     values = settings.model_dump(mode="json")  # SecretStr fields dump as "**********"
+    values = {k: redact_url(v) if isinstance(v, str) else v for k, v in values.items()}
     if args.json:
         print(json.dumps(values, ensure_ascii=False, indent=2))
     else:

@@ -15,10 +15,11 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 from engine.weights import first_line
-from rapbot.settings import ConfigError, Settings, load_settings
+from rapbot.settings import ConfigError, Settings, load_settings, redact_url
 
 # Telegram: "<bot id>:<35 characters>"; Discord: three base64url parts separated by dots.
 TELEGRAM_TOKEN = re.compile(r"^\d{5,}:[A-Za-z0-9_-]{30,}$")
@@ -41,7 +42,7 @@ def _run(name: str, probe: Callable[[], Check]) -> Check:
     try:
         return probe()
     except Exception as error:  # noqa: BLE001 - every failure is reported, never raised
-        return Check(name, False, first_line(error))
+        return Check(name, False, f"{type(error).__name__}: {first_line(error)}")
 
 
 def check_data_dir(settings: Settings) -> Check:
@@ -157,7 +158,7 @@ def check_broker(settings: Settings) -> Check:
         try:
             _ping_url(url)
         except Exception as error:  # noqa: BLE001
-            problems.append(f"{variable} {_safe_url(url)}: {first_line(error)}")
+            problems.append(f"{variable} {redact_url(url)}: {first_line(error)}")
     if problems:
         return Check(
             "broker",
@@ -165,7 +166,7 @@ def check_broker(settings: Settings) -> Check:
             "; ".join(problems),
             "start Redis (docker compose up -d redis) or fix the URLs",
         )
-    return Check("broker", True, f"{_safe_url(settings.broker_url)} and the result store answer")
+    return Check("broker", True, f"{redact_url(settings.broker_url)} and the result store answer")
 
 
 def check_workers(settings: Settings) -> Check:
@@ -289,11 +290,6 @@ def ask_discord(token: str) -> str:
     return str(me.get("username", "?"))
 
 
-def _safe_url(url: str) -> str:
-    """The URL without its password."""
-    return re.sub(r"//([^:/@]*):[^@]*@", r"//\1:***@", url)
-
-
 def diagnose(
     settings: Settings | None = None,
     *,
@@ -362,7 +358,8 @@ def diagnose(
     )
     for name, variable, secret, pattern, ask in platforms:
         token = secret.get_secret_value().strip()
-        checks.append(check_token(name, variable, token, pattern, ask if online else None))
+        probe = ask if online else None
+        checks.append(_run(name, partial(check_token, name, variable, token, pattern, probe)))
     return checks
 
 

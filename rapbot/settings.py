@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -86,7 +87,9 @@ class ObservabilitySettings(BaseSettings):
     metrics_addr: str = Field("0.0.0.0", description="address the metrics server listens on")
 
 
-class Settings(EngineSettings, WorkerSettings, BotSettings, ObservabilitySettings):
+# pydantic orders fields from the last base to the first: engine settings come first in
+# error lists and `rapbot config`, as in the README tables.
+class Settings(ObservabilitySettings, BotSettings, WorkerSettings, EngineSettings):
     """Everything, validated together (see the module notes)."""
 
     model_config = SettingsConfigDict(
@@ -189,6 +192,11 @@ def _default_text(field) -> str:
     if isinstance(field.default, SecretStr) or field.default in ("", None):
         return "(empty)"
     return f"`{field.default}`"
+
+
+def redact_url(url: str) -> str:
+    """``url`` with the password of its ``user:password@`` part hidden (for output and logs)."""
+    return re.sub(r"//([^:/@]*):[^@]*@", r"//\1:***@", url)
 
 
 def field_names() -> list[str]:

@@ -91,9 +91,11 @@ def test_tokens_are_never_shown(clean_env, capsys):
         load_settings()
     assert "secret" not in str(caught.value)
     clean_env.setenv("RAPBOT_PROFILE", "tiny")
+    clean_env.setenv("RAPBOT_BROKER_URL", "redis://:hunter2@redis:6379/0")
     assert main(["config"]) == 0
     out = capsys.readouterr().out
     assert "TELEGRAM_BOT_TOKEN=**********" in out and "secret" not in out
+    assert "RAPBOT_BROKER_URL=redis://:***@redis:6379/0" in out and "hunter2" not in out
     assert "RAPBOT_PROFILE=tiny" in out
 
 
@@ -164,6 +166,9 @@ def test_doctor_catches_a_store_of_another_model(clean_env, tmp_path):
     assert "the store was built with open_clip:ViT-L-14:openai" in checks["models"].detail
 
 
+PROXY_PAGE_TOKEN = "123456789:" + "C" * 35
+
+
 @pytest.fixture
 def fake_platforms(monkeypatch):
     """A local HTTP server answering Telegram's getMe and Discord's /users/@me like the real
@@ -177,6 +182,13 @@ def fake_platforms(monkeypatch):
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 - http.server's name
+            if self.path == f"/tg/bot{PROXY_PAGE_TOKEN}/getMe":  # a captive portal's answer
+                data = b"<html>please log in</html>"
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                return
             if self.path == f"/tg/bot{good_telegram}/getMe":
                 body = {"ok": True, "result": {"username": "mochi_bot"}}
             elif (
@@ -233,3 +245,9 @@ def test_doctor_online_asks_the_platforms_about_the_tokens(clean_env, tmp_path, 
         and "create a new token" in refused["discord token"].fix
     )
     assert "B" * 35 not in refused["telegram token"].detail  # tokens never appear in findings
+    # An answer that is not the API's (a proxy page) is a finding, never a traceback.
+    clean_env.setenv("TELEGRAM_BOT_TOKEN", PROXY_PAGE_TOKEN)
+    odd = {c.name: c for c in diagnose(load_settings(data_dir=tmp_path), models=False, online=True)}
+    assert odd["telegram token"].ok is False and odd["telegram token"].detail.startswith(
+        "JSONDecodeError"
+    )

@@ -148,9 +148,15 @@ def run_worker(
             tail.append(f"--concurrency={concurrency}")
         return _spawn_per_gpu(plan, tail, settings.metrics_port)
     if settings.metrics_port > 0:  # this process runs the engine: its metrics
+        from engine.errors import RapbotError
         from rapbot.metrics import start_metrics_server
 
-        start_metrics_server(settings.metrics_port, settings.metrics_addr)
+        try:
+            start_metrics_server(settings.metrics_port, settings.metrics_addr)
+        except OSError as error:
+            raise RapbotError(
+                f"RAPBOT_METRICS_PORT={settings.metrics_port}: can't serve ({error})"
+            ) from None
     # The engine reads its settings from the environment when the worker starts.
     if plan.device:
         os.environ["RAPBOT_DEVICE"] = plan.device
