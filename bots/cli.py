@@ -135,6 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="re-embed every chat's indexed photos with the configured search encoder"
         " (after changing RAPBOT_SEARCH_ENCODER or the profile)",
     )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="with --rebuild: re-embed even when the index already matches the encoder"
+        " (from the stored 256-pixel thumbnails, which is worse than the photos were)",
+    )
 
     p = sub.add_parser("search", parents=[common], help="search the chat's indexed photos")
     p.add_argument("text", nargs="*", metavar="TEXT", help="what to look for (or the change)")
@@ -504,8 +510,15 @@ def run(args: argparse.Namespace) -> int:
             case "index" if args.rebuild:
                 if args.images:
                     raise InvalidInputError("Give either photos or --rebuild, not both.")
-                count = engine.reindex_photos()
-                _emit(args, {"reindexed": count}, f"Re-embedded {count} photo(s).")
+                stale = engine.photos.mismatch is not None  # made by another encoder
+                count = engine.reindex_photos(force=args.force)
+                text = f"Re-embedded {count} photo(s)."
+                if count == 0 and not (stale or args.force):
+                    text = (
+                        "The photo index already matches the search encoder; nothing to do"
+                        " (--force re-embeds anyway)."
+                    )
+                _emit(args, {"reindexed": count}, text)
             case "index":
                 if not args.images:
                     raise InvalidInputError("Give the photos to index (or --rebuild).")
@@ -617,9 +630,7 @@ def _run_doctor(args: argparse.Namespace) -> int:
         settings = None
         checks = [Check("configuration", False, str(error).replace("\n", "; "))]
     if settings is not None:
-        checks = diagnose(
-            settings, role=args.role, models=not args.skip_models, online=args.online
-        )
+        checks = diagnose(settings, role=args.role, models=not args.skip_models, online=args.online)
     _emit(args, as_json(checks), report(checks))
     return exit_code(checks)
 

@@ -17,13 +17,18 @@ from PIL import Image
 
 from engine.answers import ask_sentence, caption_sentence, rough_position, who_sentence
 from engine.categories import category_from_text
-from engine.errors import InvalidInputError, PermissionDeniedError, UnknownConceptError
+from engine.errors import (
+    InvalidInputError,
+    MissingWeightError,
+    PermissionDeniedError,
+    UnknownConceptError,
+)
 from engine.generator.rap import build_prompt, candidates
 from engine.images import ImageLimits, crop, decode_image, encode_jpeg, thumbnail
 from engine.naming import clean_description, clean_name, clean_scope, clean_user
 from engine.permissions import Actor, ensure_can_edit
 from engine.render import annotate_jpeg
-from engine.retriever import CROP_PAD, Region, Retriever, regions_from_detections
+from engine.retriever import CROP_PAD, Region, Retriever, named_concepts, regions_from_detections
 from engine.selection import select_region
 from engine.settings import EngineSettings
 from engine.store import open_concept_store
@@ -107,19 +112,29 @@ class Engine:
         ``<data_dir>/photos``, keyed by the search encoder's identity: the concept store's CLIP
         model, or the CIR-LVLM encoder's (computed without loading it). An index made with
         another encoder still answers flags and deletions but refuses adds and searches with a
-        message to re-index (:meth:`reindex_photos`)."""
+        message to re-index (:meth:`reindex_photos`). When the CIR-LVLM encoder's identity
+        cannot be computed (``RAPBOT_SEARCH_MODEL`` empty, missing or not a trained folder), the
+        index is opened with the identity it recorded itself: flags and deletions still work
+        (``/forget_me``, ``/index off``), adds and searches raise the encoder's error."""
         if self._photos is None:
             from pathlib import Path
 
             from engine.store.photos import PhotoStore
 
+            root = Path(self.settings.data_dir).expanduser() / "photos"
             if self.settings.search_encoder == "cir-lvlm":
                 from engine.cir.search import cir_identity
 
-                model_id, dim = cir_identity(self.settings)
+                try:
+                    model_id, dim = cir_identity(self.settings)
+                except (MissingWeightError, OSError) as error:
+                    if not isinstance(error, MissingWeightError):  # an unreadable file
+                        error = MissingWeightError(f"CIR-LVLM search model not readable: {error}")
+                    log.warning("photo index opened without its search encoder: %s", error)
+                    self._photos = PhotoStore.unresolved(root, error)
+                    return self._photos
             else:
                 model_id, dim = self.store.model_id, self.store.dim
-            root = Path(self.settings.data_dir).expanduser() / "photos"
             self._photos = PhotoStore(root, model_id, dim, strict=False)
         return self._photos
 
@@ -463,7 +478,8 @@ class Engine:
 
     def forget_user(self, user: str) -> int:
         """Remove every concept the user remembered and every photo they posted (the search
-        history), in every scope; returns how many concepts."""
+        history), in every scope; returns how many concepts. Needs no model: the photos go
+        even when the search encoder cannot be loaded (see :attr:`photos`)."""
         user = clean_user(user)
         removed = self.store.delete_user(user)
         photos = self.photos.delete_user(user)
@@ -498,7 +514,9 @@ class Engine:
     ) -> int | None:
         """Add a posted photo to the scope's search history (embedding + thumbnail): its photo
         id, or None when the scope's indexing is off (``force``: index anyway, for the CLI's
-        own files). Idempotent by ``source`` (Telegram file id, Discord message link, path)."""
+        own files). Idempotent by ``source`` (Telegram file id, Discord message link, path).
+        The flag is checked before embedding (to save the work) and again when the photo is
+        written, so one posted just before ``/index off`` is not stored after it."""
         scope, user = clean_scope(scope), clean_user(user)
         if not force and not self.photos.indexing(scope):
             return None
@@ -507,11 +525,18 @@ class Engine:
         with timer.stage("embed"):
             vector = self._embed_photos([picture])[0]
         thumb = encode_jpeg(thumbnail(picture, 256), quality=85)
-        return self.photos.add(scope, vector, thumb, user, posted_at, source)
+        return self.photos.add(
+            scope, vector, thumb, user, posted_at, source, require_indexing=not force
+        )
 
-    def reindex_photos(self) -> int:
+    def reindex_photos(self, force: bool = False) -> int:
         """Re-embed every indexed photo (all scopes) with the configured search encoder, from
-        the stored thumbnails, after switching encoders; returns how many photos."""
+        the stored thumbnails, after switching encoders; returns how many photos. Does nothing
+        (returns 0) when the index already comes from the configured encoder, since 256-pixel
+        thumbnails give worse vectors than the photos did; ``force`` re-embeds anyway."""
+        if not force and self.photos.mismatch is None:
+            log.info("reindex_photos model=%s: already matches", self.photos.model_id)
+            return 0
 
         def embed(thumbnails: list[bytes]):
             return self._embed_photos([decode_image(t, self.limits) for t in thumbnails])
@@ -555,7 +580,7 @@ class Engine:
         if text:
             with timer.stage("embed"):
                 text_vector = embedder.embed_texts([text])[0]
-            named = self.retriever.named_in(scope, text)
+            named = named_concepts(self.store, scope, text)
             if named:
                 concepts = concept_vectors(self.store, scope, [c.id for c in named])
         weight = self.settings.search_text_weight if text_weight is None else text_weight
@@ -566,15 +591,12 @@ class Engine:
     def _search_cir(self, scope: str, text: str, ref_image: bytes | None, k: int, timer):
         """:meth:`search` with the CIR-LVLM encoder (see :mod:`engine.cir.search`)."""
         from engine.cir.search import MAX_CONCEPT_EXAMPLES, cir_query
-        from engine.naming import names_in_text
 
         encoder = self.search_encoder
         ref = self._decode(ref_image, timer) if ref_image is not None else None
         concepts = []
         if text:  # the scope's names in the text, without loading the retriever's models
-            known = {c.name.casefold(): c for c in self.store.list_concepts(scope)}
-            for name in names_in_text(text, [c.name for c in known.values()]):
-                concept = known[name.casefold()]
+            for concept in named_concepts(self.store, scope, text):
                 crops = self.store.example_crops(scope, concept.id)[:MAX_CONCEPT_EXAMPLES]
                 pictures = [decode_image(c, self.limits) for c in crops]
                 concepts.append((concept, pictures))

@@ -112,6 +112,13 @@ class Retriever:
 
     def named_in(self, scope: str, text: str) -> list[Concept]:
         """The scope's concepts whose names the text mentions, in the order mentioned."""
-        concepts = self.store.list_concepts(scope)
-        by_name = {c.name.casefold(): c for c in concepts}
-        return [by_name[n.casefold()] for n in names_in_text(text, [c.name for c in concepts])]
+        return named_concepts(self.store, scope, text)
+
+
+def named_concepts(store: ConceptStore, scope: str, text: str) -> list[Concept]:
+    """The scope's concepts whose names ``text`` mentions (whole words, any case), in the order
+    mentioned. Needs only the store, no model: recognition's questions and both photo search
+    encoders use it."""
+    concepts = store.list_concepts(scope)
+    by_name = {c.name.casefold(): c for c in concepts}
+    return [by_name[n.casefold()] for n in names_in_text(text, [c.name for c in concepts])]

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ProfileName = Literal["tiny", "cpu", "gpu"]
@@ -145,3 +145,14 @@ class EngineSettings(BaseSettings):
     search_slerp: bool = Field(
         False, description="clip: spherical interpolation instead of a weighted sum (composition)"
     )
+
+    @model_validator(mode="after")
+    def _search_model_is_named(self) -> EngineSettings:
+        # Only that it is set: whether the folder exists is checked where the encoder loads
+        # (a bot or cpu-only worker validates the same settings without the model's files).
+        if self.search_encoder == "cir-lvlm" and not self.search_model.strip():
+            raise ValueError(
+                "RAPBOT_SEARCH_MODEL must name the folder `rapbot train cir` wrote when"
+                " RAPBOT_SEARCH_ENCODER=cir-lvlm (or set RAPBOT_SEARCH_ENCODER=clip)"
+            )
+        return self

@@ -134,7 +134,9 @@ def _redis_ping(url: str) -> None:
 
 
 def _ping_url(url: str) -> None:
-    if url.startswith(("redis://", "rediss://", "unix://")):
+    from workers.app import is_redis_url
+
+    if is_redis_url(url, sentinel=False):
         _redis_ping(url)
         return
     from kombu import Connection

@@ -3,9 +3,11 @@
 Recorded as things happen:
 
 * ``rapbot_requests_total{command, outcome}`` and ``rapbot_request_seconds{command}``: every
-  chat command the command core answers (``bots.core.handler.CommandCore.handle``);
-  ``command`` is the command's name (``who``, ``ask``, ``forget_me``...; ``unknown`` when the
-  text does not parse), ``outcome`` one of :data:`REQUEST_OUTCOMES`.
+  chat command the command core answers (``bots.core.handler.CommandCore.handle``), refuses
+  before a download (``CommandCore.admit``: ``rate_limited``, ``busy``) or sees cancelled by
+  the adapter's time limit (``timeout``, timed up to the cancellation); ``command`` is the
+  command's name (``who``, ``ask``, ``forget_me``...; ``unknown`` when the text does not
+  parse), ``outcome`` one of :data:`REQUEST_OUTCOMES`.
 * ``rapbot_stage_seconds{stage}``: the engine's per-stage timings (decode, detect, embed,
   search, render, prompt, generate) of every answer the core receives, local or over Celery.
 * ``rapbot_tasks_total{task, outcome}`` and ``rapbot_task_seconds{task}``: every engine task a
@@ -22,7 +24,9 @@ Computed when scraped (custom collectors, nothing runs in between):
   ``detector``): ``rapbot_batches_total``, ``rapbot_batched_items_total`` (mean batch size =
   items / batches), ``rapbot_batch_max_size``, ``rapbot_batch_failures_total``,
   ``rapbot_batch_wait_seconds_total``; and ``rapbot_store_items{kind}`` for ``concepts``,
-  ``examples`` and ``photos``.
+  ``examples`` and ``photos``. The store counts are exact counts (a Qdrant count request, a
+  FAISS scan), so they are taken at most once per :data:`STORE_COUNTS_TTL_S` per process: a
+  scrape in between shows the last ones.
 
 Serving: :func:`start_metrics_server` (``/metrics`` over HTTP), :func:`metrics_text`.
 
@@ -39,8 +43,9 @@ import logging
 import math
 import re
 import threading
+import time
 import weakref
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -53,7 +58,8 @@ log = logging.getLogger(__name__)
 
 REGISTRY = CollectorRegistry()
 
-REQUEST_OUTCOMES = ("ok", "user_error", "internal_error", "rate_limited", "busy")
+# timeout: the adapter gave up on the request (its time limit, or a shutdown cancelled it).
+REQUEST_OUTCOMES = ("ok", "user_error", "internal_error", "rate_limited", "busy", "timeout")
 TASK_OUTCOMES = ("ok", "user_error", "internal_error", "timeout", "gave_up")
 # RapbotErrors that are the service's failure, not the user's (an outage, a broken store...):
 # counted as internal_error although the user gets their message.
@@ -66,6 +72,8 @@ SERVICE_ERRORS = frozenset(
         "RepeatedCrashError",
     }
 )
+
+STORE_COUNTS_TTL_S = 60.0  # how long a scrape reuses the last store counts
 
 _REQUEST_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0)
 _STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -241,8 +249,10 @@ def redis_queue_keys(
 def _redis_url(broker_url: str) -> str | None:
     """The first URL of a broker setting (Celery allows a ``;``-separated failover list) when
     it is one redis-py can open directly; None otherwise (amqp, sentinel, memory...)."""
+    from workers.app import is_redis_url  # lazy: only processes that talk to a broker get here
+
     first = broker_url.split(";", 1)[0].strip()
-    return first if first.startswith(("redis://", "rediss://", "unix://")) else None
+    return first if is_redis_url(first, sentinel=False) else None
 
 
 class QueueDepthCollector(Collector):
@@ -375,15 +385,61 @@ def _batch_stats(models: Any) -> Iterator[tuple[str, Any, Any]]:
 
 class EngineCollector(Collector):
     """Scrape-time metrics over the registered engines (held weakly: a dropped engine drops
-    out). Several engines in one process (tests) are summed per distinct store and batcher."""
+    out). Several engines in one process (tests) are summed per distinct store and batcher.
 
-    def __init__(self) -> None:
+    The models and batching metrics are read at every scrape (attributes in memory); the store
+    counts query the stores, so they are counted at most once per ``store_ttl_s`` (by
+    ``clock``) and reused by the scrapes in between; registering another engine, or
+    :meth:`expire_store_counts`, has the next scrape count again."""
+
+    def __init__(
+        self,
+        *,
+        store_ttl_s: float = STORE_COUNTS_TTL_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._engines: weakref.WeakSet[Any] = weakref.WeakSet()
         self._lock = threading.Lock()
+        self.store_ttl_s = store_ttl_s
+        self._clock = clock
+        self._count_lock = threading.Lock()  # concurrent scrapes: one counts, the rest reuse
+        self._store_counts: tuple[float, dict[str, int]] | None = None  # (taken at, counts)
 
     def add(self, engine: Any) -> None:
         with self._lock:
-            self._engines.add(engine)
+            if engine not in self._engines:
+                self._engines.add(engine)
+                self._store_counts = None  # its stores count from the next scrape
+
+    def expire_store_counts(self) -> None:
+        """Count the stores again at the next scrape."""
+        with self._lock:
+            self._store_counts = None
+
+    def store_counts(self, engines: Iterable[Any]) -> dict[str, int]:
+        """``kind → items`` over the distinct stores of ``engines``: the last counts while they
+        are younger than ``store_ttl_s``, else counted now."""
+        with self._count_lock:
+            with self._lock:
+                cached = self._store_counts
+            now = self._clock()
+            if cached is not None and now - cached[0] < self.store_ttl_s:
+                return dict(cached[1])
+            counts: dict[str, int] = {}
+            seen: set[int] = set()
+            for engine in engines:
+                concept_store = getattr(engine, "store", None)
+                if concept_store is not None and id(concept_store) not in seen:
+                    seen.add(id(concept_store))
+                    self._count(counts, "examples", concept_store, "count")
+                    self._count(counts, "concepts", concept_store, "count_concepts")
+                photos = getattr(engine, "_photos", None)  # opened only once the engine used it
+                if photos is not None and id(photos) not in seen:
+                    seen.add(id(photos))
+                    self._count(counts, "photos", photos, "total")
+            with self._lock:
+                self._store_counts = (now, counts)
+            return dict(counts)
 
     def engines(self) -> list[Any]:
         with self._lock:
@@ -426,22 +482,13 @@ class EngineCollector(Collector):
         loaded: dict[str, tuple[float, tuple[str, ...]]] = {}
         batch_totals: dict[str, list[float]] = {}
         seen: set[int] = set()
-        counts: dict[str, int] = {}
 
         for engine in engines:
             models = getattr(engine, "_models", None)  # never load models for a scrape
             if models is not None and id(models) not in seen:
                 seen.add(id(models))
                 self._models(models, loaded, batch_totals, seen)
-            concept_store = getattr(engine, "store", None)
-            if concept_store is not None and id(concept_store) not in seen:
-                seen.add(id(concept_store))
-                self._count(counts, "examples", concept_store, "count")
-                self._count(counts, "concepts", concept_store, "count_concepts")
-            photos = getattr(engine, "_photos", None)  # opened only once the engine used it
-            if photos is not None and id(photos) not in seen:
-                seen.add(id(photos))
-                self._count(counts, "photos", photos, "total")
+        counts = self.store_counts(engines)
 
         for model, (seconds, labels) in loaded.items():
             load.add_metric([model], seconds)
@@ -518,6 +565,14 @@ def register_engine(engine: Any) -> None:
             REGISTRY.register(_engine_collector)
         collector = _engine_collector
     collector.add(engine)
+
+
+def expire_store_counts() -> None:
+    """Have the next scrape count the stores again instead of reusing the counts of the last
+    :data:`STORE_COUNTS_TTL_S` (tests; an operator tool after a bulk change)."""
+    collector = _engine_collector
+    if collector is not None:
+        collector.expire_store_counts()
 
 
 # ----------------------------------------------------------------------------- serving

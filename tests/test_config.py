@@ -251,3 +251,26 @@ def test_doctor_online_asks_the_platforms_about_the_tokens(clean_env, tmp_path, 
     assert odd["telegram token"].ok is False and odd["telegram token"].detail.startswith(
         "JSONDecodeError"
     )
+
+
+def test_cir_lvlm_search_encoder_needs_its_model_folder(clean_env):
+    """RAPBOT_SEARCH_ENCODER=cir-lvlm without RAPBOT_SEARCH_MODEL is refused at start, in one
+    line naming both variables (not at the first search, nor by leaving photos undeletable)."""
+    clean_env.setenv("RAPBOT_SEARCH_ENCODER", "cir-lvlm")
+    for value in (None, "  "):
+        if value is not None:
+            clean_env.setenv("RAPBOT_SEARCH_MODEL", value)
+        with pytest.raises(ConfigError) as caught:
+            load_settings()
+        assert str(caught.value) == (
+            "RAPBOT_SEARCH_MODEL must name the folder `rapbot train cir` wrote when"
+            " RAPBOT_SEARCH_ENCODER=cir-lvlm (or set RAPBOT_SEARCH_ENCODER=clip)"
+        )
+    with pytest.raises(ValueError, match="RAPBOT_SEARCH_MODEL must name the folder"):
+        EngineSettings(search_encoder="cir-lvlm")
+    # Set: accepted (whether the folder holds an encoder is checked where it loads).
+    clean_env.setenv("RAPBOT_SEARCH_MODEL", "/models/cir")
+    assert load_settings().search_model == "/models/cir"
+    clean_env.delenv("RAPBOT_SEARCH_ENCODER")
+    clean_env.delenv("RAPBOT_SEARCH_MODEL")
+    assert EngineSettings().search_encoder == "clip"  # the default needs no folder

@@ -312,3 +312,54 @@ def test_photo_indexing_asks_once_a_minute_per_chat_and_runs_jobs_where_on() -> 
         assert await full.drain(timeout=0.2) == 1  # shutdown cancels what is left
 
     asyncio.run(scenario())
+
+
+def test_photos_a_command_downloaded_are_indexed_without_a_second_download(caplog) -> None:
+    """The adapters' shared bookkeeping: a command records what it downloads; indexing reuses
+    those bytes, downloads a photo nobody fetched (only where indexing is on), skips one whose
+    download failed, and logs a failed download by ids only."""
+    from engine.errors import ImageError
+
+    async def scenario() -> None:
+        gateway = FlagGateway()
+        gateway.on["tg:1"] = True
+        flags = PhotoIndexing(gateway)
+        downloaded: dict = {}
+        fetched: list[str] = []
+
+        async def download(key: str) -> bytes:
+            fetched.append(key)
+            if key.startswith("bad"):
+                raise ImageError(f"I couldn't download {key}-holiday-with-alice.jpg")
+            return key.encode()
+
+        # A command's downloads: recorded (None while under way, for good if it failed).
+        assert await PhotoIndexing.fetch(downloaded, "a", lambda: download("a")) == b"a"
+        with pytest.raises(ImageError):
+            await PhotoIndexing.fetch(downloaded, "bad-1", lambda: download("bad-1"))
+        assert await PhotoIndexing.fetch(None, "c", lambda: download("c")) == b"c"  # no record
+        assert downloaded == {"a": b"a", "bad-1": None}
+
+        indexed: list[tuple[str, bytes]] = []
+
+        def submit(scope: str, key: str) -> bool:
+            async def index(data: bytes) -> None:
+                indexed.append((scope, data))
+
+            return flags.submit_photo(scope, key, downloaded, lambda: download(key), index)
+
+        fetched.clear()
+        assert submit("tg:1", "a")  # the command's bytes: no second download
+        assert not submit("tg:1", "bad-1")  # its download failed: not retried
+        assert submit("tg:1", "d")  # nobody fetched it: the job does
+        assert submit("tg:1", "bad-2")  # the job's download fails: logged, skipped
+        assert submit("tg:2", "e")  # indexing is off there: never downloaded
+        assert await flags.drain() == 0
+        assert sorted(fetched) == ["bad-2", "d"]
+        assert sorted(indexed) == [("tg:1", b"a"), ("tg:1", b"d")]
+
+    with caplog.at_level("INFO", logger="bots.core.gateway"):
+        asyncio.run(scenario())
+    (line,) = [r.getMessage() for r in caplog.records if "not indexed" in r.getMessage()]
+    assert line == "photo not indexed scope=tg:1 photo=bad-2: ImageError"
+    assert "alice" not in caplog.text and "holiday" not in caplog.text

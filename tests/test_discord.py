@@ -30,6 +30,7 @@ from bots.discord_adapter.cog import ABORTED, PLATFORM_HELP, interaction_is_admi
 from bots.discord_adapter.files import fit_upload
 from bots.discord_adapter.format import escape, photo_link, reply_content, split_content
 from engine.images import ImageLimits
+from rapbot.metrics import REGISTRY
 from tests.badfiles import BAD_IMAGE_REASONS, BAD_IMAGES, MIB
 from tests.test_core import generator_engine
 
@@ -866,8 +867,14 @@ def test_ask_followup_is_edited_as_the_answer_grows(rap_engine, dreambooth) -> N
     assert followup.content and followup.content != edits[-1].content  # it grew
 
 
+def metric(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
 def test_refused_requests_download_nothing(tiny_engine, dreambooth) -> None:
     cat = photo_of(dreambooth, "cat")
+    limited = metric("rapbot_requests_total", command="who", outcome="rate_limited")
+    timed = metric("rapbot_request_seconds_count", command="who")
 
     async def scenario(h: DiscordHarness):
         answers = [await h.command("who", photo=cat) for _ in range(4)]
@@ -877,6 +884,9 @@ def test_refused_requests_download_nothing(tiny_engine, dreambooth) -> None:
     contents = [assert_deferred_then_followup(calls).content for calls in answers]
     assert [c.startswith("⚠️ Slow down a little") for c in contents] == [False, False, True, True]
     assert len(cdn) == 2  # the refused ones fetched nothing
+    # Refused before the download (CommandCore.admit): counted there, once each.
+    assert metric("rapbot_requests_total", command="who", outcome="rate_limited") == limited + 2
+    assert metric("rapbot_request_seconds_count", command="who") == timed + 4
 
 
 # --------------------------------------------------------------------------- search history
@@ -942,3 +952,30 @@ def test_search_replies_link_the_photos() -> None:
     )
     assert reply_content(Reply("Found:", photo_refs=(link,))) == f"Found:\n1. {link}"
     assert photo_link("/photos/**cat**.jpg") == "/photos/\\*\\*cat\\*\\*.jpg"
+
+
+def test_logs_name_no_files(tiny_engine, dreambooth, caplog) -> None:
+    """Privacy: a photo that cannot be fetched is logged by attachment id and scope, never by
+    the name the user gave the file (the user's reply may name it)."""
+    secret = "alice-at-the-clinic"
+    expired = Photo(photo_of(dreambooth, "cat").data, f"{secret}.jpg", served=False)
+
+    async def scenario(h: DiscordHarness):
+        await h.command("index", mode="on", author=CAROL, permissions=MANAGE_GUILD)
+        assert await h.message("look", [expired], mentions=[]) == []  # indexed: download fails
+        posted = h.last_message["attachments"][0]["id"]
+        await h.bot.rapbot.indexing.drain()
+        asked = await h.message(f"<@{APP_ID}> who?", [expired])  # answered: download fails
+        asked_id = h.last_message["attachments"][0]["id"]
+        await h.bot.rapbot.indexing.drain()
+        return posted, asked, asked_id
+
+    with caplog.at_level("DEBUG"):
+        posted, asked, asked_id = run(tiny_engine, scenario)
+    assert secret in asked[-1].content  # the user hears which file
+    ours = [r.getMessage() for r in caplog.records if r.name.startswith(("bots.", "engine."))]
+    assert [line for line in ours if "not indexed" in line] == [
+        f"photo not indexed scope=dc:{CHANNEL_A} photo={posted}: AttachmentError"
+    ]  # the mention's own failed download is not tried again for indexing
+    assert f"attachment download failed id={asked_id}: NotFound (status 404)" in ours
+    assert not [line for line in ours if secret in line]

@@ -15,6 +15,7 @@ import sys
 import urllib.request
 import uuid
 from datetime import datetime
+from types import SimpleNamespace
 
 import pytest
 
@@ -35,6 +36,12 @@ REDIS_URL = "redis://127.0.0.1:6379/15"  # a database of its own; keys named per
 def value(name: str, **labels: str) -> float:
     """A sample's current value, 0 when it has none yet."""
     return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def store_items(kind: str) -> float:
+    """``rapbot_store_items{kind}`` counted now (a scrape reuses counts up to a minute old)."""
+    metrics.expire_store_counts()
+    return value("rapbot_store_items", kind=kind)
 
 
 def message(text: str, user: str = "alice", scope: str = "tg:1", **kw) -> IncomingMessage:
@@ -80,8 +87,8 @@ def test_who_request_counts_times_its_stages_and_engine_metrics(tiny_engine, dre
     ok = {"command": "who", "outcome": "ok"}
     before_who = value("rapbot_requests_total", **ok)
     before_who_seconds = value("rapbot_request_seconds_count", command="who")
-    before_concepts = value("rapbot_store_items", kind="concepts")
-    before_examples = value("rapbot_store_items", kind="examples")
+    before_concepts = store_items("concepts")
+    before_examples = store_items("examples")
 
     async def scenario():
         remembered = await core.handle(message("/remember Mochi | my grey cat", image=cat))
@@ -117,8 +124,8 @@ def test_who_request_counts_times_its_stages_and_engine_metrics(tiny_engine, dre
     # Scrape-time engine metrics: the models' load time and what the store holds now.
     assert value("rapbot_model_load_seconds", model="tiny") > 0
     assert 'rapbot_model_load_seconds{model="tiny"}' in text
-    assert value("rapbot_store_items", kind="concepts") == before_concepts + 1
-    assert value("rapbot_store_items", kind="examples") == before_examples + 1
+    assert store_items("concepts") == before_concepts + 1
+    assert store_items("examples") == before_examples + 1
     assert tiny_engine.store.count_concepts() == 1
 
 
@@ -150,6 +157,107 @@ def test_errors_limits_and_unknown_commands_have_their_outcomes(tiny_engine) -> 
     assert replies[5] is None
     for key in keys:
         assert value("rapbot_requests_total", command=key[0], outcome=key[1]) == before[key] + 1
+
+
+class GatedGateway:
+    """A stand-in gateway whose listing waits until released (or forever)."""
+
+    def __init__(self) -> None:
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def list_concepts(self, scope):
+        self.entered.set()
+        await self.release.wait()
+        return []
+
+
+def test_admit_refusals_are_counted_under_the_command_name() -> None:
+    """As the adapters do it: admit() before the download, then handle(admitted=True); a
+    refusal by admit() is the request's outcome, counted once, under the command's name."""
+    keys = [
+        ("concepts", "ok"),
+        ("concepts", "rate_limited"),
+        ("who", "busy"),
+    ]
+    before = {key: value("rapbot_requests_total", command=key[0], outcome=key[1]) for key in keys}
+    seconds_before = {
+        name: value("rapbot_request_seconds_count", command=name) for name in ("concepts", "who")
+    }
+    other_outcomes = [
+        (command, outcome)
+        for command in ("concepts", "who", "help")
+        for outcome in metrics.REQUEST_OUTCOMES
+        if (command, outcome) not in keys
+    ]
+    others_before = {
+        k: value("rapbot_requests_total", command=k[0], outcome=k[1]) for k in other_outcomes
+    }
+
+    async def scenario() -> list:
+        gateway = GatedGateway()
+        core = CommandCore(
+            gateway, limits=Limits(user_burst=1, user_per_minute=1, in_flight_per_chat=1)
+        )
+        results = [core.admit("tg:1", "u1", "/concepts")]
+        gateway.release.set()
+        results.append(await core.handle(message("/concepts", user="u1"), admitted=True))
+        results.append(core.admit("tg:1", "u1", "/concepts"))  # its one token is spent
+        # The chat's one in-flight slot is taken by a request still being answered.
+        gateway.entered.clear()
+        gateway.release.clear()
+        slow = asyncio.create_task(
+            core.handle(message("/concepts", user="u2", scope="tg:2"), admitted=True)
+        )
+        await gateway.entered.wait()
+        results.append(core.admit("tg:2", "u3", "/who"))  # busy
+        results.append(core.admit("tg:2", "u4", "/help"))  # help is never refused by admit
+        gateway.release.set()
+        results.append(await slow)
+        return results
+
+    first, handled, limited, busy, help_admitted, slow = asyncio.run(scenario())
+    assert first is None and not handled.error and not slow.error
+    assert limited.error and limited.text.startswith("Slow down a little")
+    assert busy.error and "still working" in busy.text
+    assert help_admitted is None
+    assert value("rapbot_requests_total", command="concepts", outcome="ok") == (
+        before[("concepts", "ok")] + 2
+    )
+    for key in keys[1:]:
+        assert value("rapbot_requests_total", command=key[0], outcome=key[1]) == before[key] + 1
+    # Every request timed once: the two answered, the refused one; /who was refused only.
+    assert value("rapbot_request_seconds_count", command="concepts") == (
+        seconds_before["concepts"] + 3
+    )
+    assert value("rapbot_request_seconds_count", command="who") == seconds_before["who"] + 1
+    for key, count in others_before.items():  # nothing counted twice or under another outcome
+        assert value("rapbot_requests_total", command=key[0], outcome=key[1]) == count
+
+
+def test_a_request_cancelled_by_the_adapters_time_limit_is_a_timeout() -> None:
+    """Telegram bounds handle() with asyncio.wait_for: the cancelled request is still counted
+    (outcome timeout) and timed up to the cancellation."""
+    timeout = {"command": "concepts", "outcome": "timeout"}
+    before = value("rapbot_requests_total", **timeout)
+    count_before = value("rapbot_request_seconds_count", command="concepts")
+    sum_before = value("rapbot_request_seconds_sum", command="concepts")
+    ok_before = value("rapbot_requests_total", command="concepts", outcome="ok")
+
+    async def scenario() -> None:
+        core = CommandCore(GatedGateway(), limits=Limits(in_flight_per_chat=1))
+        assert core.admit("tg:1", "u1", "/concepts") is None
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(core.handle(message("/concepts"), admitted=True), 0.2)
+        # The in-flight slot was given back: the chat is not stuck "busy".
+        assert core.admit("tg:1", "u2", "/concepts") is None
+
+    asyncio.run(scenario())
+    assert value("rapbot_requests_total", **timeout) == before + 1
+    assert value("rapbot_request_seconds_count", command="concepts") == count_before + 1
+    assert value("rapbot_request_seconds_sum", command="concepts") >= sum_before + 0.2
+    assert value("rapbot_requests_total", command="concepts", outcome="ok") == ok_before
+    assert "timeout" in metrics.REQUEST_OUTCOMES
 
 
 def test_outcomes_of_errors_and_command_names() -> None:
@@ -191,7 +299,7 @@ def test_photo_and_batching_metrics_over_a_registered_engine(tiny_models, tmp_pa
     batched = with_micro_batching(models, max_batch=4, max_wait_ms=1)
     store = open_store(tmp_path / "store", models.embedder.model_id, models.embedder.dim)
     engine = Engine(settings.model_copy(update={"data_dir": tmp_path}), batched, store)
-    photos_before = value("rapbot_store_items", kind="photos")
+    photos_before = store_items("photos")
     batches_before = value("rapbot_batches_total", model="clip-images")
     items_before = value("rapbot_batched_items_total", model="clip-images")
     try:
@@ -202,7 +310,7 @@ def test_photo_and_batching_metrics_over_a_registered_engine(tiny_models, tmp_pa
         engine.index_photo("tg:9", cat, "bob", "msg-1")
         stats = batched.embedder.images.stats()
         assert stats.items >= 1
-        assert value("rapbot_store_items", kind="photos") == photos_before + 1
+        assert store_items("photos") == photos_before + 1
         assert value("rapbot_batches_total", model="clip-images") == batches_before + stats.batches
         assert (
             value("rapbot_batched_items_total", model="clip-images") == items_before + stats.items
@@ -213,6 +321,112 @@ def test_photo_and_batching_metrics_over_a_registered_engine(tiny_models, tmp_pa
         engine.close()
     # A closed engine's stores are skipped, never a failed scrape.
     assert "rapbot_requests_total" in metrics_text()
+
+
+class CountingStore:
+    """A store whose exact counts are queries: each one is recorded."""
+
+    def __init__(self, examples: int, concepts: int) -> None:
+        self.examples, self.concepts = examples, concepts
+        self.queries = 0
+
+    def count(self) -> int:
+        self.queries += 1
+        return self.examples
+
+    def count_concepts(self) -> int:
+        self.queries += 1
+        return self.concepts
+
+
+class CountingPhotos:
+    def __init__(self, photos: int) -> None:
+        self.photos = photos
+        self.queries = 0
+
+    def total(self) -> int:
+        self.queries += 1
+        return self.photos
+
+
+class FakeEngine:
+    """What the engine collector looks at: models (in memory), a store and a photo index."""
+
+    def __init__(self, store, photos, load_seconds: float) -> None:
+        self.store, self._photos = store, photos
+        self._models = SimpleNamespace(
+            profile=SimpleNamespace(name="fake"),
+            embedder=None,
+            detector=None,
+            generator=None,
+            load_seconds=load_seconds,
+        )
+
+
+def samples(collector: metrics.EngineCollector) -> dict[tuple[str, tuple], float]:
+    """One scrape of ``collector``: (sample name, label values) → value."""
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in collector.collect()
+        for sample in family.samples
+    }
+
+
+def test_store_counts_are_reused_for_a_minute_and_models_stay_live() -> None:
+    now = [1000.0]
+    collector = metrics.EngineCollector(store_ttl_s=60.0, clock=lambda: now[0])
+    store, photos = CountingStore(examples=5, concepts=2), CountingPhotos(7)
+    engine = FakeEngine(store, photos, load_seconds=1.5)
+    collector.add(engine)
+    stored = lambda kind: ("rapbot_store_items", (("kind", kind),))  # noqa: E731
+    loaded = ("rapbot_model_load_seconds", (("model", "fake"),))
+
+    first = samples(collector)
+    assert (store.queries, photos.queries) == (2, 1)
+    assert first[stored("examples")] == 5 and first[stored("concepts")] == 2
+    assert first[stored("photos")] == 7 and first[loaded] == 1.5
+
+    # A scrape within the minute: no store query, the last counts; the models are read again.
+    store.examples, photos.photos, engine._models.load_seconds = 6, 8, 2.5
+    now[0] += 59.0
+    second = samples(collector)
+    assert (store.queries, photos.queries) == (2, 1)
+    assert second[stored("examples")] == 5 and second[stored("photos")] == 7
+    assert second[loaded] == 2.5
+
+    # Once the minute is over: counted again.
+    now[0] += 1.0
+    third = samples(collector)
+    assert (store.queries, photos.queries) == (4, 2)
+    assert third[stored("examples")] == 6 and third[stored("photos")] == 8
+    samples(collector)
+    assert (store.queries, photos.queries) == (4, 2)
+
+    # Another engine's stores count from the next scrape on; and counts can be expired.
+    other_store = CountingStore(examples=1, concepts=1)
+    other = FakeEngine(other_store, None, load_seconds=1.0)
+    collector.add(other)
+    assert samples(collector)[stored("examples")] == 7
+    assert (store.queries, other_store.queries) == (6, 2)
+    collector.add(other)  # already there: the counts stay
+    samples(collector)
+    assert store.queries == 6
+    collector.expire_store_counts()
+    samples(collector)
+    assert store.queries == 8
+
+
+def test_redis_urls_for_the_queue_depth_and_the_broker_settings() -> None:
+    from workers.app import is_redis_url
+
+    for url in ("redis://h:6379/0", "rediss://h/0", "unix:///run/redis.sock"):
+        assert is_redis_url(url) and is_redis_url(url, sentinel=False)
+    assert is_redis_url("sentinel://h:26379") and not is_redis_url("sentinel://h", sentinel=False)
+    assert not is_redis_url("amqp://guest@h//") and not is_redis_url("memory://")
+    # The queue depth opens the URL with redis-py: the first of a failover list, no Sentinel.
+    assert metrics._redis_url(" redis://a/0 ; redis://b/0") == "redis://a/0"
+    assert metrics._redis_url("sentinel://h:26379;sentinel://h2:26379") is None
+    assert metrics._redis_url("amqp://guest@h//") is None
 
 
 def test_metrics_modules_import_without_torch() -> None:

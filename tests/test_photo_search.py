@@ -73,6 +73,32 @@ def test_photo_store_scopes_idempotence_and_deletion(tmp_path) -> None:
         PhotoStore(tmp_path, "other-model", 8)
 
 
+def test_adds_that_require_indexing_check_the_flag_when_writing(tmp_path) -> None:
+    """The flag is read inside the write transaction: nothing is stored for a scope whose
+    indexing is off (add: None, add_many: 0), while a forced add (no requirement) is."""
+    rng = np.random.default_rng(5)
+    vectors = [normalize(rng.standard_normal(8)) for _ in range(3)]
+    store = PhotoStore(tmp_path, "test-model", 8)
+    try:
+        assert store.add("A", vectors[0], b"jpg", "alice", 1.0, "a0", require_indexing=True) is None
+        rows = [(v, b"jpg", "alice", 1.0, f"m{i}") for i, v in enumerate(vectors)]
+        assert store.add_many("A", rows, require_indexing=True) == 0
+        assert store.count("A") == 0
+        store.set_indexing("A", True)
+        kept = store.add("A", vectors[0], b"jpg", "alice", 1.0, "a0", require_indexing=True)
+        assert kept is not None and store.count("A") == 1
+        store.set_indexing("A", False)  # off: neither a new photo nor a repeat of a stored one
+        assert store.add("A", vectors[1], b"jpg", "alice", 1.0, "a1", require_indexing=True) is None
+        assert store.add("A", vectors[0], b"jpg", "alice", 1.0, "a0", require_indexing=True) is None
+        assert store.add_many("A", rows, require_indexing=True) == 0
+        assert store.count("A") == 1
+        assert store.add("A", vectors[1], b"jpg", "alice", 1.0, "a1") is not None  # forced
+        assert store.add_many("A", rows) == 3
+        assert store.count("A") == 5
+    finally:
+        store.close()
+
+
 def test_compose_query_is_unit_and_between_its_parts() -> None:
     rng = np.random.default_rng(1)
     image, text = normalize(rng.standard_normal(16)), normalize(rng.standard_normal(16))
@@ -110,6 +136,30 @@ def test_indexing_is_off_by_default_and_admins_only(tiny_engine, dreambooth) -> 
     assert tiny_engine.index_photo("chat", photo, "alice", "m2") is None
     assert tiny_engine.set_indexing("chat", False, ADMIN, delete=True) == 1
     assert tiny_engine.photos.count("chat") == 0
+
+
+def test_index_off_while_a_photo_is_being_embedded_keeps_it_out(tiny_engine, dreambooth) -> None:
+    """The race: a photo posted just before `/index off` (with deletion) passes the first flag
+    check, is embedded (slow) meanwhile the admin's command runs, and must not be written
+    after the deletion. A forced index (the CLI's own files) is written whatever the flag."""
+    photo = (dreambooth / "cat" / "00.jpg").read_bytes()
+    tiny_engine.set_indexing("chat", True, ADMIN)
+    assert tiny_engine.index_photo("chat", photo, "alice", "m0") is not None
+    embed = tiny_engine._embed_photos
+
+    def embed_while_the_admin_turns_indexing_off(pictures):
+        vectors = embed(pictures)
+        assert tiny_engine.set_indexing("chat", False, ADMIN, delete=True) == 1
+        return vectors
+
+    tiny_engine._embed_photos = embed_while_the_admin_turns_indexing_off
+    try:
+        assert tiny_engine.index_photo("chat", photo, "alice", "m1") is None
+    finally:
+        tiny_engine._embed_photos = embed
+    assert tiny_engine.photos.count("chat") == 0 and not tiny_engine.indexing("chat")
+    assert tiny_engine.index_photo("chat", photo, "alice", "m2", force=True) is not None
+    assert tiny_engine.photos.count("chat") == 1
 
 
 def test_scope_isolation_of_the_photo_index(tiny_engine, dreambooth) -> None:
@@ -199,8 +249,16 @@ def test_cli_index_and_search_json(tiny_models, tmp_path, monkeypatch, capsys, d
     assert json.loads(capsys.readouterr().out)["results"][0]["source"] == paths[2]
     assert main(["search", "a dog", "--chat", "elsewhere", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == {"results": []}
-    # Re-embedding after an encoder change: every chat's photos, same answers with the same model.
+    # --rebuild re-embeds only an index made by another encoder: this one matches, so nothing
+    # is done (the thumbnails would give worse vectors); --force re-embeds every chat's photos.
     assert main(["index", "--rebuild", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"reindexed": 0}
+    assert main(["index", "--rebuild"]) == 0
+    assert capsys.readouterr().out.strip() == (
+        "The photo index already matches the search encoder; nothing to do"
+        " (--force re-embeds anyway)."
+    )
+    assert main(["index", "--rebuild", "--force", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == {"reindexed": len(paths)}
     assert main(["search", "--ref", paths[2], "--json", "-k", "1"]) == 0
     assert json.loads(capsys.readouterr().out)["results"][0]["source"] == paths[2]

@@ -30,6 +30,7 @@ from bots.telegram_adapter.format import split_text, to_html
 from bots.telegram_adapter.handlers import TIMEOUT_TEXT
 from bots.telegram_adapter.send import Target, send_reply
 from engine.images import ImageLimits
+from rapbot.metrics import REGISTRY
 from tests.badfiles import BAD_IMAGE_REASONS, BAD_IMAGES
 from tests.test_core import generator_engine
 
@@ -628,7 +629,14 @@ class SlowGateway:
         pass
 
 
+def metric(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
 def test_slow_work_shows_progress_and_times_out(photos) -> None:
+    timeouts = metric("rapbot_requests_total", command="who", outcome="timeout")
+    timed = metric("rapbot_request_seconds_count", command="who")
+
     async def scenario(tg: Harness) -> None:
         bot = rapbot_of(tg.app)
         bot.timeout_s, bot.chat_action_every_s = 0.35, 0.1
@@ -639,6 +647,9 @@ def test_slow_work_shows_progress_and_times_out(photos) -> None:
         assert only_reply(calls).text == TIMEOUT_TEXT
 
     run_bot(SlowGateway(), scenario)
+    # The request cut short is still counted and timed (not lost with the cancelled handle).
+    assert metric("rapbot_requests_total", command="who", outcome="timeout") == timeouts + 1
+    assert metric("rapbot_request_seconds_count", command="who") == timed + 1
 
 
 class ListingGateway:
@@ -750,6 +761,9 @@ def test_ask_answer_grows_by_editing_one_message(rap_engine, photos) -> None:
 
 
 def test_refused_requests_download_nothing(tiny_engine, photos) -> None:
+    limited = metric("rapbot_requests_total", command="who", outcome="rate_limited")
+    timed = metric("rapbot_request_seconds_count", command="who")
+
     async def scenario(tg: Harness) -> None:
         tg.add_file("cat", photos["cat"])
         calls = []
@@ -761,6 +775,9 @@ def test_refused_requests_download_nothing(tiny_engine, photos) -> None:
         assert len(slow) == 2
 
     with_engine(tiny_engine, scenario, limits=Limits(user_burst=2, user_per_minute=1))
+    # Refused before the download (CommandCore.admit): counted there, once each.
+    assert metric("rapbot_requests_total", command="who", outcome="rate_limited") == limited + 2
+    assert metric("rapbot_request_seconds_count", command="who") == timed + 4
 
 
 # --------------------------------------------------------------------------- search history
@@ -855,3 +872,38 @@ def test_one_search_result_and_image_files_are_sent_back(tiny_engine, photos) ->
     with_engine(tiny_engine, scenario)
     hits = tiny_engine.search(f"tg:{ALICE}", "", photos["dog0"])
     assert [h.source for h in hits] == ["document:dogfile", "cat"]
+
+
+def test_logs_name_no_files_and_quote_no_captions(tiny_engine, photos, caplog) -> None:
+    """Privacy: log lines carry ids (chat, file), never a file's name, a caption or a text."""
+    secret = "alice-at-the-clinic"
+
+    async def scenario(tg: Harness) -> None:
+        bot = rapbot_of(tg.app)
+        tg.add_file("cat", photos["cat"])
+        tg.request.members[(GROUP_A, CAROL)] = "administrator"
+        await tg.say(GROUP_A, CAROL, text="/index on")
+        tg.request.failures["getFile"] = (400, "Bad Request: wrong file_id")
+        posted = tg.message(GROUP_A, BOB, document=("cat", "image/jpeg"), caption=secret)
+        posted["document"]["file_name"] = f"{secret}.jpg"
+        assert not replies(await tg.send(posted))  # not for the bot: indexed, and that fails
+        await bot.indexing.drain()
+        refused = tg.message(GROUP_A, BOB, document=("cat", "application/pdf"))
+        refused["document"]["file_name"] = f"{secret}.pdf"
+        refused["caption"], refused["caption_entities"] = f"/who {secret}", _entities("/who")
+        assert secret in only_reply(await tg.send(refused)).text  # the user is told, not the log
+        del tg.request.failures["getFile"]
+        bot.timeout_s = 0.0  # the next download cannot finish
+        await tg.say(GROUP_A, BOB, photo="cat", caption=secret)
+        await bot.indexing.drain()
+
+    with caplog.at_level("DEBUG"):
+        with_engine(tiny_engine, scenario)
+    ours = [  # python-telegram-bot's own DEBUG lines quote every call (capped at INFO in serve)
+        r.getMessage() for r in caplog.records if r.name.startswith(("bots.", "engine.", "rapbot."))
+    ]
+    assert [line for line in ours if "not indexed" in line] == [
+        f"photo not indexed scope=tg:{GROUP_A} photo=cat: ImageError",
+        f"photo not indexed scope=tg:{GROUP_A} photo=cat: TimeoutError",
+    ]
+    assert not [line for line in ours if secret in line]

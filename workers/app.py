@@ -47,8 +47,15 @@ def publish_retry_policy(total_s: float) -> dict[str, float | int]:
     return {"max_retries": retries, "interval_start": 0, "interval_step": step, "interval_max": cap}
 
 
-def _is_redis(url: str) -> bool:
-    return url.startswith(("redis://", "rediss://", "unix://", "sentinel://"))
+_REDIS_SCHEMES = ("redis://", "rediss://", "unix://")  # what redis-py opens from a URL
+
+
+def is_redis_url(url: str, *, sentinel: bool = True) -> bool:
+    """Whether ``url`` points at Redis: ``redis://``, ``rediss://``, ``unix://`` and, unless
+    ``sentinel=False``, ``sentinel://`` (kombu's Sentinel transport). ``sentinel=False`` is for
+    callers that open the URL with redis-py itself (``redis.Redis.from_url``), which cannot
+    open a Sentinel URL."""
+    return url.startswith(_REDIS_SCHEMES + (("sentinel://",) if sentinel else ()))
 
 
 def create_app(
@@ -62,7 +69,7 @@ def create_app(
     queues = (settings.gpu_queue, settings.cpu_queue)
     app = Celery(main, include=["workers.tasks"])
     broker_options: dict[str, object] = {}
-    if _is_redis(settings.broker_url):
+    if is_redis_url(settings.broker_url):
         broker_options = {
             # Redis has no consumer acks: an unacked message of a worker that died is handed
             # out again this long after delivery (see WorkerSettings.visibility_timeout_s).

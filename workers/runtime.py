@@ -84,13 +84,23 @@ def settings() -> WorkerSettings:
 
 
 def load_engine(with_models: bool) -> Engine:
-    """Build this process's engine (idempotent). Store-only engines load no weights."""
+    """Build this process's engine (idempotent). Store-only engines load no weights. With
+    models, a CIR-LVLM search encoder (``RAPBOT_SEARCH_ENCODER=cir-lvlm``) is loaded here too,
+    before the worker says it is ready: loaded by its first task instead, a large VLM would run
+    into the task time limits (and the hard limit restarts the worker, to load it again)."""
     from engine.engine import Engine
 
     with _state.lock:
         if _state.engine is None:
             started = time.perf_counter()
-            _state.engine = Engine.open(load_settings(), load_models=with_models)
+            built = Engine.open(load_settings(), load_models=with_models)
+            if with_models and built.settings.search_encoder == "cir-lvlm":
+                try:
+                    built.search_encoder  # noqa: B018 - loads it (once per process)
+                except BaseException:
+                    built.close()
+                    raise
+            _state.engine = built
             _state.with_models = with_models
             _state.load_seconds = time.perf_counter() - started
             metrics.register_engine(_state.engine)  # models, batching, store counts

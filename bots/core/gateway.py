@@ -13,16 +13,22 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol, TypeVar
 
+from engine.errors import RapbotError
 from engine.permissions import Actor
 from engine.types import Answer, Box, Concept, PhotoHit, RememberResult
 from rapbot.metrics import register_engine
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
+
+INDEX_DRAIN_S = 10.0  # an adapter's shutdown: how long photos still being indexed may take
+# The photos a command downloaded, by the platform's id of each (Telegram file id, Discord
+# attachment id): their bytes, or None for a download that failed or was cut short.
+Downloaded = dict[Hashable, bytes | None]
 
 
 class EngineGateway(Protocol):
@@ -240,6 +246,9 @@ class PhotoIndexing:
     * :meth:`submit`: runs a download-and-index job in the background, so it never delays a
       reply: only where indexing is on, at most ``concurrency`` at a time (the engine answers
       commands too), at most ``max_pending`` queued; beyond that a photo is skipped (logged).
+    * :meth:`fetch` and :meth:`submit_photo`: a photo a command downloads is recorded in a
+      :data:`Downloaded` dict, so indexing it afterwards reuses those bytes (no second
+      download) and skips a photo whose download failed (a failure is not retried).
     """
 
     def __init__(
@@ -302,6 +311,51 @@ class PhotoIndexing:
         self._jobs.add(task)
         task.add_done_callback(self._jobs.discard)
         return True
+
+    @staticmethod
+    async def fetch(
+        downloaded: Downloaded | None, key: Hashable, download: Callable[[], Awaitable[bytes]]
+    ) -> bytes:
+        """``download()``'s bytes, for a command; recorded in ``downloaded`` (when given) under
+        ``key``: None until they arrive, so a download that fails or is cut short stays None
+        and :meth:`submit_photo` skips the photo."""
+        if downloaded is None:
+            return await download()
+        downloaded[key] = None
+        data = await download()
+        downloaded[key] = data
+        return data
+
+    def submit_photo(
+        self,
+        scope: str,
+        key: Hashable,
+        downloaded: Downloaded,
+        download: Callable[[], Awaitable[bytes]],
+        index: Callable[[bytes], Awaitable[object]],
+    ) -> bool:
+        """Index one photo posted in ``scope`` in the background (see :meth:`submit`):
+        ``index(bytes)`` (``CommandCore.index_photo``) with the bytes a command already
+        downloaded (``downloaded[key]``), else with those of ``download()``, called only once
+        the scope's indexing is known to be on. False when the photo is skipped: the
+        command's download of it failed (None), or too much is pending. A failing
+        ``download()`` (a RapbotError, a timeout) is logged with ids only (the error's text
+        may name the user's file) and the photo is skipped."""
+        if key in downloaded and downloaded[key] is None:
+            return False
+        data = downloaded.get(key)
+
+        async def job() -> None:
+            try:
+                photo = data if data is not None else await download()
+            except (RapbotError, asyncio.TimeoutError) as error:
+                log.info(
+                    "photo not indexed scope=%s photo=%s: %s", scope, key, type(error).__name__
+                )
+                return
+            await index(photo)
+
+        return self.submit(scope, job)
 
     async def _run(self, scope: str, job: Callable[[], Awaitable[object]]) -> None:
         try:

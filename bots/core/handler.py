@@ -13,10 +13,16 @@ produces no partial at all, so adapters send it as an ordinary reply.
 Admission: :meth:`CommandCore.admit` applies the rate limits and the in-flight bound before an
 adapter downloads a photo; the adapter then calls ``handle(..., admitted=True)`` so the same
 request is not counted twice.
+
+Metrics: every request is counted once in ``rapbot_requests_total{command, outcome}`` and timed
+in ``rapbot_request_seconds{command}``: by :meth:`CommandCore.admit` when it refuses the request
+(``rate_limited``, ``busy``), else by :meth:`CommandCore.handle`, with ``timeout`` when the
+adapter cancels it (a time limit, a shutdown).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -62,21 +68,26 @@ class CommandCore:
     def admit(self, scope: str, user_id: str, text: str) -> Reply | None:
         """Apply the rate limits (counting the request) and the in-flight bound before the
         adapter does costly work such as downloading a photo: a refusal Reply, or None when
-        the request may go ahead; then call ``handle(..., admitted=True)``."""
+        the request may go ahead; then call ``handle(..., admitted=True)``.
+
+        A refusal is the request's outcome (``rate_limited`` or ``busy`` in the metrics, under
+        the command's name): the adapter sends it and never calls ``handle``."""
         if not self.limits.enabled:
             return None
+        started = time.perf_counter()
         try:
             command = c.parse_command(text)
         except RapbotError:
             return None  # handle() answers with the usage, as it always has (never limited)
         if isinstance(command, c.Help):
             return None
-        limited = self._rate_limited(scope, user_id)
-        if limited is not None:
-            return limited
-        if self._in_flight.is_full(scope):
-            return Reply(BUSY, error=True)
-        return None
+        refusal, outcome = self._rate_limited(scope, user_id), "rate_limited"
+        if refusal is None and self._in_flight.is_full(scope):
+            refusal, outcome = Reply(BUSY, error=True), "busy"
+        if refusal is not None:
+            seconds = time.perf_counter() - started
+            metrics.observe_request(metrics.command_name(command), outcome, seconds)
+        return refusal
 
     async def handle(
         self,
@@ -91,7 +102,8 @@ class CommandCore:
         the growing answer of /ask and /caption (see the module notes).
 
         Counted in ``rapbot_requests_total{command, outcome}`` and timed in
-        ``rapbot_request_seconds{command}``; logs within carry the scope and command name."""
+        ``rapbot_request_seconds{command}``, also when the adapter cancels it (its time limit:
+        outcome ``timeout``); logs within carry the scope and command name."""
         if message.from_bot:
             return None
         started = time.perf_counter()
@@ -100,9 +112,15 @@ class CommandCore:
         except RapbotError as error:
             command, reply, outcome = None, Reply(str(error), error=True), "user_error"
         name = metrics.command_name(command)
-        with log_context(scope=message.scope, command=name):
-            if command is not None:
-                reply, outcome = await self._handle_command(command, message, admitted, on_partial)
+        try:
+            with log_context(scope=message.scope, command=name):
+                if command is not None:
+                    reply, outcome = await self._handle_command(
+                        command, message, admitted, on_partial
+                    )
+        except asyncio.CancelledError:  # asyncio.wait_for's time limit, a shutdown
+            metrics.observe_request(name, "timeout", time.perf_counter() - started)
+            raise
         metrics.observe_request(name, outcome, time.perf_counter() - started)
         return reply
 

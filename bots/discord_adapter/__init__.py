@@ -119,6 +119,9 @@ def run_bot(
 ) -> int:
     """Run the Discord bot (or, with ``sync``, register its commands and exit); exit code."""
     token = _token(settings)
+    library = logging.getLogger("discord")
+    if library.getEffectiveLevel() < logging.INFO:  # privacy: its DEBUG lines quote every
+        library.setLevel(logging.INFO)  # gateway event and request: users' texts, file names
     if sync:
         asyncio.run(_sync(token, guild_id))
     else:

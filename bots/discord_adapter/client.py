@@ -8,6 +8,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
+from bots.core.gateway import INDEX_DRAIN_S
 from bots.core.handler import INTERNAL_ERROR, CommandCore
 from bots.discord_adapter.cog import RapbotCog
 from bots.discord_adapter.format import ERROR_PREFIX, NO_MENTIONS
@@ -15,7 +16,6 @@ from engine.images import ImageLimits
 
 log = logging.getLogger(__name__)
 
-INDEX_DRAIN_S = 10.0  # shutdown: how long photos still being indexed may take
 STALE_COMMAND = (
     "That command is out of date. The bot's operator needs to run `rapbot serve discord --sync`."
 )
@@ -29,7 +29,8 @@ class RapbotTree(app_commands.CommandTree):
     ) -> None:
         if isinstance(error, (app_commands.CommandNotFound, app_commands.CommandSignatureMismatch)):
             text = STALE_COMMAND
-            log.warning("stale app command %r: %s", interaction.data, error)
+            # Ids only: the interaction's data holds what the user typed in the options.
+            log.warning("stale app command interaction=%s: %s", interaction.id, error)
         else:
             text = INTERNAL_ERROR
             log.error("app command failed", exc_info=error)

@@ -35,7 +35,7 @@ from discord.ext import commands
 from discord.utils import MISSING
 
 from bots.core import commands as c
-from bots.core.gateway import PhotoIndexing
+from bots.core.gateway import Downloaded, PhotoIndexing
 from bots.core.handler import CommandCore
 from bots.core.messages import IncomingMessage, Reply
 from bots.discord_adapter.files import (
@@ -351,7 +351,7 @@ class RapbotCog(commands.Cog, name="rapbot"):
         target: Target,
         message: IncomingMessage,
         photo: discord.Attachment | None,
-        downloaded: dict[int, bytes | None] | None = None,
+        downloaded: Downloaded | None = None,
     ) -> None:
         """Download ``photo`` (if any), ask the core, post its reply: every error is a reply.
 
@@ -361,16 +361,17 @@ class RapbotCog(commands.Cog, name="rapbot"):
         if refusal is not None:
             await deliver(target, refusal)
             return
-        record = {} if downloaded is None else downloaded
         try:
-            if photo is not None:
-                record[photo.id] = None  # until it arrives: a failure is not retried
-            image = await download(photo, self.limits) if photo is not None else None
+            image = (
+                await PhotoIndexing.fetch(
+                    downloaded, photo.id, functools.partial(download, photo, self.limits)
+                )
+                if photo is not None
+                else None
+            )
         except AttachmentError as error:
             await deliver(target, Reply(str(error), error=True))
             return
-        if photo is not None:
-            record[photo.id] = image
         growing = GrowingReply(target)  # the core streams /ask and /caption only
         reply = await self.core.handle(
             dataclasses.replace(message, image=image), admitted=True, on_partial=growing.show
@@ -540,7 +541,7 @@ class RapbotCog(commands.Cog, name="rapbot"):
             command = f"/ask {text}"
         else:
             command = "/who" if photo is not None else "/help"
-        downloaded: dict[int, bytes | None] = {}
+        downloaded: Downloaded = {}
         async with self.jobs.track(target), _typing(message.channel):
             incoming_message = incoming(
                 message.channel.id,
@@ -554,7 +555,7 @@ class RapbotCog(commands.Cog, name="rapbot"):
 
     # ------------------------------------------------------------------ search history
 
-    def _index_later(self, message: discord.Message, downloaded: dict[int, bytes | None]) -> None:
+    def _index_later(self, message: discord.Message, downloaded: Downloaded) -> None:
         """Index the message's image attachments in the background when the channel's
         indexing is on, with the bytes a mention downloaded if any (a failed one is skipped).
         Without the message content intent Discord sends no attachments of messages that do
@@ -563,25 +564,12 @@ class RapbotCog(commands.Cog, name="rapbot"):
             return
         scope = scope_of(message.channel.id)
         for attachment, source in photo_sources(message):
-            if attachment.id in downloaded and downloaded[attachment.id] is None:
-                continue
-            data = downloaded.get(attachment.id)
-            job = functools.partial(self._index, message, attachment, source, data)
-            self.indexing.submit(scope, job)
+            # The size and type checks of every download apply; a failure is logged by id only.
+            fetch = functools.partial(download, attachment, self.limits)
+            index = functools.partial(self._index, message, source)
+            self.indexing.submit_photo(scope, attachment.id, downloaded, fetch, index)
 
-    async def _index(
-        self,
-        message: discord.Message,
-        attachment: discord.Attachment,
-        source: str,
-        data: bytes | None,
-    ) -> None:
-        try:
-            if data is None:  # the size and type checks of every download apply
-                data = await download(attachment, self.limits)
-        except AttachmentError as error:
-            log.info("photo not indexed channel=%s: %s", message.channel.id, error)
-            return
+    async def _index(self, message: discord.Message, source: str, data: bytes) -> None:
         posted = incoming(
             message.channel.id, message.author, "", is_admin=False, message_id=f"dc:{message.id}"
         )

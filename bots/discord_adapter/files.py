@@ -93,7 +93,14 @@ async def download(
     try:
         data = await asyncio.wait_for(attachment.read(), timeout)
     except (discord.HTTPException, aiohttp.ClientError, asyncio.TimeoutError, OSError) as error:
-        log.warning("attachment download failed id=%s: %r", attachment.id, error)
+        # Not the error's text: an aiohttp error shows the URL, which ends in the file's name.
+        status = getattr(error, "status", None)
+        log.warning(
+            "attachment download failed id=%s: %s%s",
+            attachment.id,
+            type(error).__name__,
+            f" (status {status})" if status is not None else "",
+        )
         raise AttachmentError(
             f"I couldn't download {_shown_name(attachment)} from Discord. "
             "Please attach it again in a moment."

@@ -117,6 +117,9 @@ def run_bot(settings: Settings, gateway_kind: str = "local") -> int:
             f"{TOKEN_VARIABLE} is not set: create a bot with @BotFather and export its token."
         )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per poll otherwise
+    library = logging.getLogger("telegram")
+    if library.getEffectiveLevel() < logging.INFO:  # privacy: its DEBUG lines quote every
+        library.setLevel(logging.INFO)  # Bot API call: users' texts, captions, file names
     gateway = make_gateway(gateway_kind, settings, worker_settings=settings)  # models load here
     app = build_application(
         token,

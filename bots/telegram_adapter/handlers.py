@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 
 from telegram import Bot, Chat, Message, MessageEntity, Update
@@ -25,12 +25,12 @@ from telegram.constants import ChatAction
 from telegram.ext import BaseHandler, CommandHandler, ContextTypes, MessageHandler, filters
 
 from bots.core import commands as c
-from bots.core.gateway import PhotoIndexing
+from bots.core.gateway import INDEX_DRAIN_S, Downloaded, PhotoIndexing
 from bots.core.handler import INTERNAL_ERROR, CommandCore
 from bots.core.messages import IncomingMessage, Reply
 from bots.telegram_adapter.admins import AdminCache
 from bots.telegram_adapter.albums import AlbumCollector
-from bots.telegram_adapter.files import Attachment, attachment_of, download, photo_for
+from bots.telegram_adapter.files import attachment_of, download, photo_for
 from bots.telegram_adapter.send import (
     CHAT_ACTION_EVERY_S,
     GrowingMessage,
@@ -55,7 +55,6 @@ PLATFORM_NOTES = (
     "to the group again."
 )
 TIMEOUT_TEXT = "That took too long, sorry. Please try again in a minute."
-INDEX_DRAIN_S = 10.0  # shutdown: how long photos still being indexed may take
 
 # Telegram command names (a-z, 0-9, _): the core's commands, plus /start which opens every chat.
 COMMANDS = (*c.USAGE, "start")
@@ -76,6 +75,11 @@ class Sender:
     is_bot: bool
 
 
+def scope_of(message: Message) -> str:
+    """The scope of the message's chat (``tg:<chat id>``; a private chat's id is the user's)."""
+    return f"tg:{message.chat_id}"
+
+
 def sender_of(message: Message) -> Sender | None:
     chat = message.sender_chat
     if chat is not None:  # anonymous admins post as the group itself; channels as the channel
@@ -84,6 +88,30 @@ def sender_of(message: Message) -> Sender | None:
     if user is None:
         return None
     return Sender(f"tg:{user.id}", user.full_name, user.id, False, user.is_bot)
+
+
+def incoming(
+    message: Message,
+    sender: Sender,
+    text: str = "",
+    photos: Sequence[bytes] = (),
+    *,
+    is_admin: bool = False,
+) -> IncomingMessage:
+    """The core's view of ``message`` from ``sender``: the command ``text`` (empty for a photo
+    to index) and ``photos`` (the first is the one the command is about; an album adds more)."""
+    scope = scope_of(message)
+    return IncomingMessage(
+        scope=scope,
+        user_id=sender.user_id,
+        text=text,
+        image=photos[0] if photos else None,
+        images=tuple(photos[1:]),
+        is_admin=is_admin,
+        user_name=sender.name,
+        message_id=f"{scope}:{message.message_id}",
+        from_bot=sender.is_bot,
+    )
 
 
 def _addressee(text: str) -> str | None:
@@ -201,7 +229,7 @@ class TelegramBot:
         if message is None:
             return
         text = command_text(message, context.bot)
-        downloaded: dict[str, bytes | None] = {}
+        downloaded: Downloaded = {}
         if text is not None:
             await self.serve(context.bot, message, text, downloaded=downloaded)
         self._index_later(context.bot, message, downloaded)
@@ -215,7 +243,7 @@ class TelegramBot:
         bot = self._bot
         if bot is None:
             return
-        downloaded: dict[str, bytes | None] = {}
+        downloaded: Downloaded = {}
         for item in items:
             text = command_text(item, bot)
             if text is not None:
@@ -244,7 +272,7 @@ class TelegramBot:
         message: Message,
         text: str,
         album: Sequence[Message] = (),
-        downloaded: dict[str, bytes | None] | None = None,
+        downloaded: Downloaded | None = None,
     ) -> None:
         """Answer the command ``text`` given by ``message`` (one item of ``album``, if any).
 
@@ -259,7 +287,7 @@ class TelegramBot:
             command = None  # the core answers with the usage
         target = Target.of(message)
         # Rate limits before any download; the core then doesn't count this request again.
-        refusal = self.core.admit(f"tg:{message.chat_id}", sender.user_id, text)
+        refusal = self.core.admit(scope_of(message), sender.user_id, text)
         if refusal is not None:
             await send_reply(bot, target, refusal)
             return
@@ -277,10 +305,10 @@ class TelegramBot:
                     self.timeout_s,
                 )
             except asyncio.TimeoutError:
-                log.warning("request timed out chat=%s", message.chat_id)
+                log.warning("request timed out scope=%s", scope_of(message))
                 reply = Reply(TIMEOUT_TEXT, error=True)
         if isinstance(command, c.Index):
-            self.indexing.forget(f"tg:{message.chat_id}")  # on or off, it shows at once
+            self.indexing.forget(scope_of(message))  # on or off, it shows at once
         if reply is not None and growing is not None:
             await growing.finish(reply)
         elif reply is not None:
@@ -295,7 +323,7 @@ class TelegramBot:
         command: c.Command | None,
         album: Sequence[Message],
         growing: GrowingMessage | None = None,
-        downloaded: dict[str, bytes | None] | None = None,
+        downloaded: Downloaded | None = None,
     ) -> Reply | None:
         try:
             photos = await self._photos(bot, message, command, album, downloaded)
@@ -304,19 +332,10 @@ class TelegramBot:
         is_admin = sender.anonymous_admin
         if isinstance(command, ADMIN_COMMANDS) and not is_admin and sender.telegram_id is not None:
             is_admin = await self.admins.is_admin(bot, message.chat, sender.telegram_id)
-        incoming = IncomingMessage(
-            scope=f"tg:{message.chat_id}",
-            user_id=sender.user_id,
-            text=text,
-            image=photos[0] if photos else None,
-            images=tuple(photos[1:]),
-            is_admin=is_admin,
-            user_name=sender.name,
-            message_id=f"tg:{message.chat_id}:{message.message_id}",
-            from_bot=sender.is_bot,
-        )
         return await self.core.handle(
-            incoming, admitted=True, on_partial=growing.show if growing is not None else None
+            incoming(message, sender, text, photos, is_admin=is_admin),
+            admitted=True,
+            on_partial=growing.show if growing is not None else None,
         )
 
     async def _photos(
@@ -325,7 +344,7 @@ class TelegramBot:
         message: Message,
         command: c.Command | None,
         album: Sequence[Message],
-        downloaded: dict[str, bytes | None] | None = None,
+        downloaded: Downloaded | None = None,
     ) -> list[bytes]:
         """The photos the command needs: none, the one it is about, or a whole album
         (each also recorded in ``downloaded``)."""
@@ -341,19 +360,17 @@ class TelegramBot:
         if not attachments:
             attachment = photo_for(message)
             attachments = [attachment] if attachment is not None else []
-        record = {} if downloaded is None else downloaded
-
-        async def fetch(attachment: Attachment) -> bytes:
-            record[attachment.file_id] = None  # until it arrives: a failure is not retried
-            data = await download(bot, attachment, self.image_limits)
-            record[attachment.file_id] = data
-            return data
-
-        return list(await asyncio.gather(*(fetch(a) for a in attachments)))
+        fetches = (
+            PhotoIndexing.fetch(
+                downloaded, a.file_id, functools.partial(download, bot, a, self.image_limits)
+            )
+            for a in attachments
+        )
+        return list(await asyncio.gather(*fetches))
 
     # ------------------------------------------------------------------ search history
 
-    def _index_later(self, bot: Bot, message: Message, downloaded: dict[str, bytes | None]) -> None:
+    def _index_later(self, bot: Bot, message: Message, downloaded: Downloaded) -> None:
         """Index the message's own photo in the background when the chat's indexing is on,
         with the bytes a command downloaded if any (a failed download is not retried)."""
         sender = sender_of(message)
@@ -365,39 +382,15 @@ class TelegramBot:
             return  # a video, a sticker, a PDF: nothing to index
         if attachment is None:
             return
-        if attachment.file_id in downloaded and downloaded[attachment.file_id] is None:
-            return  # the command's download failed or was cut short
-        job = functools.partial(
-            self._index, bot, message, sender, attachment, downloaded.get(attachment.file_id)
-        )
-        self.indexing.submit(f"tg:{message.chat_id}", job)
 
-    async def _index(
-        self,
-        bot: Bot,
-        message: Message,
-        sender: Sender,
-        attachment: Attachment,
-        data: bytes | None,
-    ) -> None:
-        try:
-            if data is None:  # the size limits of every download apply
-                data = await asyncio.wait_for(
-                    download(bot, attachment, self.image_limits), self.timeout_s
-                )
-        except (RapbotError, asyncio.TimeoutError) as error:
-            log.info("photo not indexed chat=%s: %s", message.chat_id, error or "timeout")
-            return
-        posted = IncomingMessage(
-            scope=f"tg:{message.chat_id}",
-            user_id=sender.user_id,
-            text="",
-            image=data,
-            user_name=sender.name,
-            message_id=f"tg:{message.chat_id}:{message.message_id}",
-            from_bot=sender.is_bot,
-        )
-        await self.core.index_photo(posted, attachment.search_source)
+        def fetch() -> Awaitable[bytes]:  # the size limits of every download apply
+            return asyncio.wait_for(download(bot, attachment, self.image_limits), self.timeout_s)
+
+        index = functools.partial(self._index, message, sender, attachment.search_source)
+        self.indexing.submit_photo(scope_of(message), attachment.file_id, downloaded, fetch, index)
+
+    async def _index(self, message: Message, sender: Sender, source: str, data: bytes) -> None:
+        await self.core.index_photo(incoming(message, sender, photos=(data,)), source)
 
 
 class _InAlbum(filters.MessageFilter):

@@ -24,10 +24,16 @@ The store records the embedding model (id and size) its vectors come from. Opene
 model with ``strict=False`` (the engine does, since the search encoder is a setting), it still
 answers the indexing flags, thumbnails and every deletion (so ``forget_user`` always works), but
 refuses to add or search with a message saying how to re-index; :meth:`PhotoStore.reembed`
-re-embeds the stored thumbnails with the new model and adopts it.
+re-embeds the stored thumbnails with the new model and adopts it. When the configured encoder's
+identity cannot even be computed (``RAPBOT_SEARCH_MODEL`` empty or not a trained folder),
+:meth:`PhotoStore.unresolved` opens the store with the identity recorded in its own meta: flags,
+thumbnails, counts and deletions work, and adds, searches and re-embedding raise the error that
+says what is wrong with the encoder.
 
 Indexing is off for a scope until :meth:`PhotoStore.set_indexing` turns it on (an admin's
-decision; the engine checks the rights).
+decision; the engine checks the rights). ``add(..., require_indexing=True)`` (and ``add_many``)
+check the flag inside their write transaction, so a photo being embedded while an admin turns
+indexing off (and deletes the scope's photos) is not written afterwards.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.errors import InvalidInputError, StoreError
+from engine.errors import InvalidInputError, RapbotError, StoreError
 from engine.store.base import check_embedding, check_k, check_model, check_scope, check_text
 from engine.store.faiss_store import (
     _SMALL_SEARCH_WORK,
@@ -91,8 +97,14 @@ class PhotoStore:
         ivf_threshold: int = 100_000,
         nprobe: int = 32,
         strict: bool = True,
+        unavailable: RapbotError | None = None,
     ) -> None:
-        self.model_id, self.dim = check_model(model_id, dim)
+        # ``unavailable``: see :meth:`unresolved` (model_id and dim then come from the meta).
+        self._unavailable = unavailable
+        if unavailable is None:
+            self.model_id, self.dim = check_model(model_id, dim)
+        else:
+            self.model_id, self.dim = "", 0
         self.root = Path(root)
         self._ivf_threshold = max(2, int(ivf_threshold))
         self._nprobe = max(1, int(nprobe))
@@ -117,14 +129,30 @@ class PhotoStore:
             self._db.close()
             raise
 
+    @classmethod
+    def unresolved(cls, root: Path, error: RapbotError, **options) -> PhotoStore:
+        """The store opened with the model identity recorded in its own meta, for when the
+        configured encoder's identity cannot be computed (``error`` says why: a missing or
+        unreadable CIR-LVLM folder). Indexing flags, thumbnails, counts and deletions work —
+        ``forget_user`` and ``/index off`` must never depend on the encoder — while adds,
+        searches and :meth:`reembed` raise ``error`` (a copy of it). A new store's meta is left
+        empty, for the first store opened with a real identity to record."""
+        return cls(root, "", 0, **options, strict=False, unavailable=error)
+
     def _init_meta(self) -> None:
         with self._write() as db:
             for statement in _DDL:
                 db.execute(statement)
             meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
-            if not meta:
+            if not meta and self._unavailable is None:
                 meta = {"model_id": self.model_id, "dim": str(self.dim)}
                 db.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", meta.items())
+        if self._unavailable is not None:
+            self.model_id = meta.get("model_id", "")
+            dim = meta.get("dim", "")
+            self.dim = int(dim) if dim.isdigit() else 0
+            self.mismatch = str(self._unavailable)
+            return
         if meta.get("model_id") != self.model_id or meta.get("dim") != str(self.dim):
             self.mismatch = (
                 f"The photo index in {self.root} was made with {meta.get('model_id')} (dim"
@@ -137,8 +165,15 @@ class PhotoStore:
 
     def _check_vectors(self) -> None:
         """Adds and searches need this store's vectors to come from the configured model."""
+        self._check_resolved()
         if self.mismatch is not None:
             raise StoreError(self.mismatch)
+
+    def _check_resolved(self) -> None:
+        """Anything that needs the configured encoder's identity (see :meth:`unresolved`)."""
+        if self._unavailable is not None:
+            error = self._unavailable
+            raise type(error)(*error.args)  # a fresh copy: no tracebacks piling up on one
 
     def close(self) -> None:
         with self._lock:
@@ -211,10 +246,7 @@ class PhotoStore:
     def indexing(self, scope: str) -> bool:
         scope = check_scope(scope)
         with self._lock, self._errors():
-            row = self._db.execute(
-                "SELECT indexing FROM scopes WHERE scope = ?", (scope,)
-            ).fetchone()
-        return bool(row and row[0])
+            return _indexing(self._db, scope)
 
     def set_indexing(self, scope: str, enabled: bool) -> None:
         scope = check_scope(scope)
@@ -235,8 +267,12 @@ class PhotoStore:
         poster: str,
         posted_at: float | None,
         source: str,
-    ) -> int:
-        """Store one photo; returns its id. Idempotent by ``source`` within the scope."""
+        *,
+        require_indexing: bool = False,
+    ) -> int | None:
+        """Store one photo; returns its id. Idempotent by ``source`` within the scope.
+        ``require_indexing``: store it only if the scope's indexing is on when the photo is
+        written (checked in the write transaction), else store nothing and return None."""
         scope, poster = check_scope(scope), check_text(poster, "poster")
         source = check_text(source, "source").strip()
         if not source:
@@ -246,6 +282,8 @@ class PhotoStore:
         self._check_vectors()
         with self._lock:
             with self._write() as db:
+                if require_indexing and not _indexing(db, scope):
+                    return None
                 row = db.execute(
                     "SELECT id FROM photos WHERE scope = ? AND source = ?", (scope, source)
                 ).fetchone()
@@ -263,12 +301,21 @@ class PhotoStore:
             self._after_write(scope, versions, added=added)
             return photo_id
 
-    def add_many(self, scope: str, rows: list[tuple[np.ndarray, bytes, str, float, str]]) -> int:
-        """Bulk :meth:`add` in one transaction (benchmarks, imports); returns how many were new."""
+    def add_many(
+        self,
+        scope: str,
+        rows: list[tuple[np.ndarray, bytes, str, float, str]],
+        *,
+        require_indexing: bool = False,
+    ) -> int:
+        """Bulk :meth:`add` in one transaction (benchmarks, imports); returns how many were new
+        (0, storing nothing, when ``require_indexing`` and the scope's indexing is off)."""
         scope = check_scope(scope)
         self._check_vectors()
         with self._lock:
             with self._write() as db:
+                if require_indexing and not _indexing(db, scope):
+                    return 0
                 before = db.execute(
                     "SELECT COUNT(*) FROM photos WHERE scope = ?", (scope,)
                 ).fetchone()[0]
@@ -343,6 +390,7 @@ class PhotoStore:
         the embedding model (the search encoder): the thumbnails are all that is kept, so the
         new vectors come from 256-pixel images. Safe to run again after an interruption (the
         old model stays recorded until every photo is done)."""
+        self._check_resolved()
         with self._lock, self._errors():
             ids = [r[0] for r in self._db.execute("SELECT id FROM photos ORDER BY id")]
         done = 0
@@ -429,3 +477,9 @@ class PhotoStore:
         """Photos indexed in every scope (metrics: ``rapbot_store_items{kind="photos"}``)."""
         with self._lock, self._errors():
             return int(self._db.execute("SELECT COUNT(*) FROM photos").fetchone()[0])
+
+
+def _indexing(db: sqlite3.Connection, scope: str) -> bool:
+    """Whether the scope's indexing is on (inside the caller's lock or transaction)."""
+    row = db.execute("SELECT indexing FROM scopes WHERE scope = ?", (scope,)).fetchone()
+    return bool(row and row[0])
