@@ -147,11 +147,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ref", default=None, help="a reference photo: like this (but TEXT)")
     p.add_argument("-k", type=int, default=10, help="how many results (default 10)")
 
-    p = sub.add_parser("export", parents=[common], help="save a chat's concepts to one file")
+    p = sub.add_parser(
+        "export", parents=[common], help="save a chat's concepts and photo history to one file"
+    )
     p.add_argument("--out", required=True, help="the archive to write (e.g. mochi-chat.zip)")
     p.add_argument("--all", action="store_true", help="every chat (a backup of the store)")
 
-    p = sub.add_parser("import", parents=[common], help="add the concepts of an exported file")
+    p = sub.add_parser(
+        "import", parents=[common], help="add the concepts and photos of an exported file"
+    )
     p.add_argument("file", help="an archive written by `rapbot export`")
     p.add_argument(
         "--replace", action="store_true", help="forget the chat's concepts first (restore)"
@@ -553,7 +557,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_transfer(args: argparse.Namespace, settings) -> int:
-    """`export` / `import`: the store alone; models only to re-embed another model's archive."""
+    """`export` / `import`: the stores alone (concepts and the photo search history); models
+    only to re-embed another model's archive."""
     from engine.engine import Engine
     from engine.transfer import export_scopes, import_archive, read_archive
 
@@ -562,21 +567,28 @@ def _run_transfer(args: argparse.Namespace, settings) -> int:
             raise InvalidInputError("Give either --chat CHAT or --all, not both.")
         engine = Engine.open(settings, load_models=False)
         try:
-            report = export_scopes(engine.store, None if args.all else [args.chat], args.out)
+            report = export_scopes(
+                engine.store, None if args.all else [args.chat], args.out, photos=engine.photos
+            )
         finally:
             engine.close()
         chats = f"{report.scopes} chat{'s' if report.scopes != 1 else ''}"
-        counts = {"scopes": report.scopes, "concepts": report.concepts, "examples": report.examples}
+        counts = {
+            "scopes": report.scopes,
+            "concepts": report.concepts,
+            "examples": report.examples,
+            "photos": report.photos,
+        }
         text = (
-            f"Exported {report.concepts} concept(s) with {report.examples} photo(s)"
-            f" from {chats} to {report.path}."
+            f"Exported {report.concepts} concept(s) with {report.examples} photo(s) and"
+            f" {report.photos} photo(s) of the search history from {chats} to {report.path}."
         )
         _emit(args, {"exported": counts, "path": report.path}, text)
         return 0
 
     # Check the file before opening the store or loading any model: a bad file fails at once.
     with read_archive(args.file) as archive:
-        scopes = sorted({c.scope for c in archive.concepts})
+        scopes = archive.scopes
         scope_map = None
         if args.chat_given:
             if len(scopes) != 1:
@@ -598,6 +610,9 @@ def _run_transfer(args: argparse.Namespace, settings) -> int:
                 embedder=embedder,
                 scope_map=scope_map,
                 mode="replace" if args.replace else "merge",
+                photos=engine.photos,
+                # Called only for photos of another search encoder (it loads that encoder).
+                photo_embedder=engine.embed_thumbnails,
             )
         finally:
             engine.close()
@@ -607,14 +622,27 @@ def _run_transfer(args: argparse.Namespace, settings) -> int:
         "examples": report.examples,
         "merged": report.merged,
         "skipped": report.skipped,
+        "photos": report.photos,
+        "photos_skipped": report.photos_skipped,
     }
     text = (
         f"Imported {report.concepts} new concept(s) and {report.examples} photo(s)"
         f" into {report.scopes} chat(s); {report.merged} name(s) already existed,"
-        f" {report.skipped} photo(s) were already there."
+        f" {report.skipped} photo(s) were already there. Search history: {report.photos}"
+        f" photo(s) added, {report.photos_skipped} already there."
         + (" Photos were embedded again for this model." if report.reembedded else "")
+        + (
+            " The search history was embedded again for this search encoder."
+            if report.photos_reembedded
+            else ""
+        )
     )
-    payload = {"imported": counts, "reembedded": report.reembedded, "path": str(args.file)}
+    payload = {
+        "imported": counts,
+        "reembedded": report.reembedded,
+        "photos_reembedded": report.photos_reembedded,
+        "path": str(args.file),
+    }
     _emit(args, payload, text)
     return 0
 

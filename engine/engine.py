@@ -158,6 +158,11 @@ class Engine:
             return encoder.embed_targets(pictures)
         return self.models.embedder.embed_images(pictures)
 
+    def embed_thumbnails(self, thumbnails: list[bytes]):
+        """:meth:`_embed_photos` of stored thumbnails (JPEG bytes): re-indexing, and imports of
+        another encoder's photo history (:func:`engine.transfer.import_archive`)."""
+        return self._embed_photos([decode_image(t, self.limits) for t in thumbnails])
+
     # ----------------------------------------------------------------------------- helpers
 
     def _decode(self, image: bytes, timer: StageTimer) -> Image.Image:
@@ -538,10 +543,7 @@ class Engine:
             log.info("reindex_photos model=%s: already matches", self.photos.model_id)
             return 0
 
-        def embed(thumbnails: list[bytes]):
-            return self._embed_photos([decode_image(t, self.limits) for t in thumbnails])
-
-        count = self.photos.reembed(embed)
+        count = self.photos.reembed(self.embed_thumbnails)
         log.info("reindex_photos model=%s photos=%d", self.photos.model_id, count)
         return count
 

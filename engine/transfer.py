@@ -1,22 +1,37 @@
-"""Export and import of scopes' concepts: one portable file for backups and moving chats.
+"""Export and import of chats: concepts and photo search history in one portable file, for
+backups and moving chats between stores (FAISS, Qdrant) and embedding models.
 
 An archive is a zip file; nothing in it is ever extracted to disk, members are read by name::
 
-    manifest.json     {"format": "rapbot-concepts", "version": 1, "model_id", "dim",
-                       "created_at", "scopes": [{"scope", "concepts", "examples"}], "counts"}
+    manifest.json     {"format": "rapbot-concepts", "version": 2, "model_id", "dim",
+                       "created_at", "scopes": [{"scope", "concepts", "examples", "photos"}],
+                       "counts": {"scopes", "concepts", "examples"},
+                       "photos": {"model_id", "dim", "count", "indexing": {scope: bool}}}
     concepts.jsonl    a concept per line: scope, id, name, description, category, owner,
                       created_at
     examples.jsonl    an example per line: scope, concept_id, example_id, box, source,
                       created_at; line i goes with crops/<i:08d>.jpg and row i of the vectors
     crops/NNNNNNNN.jpg
     embeddings.npy    float32 (examples, dim), made by the embedding model ``model_id``
+    photos.jsonl      the photo search history (:class:`engine.store.photos.PhotoStore`), a
+                      photo per line: scope, photo_id, source, poster, posted_at; line i goes
+                      with thumbs/<i:08d>.jpg and row i of the photo vectors
+    thumbs/NNNNNNNN.jpg   the photo's 256-pixel thumbnail, as the photo index keeps it
+    photo_embeddings.npy  float32 (photos, photos.dim), made by the photo index's own model
+                      ``photos.model_id`` (the search encoder: CLIP, or CIR-LVLM)
 
-Importing validates the whole archive (members, sizes, JSON, names, vectors, every crop)
-before writing anything, so a bad file leaves the store as it was. Embeddings of the store's
-own model are used as they are; those of another model are replaced by embedding the crops
-again with the given embedder, so a chat can move to a new CLIP model. Every imported example
-carries a source key derived from where it came from, which makes importing idempotent: the
-same archive (or a newer export of the same chat) adds only what is missing.
+The photo members and the manifest's ``photos`` object are there when the photo history was
+exported (``export_scopes(..., photos=...)``, as ``rapbot export`` does); ``indexing`` holds
+every exported chat's /index flag, on or off. Version 1 archives (concepts only) are read too.
+
+Importing validates the whole archive (members, sizes, JSON, names, vectors, every crop and
+thumbnail) before writing anything, so a bad file leaves the stores as they were. Embeddings of
+the target's own model are used as they are; those of another model are replaced by embedding
+the crops (or the thumbnails, for the photo history) again with the given embedder, so a chat can
+move to a new CLIP model or search encoder. Every imported example carries a source key derived
+from where it came from, and every photo keeps its own (unique within a chat), which makes
+importing idempotent: the same archive (or a newer export of the same chat) adds only what is
+missing. Photos keep their poster and time, so ``forget_user`` finds them after a restore.
 """
 
 from __future__ import annotations
@@ -24,6 +39,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -32,32 +48,40 @@ import time
 import uuid
 import zipfile
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from engine.errors import ImageError, InvalidInputError, RapbotError
+from engine.errors import ImageError, InvalidInputError, RapbotError, StoreError
 from engine.naming import clean_description, clean_name, clean_scope, clean_user
 from engine.store.base import ConceptStore, check_scope, name_key
 from engine.types import Box
 
+if TYPE_CHECKING:
+    from engine.store.photos import PhotoStore
+
 FORMAT = "rapbot-concepts"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1: concepts only
 MANIFEST, CONCEPTS, EXAMPLES, EMBEDDINGS = (
     "manifest.json",
     "concepts.jsonl",
     "examples.jsonl",
     "embeddings.npy",
 )
+PHOTOS, PHOTO_EMBEDDINGS = "photos.jsonl", "photo_embeddings.npy"
 _CROP = re.compile(r"crops/(\d{8})\.jpg")
+_THUMB = re.compile(r"thumbs/(\d{8})\.jpg")
 _JPEG_MAGIC = b"\xff\xd8\xff"
-# Generous bounds for text read from an archive (the engine's own limits are stricter).
-_MAX_NAME, _MAX_DESCRIPTION, _MAX_CATEGORY, _MAX_SOURCE = 256, 4000, 64, 512
+# Generous bounds for text read from an archive (the engine's own limits are stricter); a
+# source can be a file's absolute path (`rapbot index`), hence PATH_MAX.
+_MAX_NAME, _MAX_DESCRIPTION, _MAX_CATEGORY, _MAX_SOURCE = 256, 4000, 64, 4096
 _EMBED_BATCH = 32
+_PHOTO_WRITE_BATCH = 500  # photos per PhotoStore.add_many transaction
 
 
 # What zipfile, zlib and numpy raise on a damaged file (bad CRC, truncation, bad header...).
@@ -82,7 +106,8 @@ class ArchiveLimits:
 
     max_bytes: int = 8 * 1024**3  # all members, uncompressed
     max_examples: int = 1_000_000
-    max_crop_bytes: int = 20 * 1024**2
+    max_photos: int = 1_000_000  # of the photo search history
+    max_crop_bytes: int = 20 * 1024**2  # one JPEG: a crop or a thumbnail
     max_manifest_bytes: int = 1024**2
 
 
@@ -92,6 +117,7 @@ class ExportReport:
     scopes: int
     concepts: int
     examples: int
+    photos: int = 0  # of the photo search history
 
 
 @dataclass(frozen=True)
@@ -102,6 +128,9 @@ class ImportReport:
     examples: int  # example photos added
     skipped: int  # example photos already there (imported before)
     reembedded: bool  # crops were embedded again with another model
+    photos: int = 0  # photos added to the search history
+    photos_skipped: int = 0  # photos of the search history already there
+    photos_reembedded: bool = False  # thumbnails were embedded again with another encoder
 
 
 # ----------------------------------------------------------------------------- export
@@ -112,22 +141,26 @@ def export_scopes(
     scopes: Sequence[str] | None,
     path: str | os.PathLike[str],
     model_id: str | None = None,
+    photos: PhotoStore | None = None,
 ) -> ExportReport:
     """Write the concepts of ``scopes`` (None: every scope) to one archive at ``path``.
 
     ``model_id`` (default: the store's) is recorded with the embeddings; it must be the
-    store's. The file appears atomically: a failed export leaves no partial archive.
+    store's. ``photos``: the photo search history, written too: every chosen chat's photos and
+    indexing flag (with ``scopes=None`` the chats of either store). The file appears
+    atomically: a failed export leaves no partial archive.
     """
     if model_id is not None and model_id != store.model_id:
         raise InvalidInputError(
             f"The store's embeddings are made by {store.model_id}, not {model_id}."
         )
+    photo_scopes = set(photos.scopes()) if photos is not None else set()
     if scopes is None:
-        chosen = store.scopes()
+        chosen = sorted(set(store.scopes()) | photo_scopes)
     else:
         chosen = list(dict.fromkeys(check_scope(s) for s in scopes))
         for scope in chosen:
-            if store.count(scope) == 0:
+            if store.count(scope) == 0 and scope not in photo_scopes:
                 raise InvalidInputError(f"There is nothing to export in chat '{scope}'.")
     path = Path(path).expanduser()
     if path.is_dir():
@@ -137,8 +170,9 @@ def export_scopes(
         with (
             zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive,
             tempfile.TemporaryFile() as vectors,
+            tempfile.TemporaryFile() as photo_vectors,
         ):
-            report = _write_archive(store, chosen, archive, vectors, path)
+            report = _write_archive(store, chosen, archive, (vectors, photo_vectors), path, photos)
         os.replace(tmp, path)
     except OSError as error:
         raise InvalidInputError(f"Can't write {path}: {error.strerror or error}") from None
@@ -151,11 +185,15 @@ def _write_archive(
     store: ConceptStore,
     scopes: list[str],
     archive: zipfile.ZipFile,
-    vectors: Any,
+    vectors: tuple[Any, Any],  # temporary files: the examples' and the photos' rows
     path: Path,
+    photos: PhotoStore | None,
 ) -> ExportReport:
     concepts: list[str] = []
     examples: list[str] = []
+    photo_lines: list[str] = []
+    indexing: dict[str, bool] = {}
+    photo_model, photo_dim = photos.recorded_model() if photos is not None else ("", 0)
     per_scope: list[dict[str, Any]] = []
     for scope in scopes:
         seen: set[str] = set()
@@ -178,7 +216,7 @@ def _write_archive(
             archive.writestr(
                 _crop_name(len(examples)), ex.crop_jpeg, compress_type=zipfile.ZIP_STORED
             )
-            vectors.write(np.asarray(ex.embedding, dtype="<f4").tobytes())
+            vectors[0].write(np.asarray(ex.embedding, dtype="<f4").tobytes())
             examples.append(
                 _jsonl(
                     scope=scope,
@@ -189,14 +227,16 @@ def _write_archive(
                     created_at=ex.created_at,
                 )
             )
-        per_scope.append({"scope": scope, "concepts": len(seen), "examples": len(examples) - first})
+        entry = {"scope": scope, "concepts": len(seen), "examples": len(examples) - first}
+        if photos is not None:
+            entry["photos"] = _write_photos(
+                photos, scope, archive, vectors[1], photo_lines, photo_dim
+            )
+            indexing[scope] = photos.indexing(scope)
+        per_scope.append(entry)
     archive.writestr(CONCEPTS, "".join(concepts))
     archive.writestr(EXAMPLES, "".join(examples))
-    with archive.open(EMBEDDINGS, "w", force_zip64=True) as out:
-        header = {"descr": "<f4", "fortran_order": False, "shape": (len(examples), store.dim)}
-        np.lib.format.write_array_header_1_0(out, header)
-        vectors.seek(0)
-        shutil.copyfileobj(vectors, out)
+    _write_npy(archive, EMBEDDINGS, vectors[0], len(examples), store.dim)
     counts = {"scopes": len(per_scope), "concepts": len(concepts), "examples": len(examples)}
     manifest = {
         "format": FORMAT,
@@ -207,8 +247,56 @@ def _write_archive(
         "scopes": per_scope,
         "counts": counts,
     }
+    if photos is not None:
+        archive.writestr(PHOTOS, "".join(photo_lines))
+        _write_npy(archive, PHOTO_EMBEDDINGS, vectors[1], len(photo_lines), photo_dim)
+        manifest["photos"] = {
+            "model_id": photo_model,
+            "dim": photo_dim,
+            "count": len(photo_lines),
+            "indexing": indexing,
+        }
     archive.writestr(MANIFEST, json.dumps(manifest, ensure_ascii=False, indent=1))
-    return ExportReport(str(path), **counts)
+    return ExportReport(str(path), **counts, photos=len(photo_lines))
+
+
+def _write_photos(
+    photos: PhotoStore,
+    scope: str,
+    archive: zipfile.ZipFile,
+    vectors: Any,
+    lines: list[str],
+    dim: int,
+) -> int:
+    """Write the scope's photos (thumbnail, vector, line); returns how many."""
+    first = len(lines)
+    for photo in photos.rows(scope):
+        if photo.embedding.shape != (dim,):
+            raise StoreError(
+                f"Photo {photo.photo_id} of chat '{scope}' has a vector of size"
+                f" {photo.embedding.size}, not {dim}: the photo index is damaged."
+            )
+        archive.writestr(_thumb_name(len(lines)), photo.thumbnail, compress_type=zipfile.ZIP_STORED)
+        vectors.write(photo.embedding.astype("<f4").tobytes())
+        lines.append(
+            _jsonl(
+                scope=scope,
+                photo_id=photo.photo_id,
+                source=photo.source,
+                poster=photo.poster,
+                posted_at=photo.posted_at,
+            )
+        )
+    return len(lines) - first
+
+
+def _write_npy(archive: zipfile.ZipFile, name: str, rows: Any, n: int, dim: int) -> None:
+    """The float32 ``(n, dim)`` rows written to the temporary file ``rows``, as ``name``."""
+    with archive.open(name, "w", force_zip64=True) as out:
+        header = {"descr": "<f4", "fortran_order": False, "shape": (n, dim)}
+        np.lib.format.write_array_header_1_0(out, header)
+        rows.seek(0)
+        shutil.copyfileobj(rows, out)
 
 
 def _jsonl(**fields: Any) -> str:
@@ -217,6 +305,10 @@ def _jsonl(**fields: Any) -> str:
 
 def _crop_name(row: int) -> str:
     return f"crops/{row:08d}.jpg"
+
+
+def _thumb_name(row: int) -> str:
+    return f"thumbs/{row:08d}.jpg"
 
 
 # ----------------------------------------------------------------------------- reading
@@ -242,8 +334,32 @@ class ArchivedExample:
     source: str | None
 
 
+@dataclass(frozen=True)
+class ArchivedPhotoIndex:
+    """The manifest's ``photos``: the photo history's model and every exported chat's flag."""
+
+    model_id: str  # "" only when it holds no photos
+    dim: int
+    count: int
+    indexing: dict[str, bool]  # chat -> /index on or off
+
+
+@dataclass(frozen=True)
+class ArchivedPhoto:
+    scope: str
+    photo_id: int
+    source: str
+    poster: str
+    posted_at: float
+
+
 class Archive:
-    """A validated archive, open for reading crops; use :func:`read_archive`."""
+    """A validated archive, open for reading crops and thumbnails; use :func:`read_archive`.
+
+    ``scopes``: every chat it holds (sorted); ``concepts``, ``examples`` and ``embeddings``;
+    ``photo_index`` (None for an archive without the photo history, e.g. version 1),
+    ``photos`` and ``photo_embeddings``.
+    """
 
     def __init__(self, path: Path, limits: ArchiveLimits) -> None:
         self.path = path
@@ -300,12 +416,12 @@ class Archive:
     def _validate(self) -> None:
         limits = self.limits
         infos = self._zip.infolist()
-        if len(infos) > limits.max_examples + 4:
+        if len(infos) > limits.max_examples + limits.max_photos + 6:
             raise self._error(f"has {len(infos)} files, more than this import allows")
         self._members: dict[str, zipfile.ZipInfo] = {}
         for info in infos:
             name = info.filename
-            if name not in (MANIFEST, CONCEPTS, EXAMPLES, EMBEDDINGS) and not _CROP.fullmatch(name):
+            if not (name in _MEMBERS or _CROP.fullmatch(name) or _THUMB.fullmatch(name)):
                 raise self._error(f"contains an unexpected file {name[:80]!r}")
             if name in self._members:
                 raise self._error(f"contains {name!r} twice")
@@ -318,9 +434,34 @@ class Archive:
                 f"would unpack to {total} bytes, more than the {limits.max_bytes} allowed"
             )
         self._check_manifest()
+        if self.photo_index is None:  # a version 1 archive, or one made without the photos
+            extra = sorted(n for n in self._members if n in _PHOTO_MEMBERS or _THUMB.fullmatch(n))
+            if extra:
+                raise self._error(f"contains an unexpected file {extra[0][:80]!r}")
         self.concepts, self.examples = self._check_records()
-        self._check_embeddings()
-        self._check_crops()
+        self.photos = self._check_photos()
+        flags = self.photo_index.indexing if self.photo_index is not None else {}
+        self.scopes = sorted({c.scope for c in self.concepts} | set(flags))
+        found = {
+            "scopes": len(self.scopes),
+            "concepts": len(self.concepts),
+            "examples": len(self.examples),
+        }
+        if found != {k: self.counts[k] for k in found}:
+            raise self._error(f"does not hold what its manifest says ({found})")
+        if self.photo_index is not None and len(self.photos) != self.photo_index.count:
+            raise self._error(
+                f"does not hold what its manifest says ({len(self.photos)} indexed photos,"
+                f" not {self.photo_index.count})"
+            )
+        self.embeddings = self._vectors(EMBEDDINGS, len(self.examples), self.dim)
+        self._check_jpegs(_CROP, _crop_name, len(self.examples), "photos no example")
+        self.photo_embeddings = np.zeros((0, 0), np.float32)
+        if self.photo_index is not None:
+            self.photo_embeddings = self._vectors(
+                PHOTO_EMBEDDINGS, len(self.photos), self.photo_index.dim
+            )
+            self._check_jpegs(_THUMB, _thumb_name, len(self.photos), "thumbnails no photo")
 
     def _json(self, name: str, limit: int) -> Any:
         try:
@@ -333,9 +474,10 @@ class Archive:
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise self._error("is not a rapbot concepts export")
         version = manifest.get("version")
-        if version != FORMAT_VERSION:
+        if not _is_int(version) or version not in READABLE_VERSIONS:
             raise self._error(
-                f"has format version {version!r}; this rapbot reads version {FORMAT_VERSION}"
+                f"has format version {version!r}; this rapbot reads versions"
+                f" {READABLE_VERSIONS[0]} to {READABLE_VERSIONS[-1]}"
                 " (use the rapbot that wrote it, or a newer one)"
             )
         model_id, dim = manifest.get("model_id"), manifest.get("dim")
@@ -351,6 +493,40 @@ class Archive:
         if counts["examples"] > self.limits.max_examples:
             raise self._error(f"holds {counts['examples']} photos, more than this import allows")
         self.manifest, self.model_id, self.dim, self.counts = manifest, model_id, dim, counts
+        self.photo_index = self._check_photo_index(manifest.get("photos") if version >= 2 else None)
+
+    def _check_photo_index(self, raw: Any) -> ArchivedPhotoIndex | None:
+        if raw is None:
+            return None
+        bad = self._error("has an invalid photos entry in its manifest")
+        if not isinstance(raw, dict):
+            raise bad
+        model_id, dim, count, indexing = (
+            raw.get(k) for k in ("model_id", "dim", "count", "indexing")
+        )
+        if not (
+            isinstance(model_id, str)
+            and _is_int(dim)
+            and 0 <= dim <= 65536
+            and _is_int(count)
+            and count >= 0
+            and isinstance(indexing, dict)
+        ):
+            raise bad
+        if count > self.limits.max_photos:
+            raise self._error(f"holds {count} indexed photos, more than this import allows")
+        if count and not (model_id and dim):
+            raise self._error("does not say which model embedded its indexed photos")
+        flags: dict[str, bool] = {}
+        for scope, enabled in indexing.items():
+            try:
+                cleaned = clean_scope(scope)
+            except InvalidInputError as error:
+                raise self._error(f"has a bad chat in its manifest ({_reason(error)})") from None
+            if not isinstance(enabled, bool) or cleaned in flags:
+                raise bad
+            flags[cleaned] = enabled
+        return ArchivedPhotoIndex(model_id, dim, count, flags)
 
     def _lines(self, name: str) -> Iterator[tuple[int, dict[str, Any]]]:
         data = self._read(name, self.limits.max_bytes)
@@ -395,15 +571,12 @@ class Archive:
             where = f"line {number} of {EXAMPLES}"
             try:
                 scope, concept_id = clean_scope(_text(raw, "scope")), _text(raw, "concept_id")
-                example_id, box, source = raw["example_id"], raw["box"], raw.get("source")
+                example_id, box = raw["example_id"], raw["box"]
                 if not _is_int(example_id) or not (
                     isinstance(box, list) and len(box) == 4 and all(map(_is_int, box))
                 ):
                     raise TypeError("bad example id or box")
-                if source is not None and not (
-                    isinstance(source, str) and 0 < len(source) <= _MAX_SOURCE
-                ):
-                    raise TypeError("bad source")
+                source = None if raw.get("source") is None else _source(raw["source"])
             except (InvalidInputError, KeyError, TypeError) as error:
                 raise self._error(f"has a bad example at {where} ({_reason(error)})") from None
             key = (scope, concept_id)
@@ -415,54 +588,88 @@ class Archive:
             raise self._error("holds more photos than this import allows")
         if any(not r for r in rows.values()):
             raise self._error("has a concept without any photo")
-        found = {
-            "scopes": len({scope for scope, _ in fields}),
-            "concepts": len(fields),
-            "examples": len(examples),
-        }
-        if found != {k: self.counts[k] for k in found}:
-            raise self._error(f"does not hold what its manifest says ({found})")
         concepts = [
             ArchivedConcept(scope, cid, **record, rows=tuple(rows[(scope, cid)]))
             for (scope, cid), record in fields.items()
         ]
         return concepts, examples
 
-    def _check_embeddings(self) -> None:
-        n = len(self.examples)
-        data = self._read(EMBEDDINGS, n * self.dim * 4 + 4096)
+    def _check_photos(self) -> list[ArchivedPhoto]:
+        """The photo history's lines: each of a chat the manifest lists, each source once."""
+        if self.photo_index is None:
+            return []
+        photos: list[ArchivedPhoto] = []
+        seen: set[tuple[str, str]] = set()
+        for number, raw in self._lines(PHOTOS):
+            where = f"line {number} of {PHOTOS}"
+            try:
+                scope = clean_scope(_text(raw, "scope"))
+                poster = clean_user(_text(raw, "poster"))
+                source = _source(raw["source"])
+                photo_id, posted_at = raw["photo_id"], raw["posted_at"]
+                if not _is_int(photo_id) or photo_id < 0:
+                    raise TypeError("bad photo id")
+                if not _is_number(posted_at) or not math.isfinite(posted_at):
+                    raise TypeError("bad posted_at")
+            except (InvalidInputError, KeyError, TypeError, OverflowError) as error:
+                raise self._error(f"has a bad photo at {where} ({_reason(error)})") from None
+            if scope not in self.photo_index.indexing:
+                raise self._error(f"has a photo of a chat its manifest does not list at {where}")
+            if (scope, source) in seen:
+                raise self._error(f"has a repeated photo at {where}")
+            seen.add((scope, source))
+            if len(photos) >= self.limits.max_photos:
+                raise self._error("holds more indexed photos than this import allows")
+            photos.append(ArchivedPhoto(scope, photo_id, source, poster, float(posted_at)))
+        return photos
+
+    def _vectors(self, name: str, n: int, dim: int) -> np.ndarray:
+        """The float32 ``(n, dim)`` unit rows of the .npy member ``name``."""
+        data = self._read(name, n * dim * 4 + 4096)
         try:
             vectors = np.load(io.BytesIO(data), allow_pickle=False)
         except (ValueError, OSError, EOFError) as error:
-            raise self._error(f"has unreadable embeddings ({_reason(error)})") from None
-        if vectors.dtype != np.dtype("<f4") or vectors.shape != (n, self.dim):
+            raise self._error(f"has an unreadable {name} ({_reason(error)})") from None
+        if vectors.dtype != np.dtype("<f4") or vectors.shape != (n, dim):
             raise self._error(
-                f"has embeddings of shape {vectors.shape} ({vectors.dtype}),"
-                f" expected ({n}, {self.dim}) float32"
+                f"has {name} of shape {vectors.shape} ({vectors.dtype}),"
+                f" expected ({n}, {dim}) float32"
             )
         if not np.isfinite(vectors).all():
-            raise self._error("has embeddings that are not finite")
+            raise self._error(f"has {name} with vectors that are not finite")
         # CLIP embeddings are unit length; a long vector would out-score every honest one.
         if n and np.abs(np.linalg.norm(vectors, axis=1) - 1.0).max() > 1e-3:
-            raise self._error("has embeddings that are not unit length")
-        self.embeddings = np.ascontiguousarray(vectors, dtype=np.float32)
+            raise self._error(f"has {name} with vectors that are not unit length")
+        return np.ascontiguousarray(vectors, dtype=np.float32)
 
-    def _check_crops(self) -> None:
-        expected = {_crop_name(row) for row in range(len(self.examples))}
-        present = {name for name in self._members if _CROP.fullmatch(name)}
+    def _check_jpegs(self, pattern: re.Pattern, name_of: Callable[[int], str], n: int, what: str):
+        """Exactly the JPEGs ``name_of(0..n-1)``, each read whole (size, CRC, signature)."""
+        expected = {name_of(row) for row in range(n)}
+        present = {name for name in self._members if pattern.fullmatch(name)}
         if present != expected:
             missing = sorted(expected - present)
-            what = f"misses {missing[0]}" if missing else "has photos no example refers to"
-            raise self._error(what)
-        for row in range(len(self.examples)):
-            self.crop(row)  # reads it whole: size, CRC and JPEG signature are checked
+            raise self._error(f"misses {missing[0]}" if missing else f"has {what} refers to")
+        for row in range(n):
+            self._jpeg(name_of(row))
+
+    def _jpeg(self, name: str) -> bytes:
+        with self._reading():
+            data = self._read(name, self.limits.max_crop_bytes)
+        if not data.startswith(_JPEG_MAGIC):
+            raise self._error(f"has a photo {name} that is not a JPEG")
+        return data
 
     def crop(self, row: int) -> bytes:
-        with self._reading():
-            data = self._read(_crop_name(row), self.limits.max_crop_bytes)
-        if not data.startswith(_JPEG_MAGIC):
-            raise self._error(f"has a photo {_crop_name(row)} that is not a JPEG")
-        return data
+        """Example ``row``'s crop (JPEG bytes)."""
+        return self._jpeg(_crop_name(row))
+
+    def thumbnail(self, row: int) -> bytes:
+        """Photo ``row``'s thumbnail (JPEG bytes)."""
+        return self._jpeg(_thumb_name(row))
+
+
+_MEMBERS = frozenset({MANIFEST, CONCEPTS, EXAMPLES, EMBEDDINGS, PHOTOS, PHOTO_EMBEDDINGS})
+_PHOTO_MEMBERS = frozenset({PHOTOS, PHOTO_EMBEDDINGS})
 
 
 def read_archive(path: str | os.PathLike[str], limits: ArchiveLimits | None = None) -> Archive:
@@ -480,14 +687,23 @@ def import_archive(
     scope_map: Mapping[str, str] | None = None,
     mode: Literal["merge", "replace"] = "merge",
     limits: ArchiveLimits | None = None,
+    photos: PhotoStore | None = None,
+    photo_embedder: Callable[[list[bytes]], np.ndarray] | None = None,
 ) -> ImportReport:
-    """Import an archive into ``store``; see the module doc.
+    """Import an archive into ``store`` (and its photo history into ``photos``); see the
+    module doc.
 
     ``scope_map`` renames chats (archive scope -> target scope); others keep their names.
     ``mode="merge"`` adds to what the chats hold: a name that exists gets the photos it lacks.
-    ``mode="replace"`` first forgets every concept of the target chats (a restore).
+    ``mode="replace"`` first forgets every concept of the target chats, and with ``photos``
+    every photo of the chats whose history the archive holds (a restore).
     ``embedder`` (with ``model_id``, ``dim`` and ``embed_images``) is needed only when the
     archive was made with another embedding model than the store's.
+    ``photos``: the target photo store; without it the archive's photo history is left out.
+    The archive's indexing flags are set on the target chats (the archive's flag wins).
+    ``photo_embedder`` (thumbnail JPEGs -> unit rows of the photo store's size, e.g.
+    :meth:`engine.engine.Engine.embed_thumbnails`) is needed only when the photos were
+    embedded by another model than the photo store's.
     """
     if mode not in ("merge", "replace"):
         raise InvalidInputError(f"Unknown import mode {mode!r}: use 'merge' or 'replace'.")
@@ -495,23 +711,42 @@ def import_archive(
     with nullcontext(archive) if isinstance(path, Archive) else archive:
         targets = _targets(archive, scope_map or {})
         vectors, reembedded = _vectors_for(archive, store, embedder)
-        # Everything is checked: only now is the store touched.
+        # The photo history only goes into a photo store; left out, its chats are not touched.
+        history = archive.photo_index if photos is not None else None
+        photo_vectors, photos_reembedded = (
+            _photo_vectors_for(archive, photos, photo_embedder)
+            if history is not None
+            else (None, False)
+        )
+        photo_targets = {targets[s] for s in history.indexing} if history is not None else set()
+        chats = sorted({targets[c.scope] for c in archive.concepts} | photo_targets)
+        # Everything is checked: only now are the stores touched.
         if mode == "replace":
-            for target in dict.fromkeys(targets.values()):
+            for target in chats:
                 for concept in store.list_concepts(target):
                     store.delete(target, concept.id)
+            for target in sorted(photo_targets):
+                photos.delete_scope(target)
         deferred = getattr(store, "deferred_saves", None)  # FAISS: one index write at the end
         with deferred() if deferred else nullcontext():
             counts = _write(archive, store, vectors, targets)
-    return ImportReport(scopes=len(set(targets.values())), reembedded=reembedded, **counts)
+        if history is not None:
+            counts |= _write_photos_into(archive, photos, photo_vectors, targets)
+            for scope, enabled in history.indexing.items():
+                photos.set_indexing(targets[scope], enabled)
+    return ImportReport(
+        scopes=len(chats),
+        reembedded=reembedded,
+        photos_reembedded=photos_reembedded,
+        **counts,
+    )
 
 
 def _targets(archive: Archive, scope_map: Mapping[str, str]) -> dict[str, str]:
-    scopes = {c.scope for c in archive.concepts}
-    unknown = sorted(set(scope_map) - scopes)
+    unknown = sorted(set(scope_map) - set(archive.scopes))
     if unknown:
         raise InvalidInputError(f"The archive has no chat '{unknown[0]}'.")
-    return {scope: clean_scope(scope_map.get(scope, scope)) for scope in sorted(scopes)}
+    return {scope: clean_scope(scope_map.get(scope, scope)) for scope in archive.scopes}
 
 
 def _vectors_for(archive: Archive, store: ConceptStore, embedder: Any) -> tuple[np.ndarray, bool]:
@@ -548,6 +783,78 @@ def _vectors_for(archive: Archive, store: ConceptStore, embedder: Any) -> tuple[
         rows.append(np.asarray(embedder.embed_images(images), dtype=np.float32))
     vectors = np.concatenate(rows) if rows else np.zeros((0, store.dim), np.float32)
     return np.ascontiguousarray(vectors), True
+
+
+def _photo_vectors_for(
+    archive: Archive, photos: PhotoStore, embed: Callable[[list[bytes]], np.ndarray] | None
+) -> tuple[np.ndarray, bool]:
+    """The rows to store with the archive's photos: its own, or its thumbnails embedded again
+    when the photo store uses another model. Raises before anything is written."""
+    index, n = archive.photo_index, len(archive.photos)
+    if n == 0:
+        return np.zeros((0, photos.dim), np.float32), False
+    if photos.mismatch is not None:  # the target index can take no photos now
+        raise InvalidInputError(
+            f"The photo search history of {archive.path.name} can't be imported:"
+            f" {photos.mismatch.rstrip('.')}. Nothing was imported."
+        )
+    if index.model_id == photos.model_id:
+        if index.dim != photos.dim:
+            raise archive._error(
+                f"says {index.model_id} makes photo vectors of size {index.dim}, not {photos.dim}"
+            )
+        return archive.photo_embeddings, False
+    if embed is None:
+        raise InvalidInputError(
+            f"The indexed photos of {archive.path.name} were embedded by {index.model_id}, but"
+            f" this photo index uses {photos.model_id}: they must be embedded again from their"
+            " thumbnails, which needs the search encoder (rapbot import does this)."
+            " Nothing was imported."
+        )
+    rows: list[np.ndarray] = []
+    for start in range(0, n, _EMBED_BATCH):
+        stop = min(start + _EMBED_BATCH, n)
+        try:
+            batch = np.asarray(embed([archive.thumbnail(r) for r in range(start, stop)]))
+        except ImageError as error:
+            raise archive._error(
+                f"has a thumbnail among {_thumb_name(start)} to {_thumb_name(stop - 1)} that"
+                f" can't be read ({error})"
+            ) from None
+        if batch.shape != (stop - start, photos.dim) or not np.isfinite(batch).all():
+            raise InvalidInputError(
+                f"The photo embedder gave vectors of shape {batch.shape}, not"
+                f" ({stop - start}, {photos.dim}) finite ones. Nothing was imported."
+            )
+        rows.append(batch.astype(np.float32))
+    return np.ascontiguousarray(np.concatenate(rows)), True
+
+
+def _write_photos_into(
+    archive: Archive, photos: PhotoStore, vectors: np.ndarray, targets: dict[str, str]
+) -> dict[str, int]:
+    """Add the archive's photos to their target chats, in batches; a chat's photo with the
+    same source is kept as it is (PhotoStore ignores a repeated source in a scope)."""
+    by_target: dict[str, list[int]] = {}
+    for row, photo in enumerate(archive.photos):
+        by_target.setdefault(targets[photo.scope], []).append(row)
+    added = 0
+    for target, rows in by_target.items():
+        for start in range(0, len(rows), _PHOTO_WRITE_BATCH):
+            batch = []
+            for row in rows[start : start + _PHOTO_WRITE_BATCH]:
+                photo = archive.photos[row]
+                batch.append(
+                    (
+                        vectors[row],
+                        archive.thumbnail(row),
+                        photo.poster,
+                        photo.posted_at,
+                        photo.source,
+                    )
+                )
+            added += photos.add_many(target, batch)
+    return {"photos": added, "photos_skipped": len(archive.photos) - added}
 
 
 def import_source(origin: str, target: str, example: ArchivedExample) -> str:
@@ -624,8 +931,19 @@ def _text(record: dict[str, Any], key: str) -> str:
     return value
 
 
+def _source(value: Any) -> str:
+    """A source key read from an archive (an example's or a photo's)."""
+    if not (isinstance(value, str) and value.strip() and len(value) <= _MAX_SOURCE):
+        raise TypeError("bad source")
+    return value
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _reason(error: BaseException) -> str:

@@ -81,3 +81,87 @@ def test_export_all_then_import_into_an_empty_store_gives_the_same_answers(
         kept = {(c.name, c.description, c.owner) for c in target.list_concepts(scope)}
         assert kept == {(n, d, o) for o, (_, n, d) in zip(("alice", "bob"), subjects, strict=True)}
     target.close()
+
+
+# The photo search history: per chat the photos indexed (folder, poster). tg:7 has photos but no
+# concepts; dc:42 indexed one photo and then had indexing turned off (its photo stays).
+INDEXED = {
+    "tg:-100": (("dog", "alice"), ("cat", "bob"), ("backpack", "carol")),
+    "tg:7": (("dog2", "carol"), ("teapot", "dave")),
+    "dc:42": (("cat2", "erin"),),
+}
+FLAGS = {"tg:-100": True, "tg:7": True, "dc:42": False}
+QUERIES = ("a dog", "Mochi", "Rex in the snow", "a teapot on a table")
+
+
+def _searches(engine: Engine, dreambooth: Path) -> dict[str, list[list[tuple[str, float]]]]:
+    """Every chat's results for text, concept-aware, reference and composed queries."""
+    ref = (dreambooth / "dog" / "01.jpg").read_bytes()
+    out = {}
+    for scope in INDEXED:
+        runs = [engine.search(scope, text, k=10) for text in QUERIES]
+        runs += [engine.search(scope, "", ref, k=10), engine.search(scope, "on a beach", ref, k=10)]
+        out[scope] = [[(h.source, h.score) for h in hits] for hits in runs]
+    return out
+
+
+def _same(found: dict, expected: dict) -> bool:
+    """The same photos in the same order, with the same scores (to 1e-5)."""
+    return {s: [[src for src, _ in run] for run in runs] for s, runs in found.items()} == {
+        s: [[src for src, _ in run] for run in runs] for s, runs in expected.items()
+    } and all(
+        score == pytest.approx(want, abs=1e-5)
+        for scope, runs in found.items()
+        for run, want_run in zip(runs, expected[scope], strict=True)
+        for (_, score), (_, want) in zip(run, want_run, strict=True)
+    )
+
+
+def test_export_all_keeps_the_photo_search_history(coco_models, dreambooth, tmp_path) -> None:
+    from engine.permissions import Actor
+
+    admin = Actor("admin", is_admin=True)
+    source = _engine("faiss", coco_models, tmp_path / "source")
+    for scope, subjects in CHATS.items():
+        photo = group_photo([dreambooth / folder / "00.jpg" for folder, *_ in subjects])
+        for owner, (_, name, description) in zip(("alice", "bob"), subjects, strict=True):
+            source.remember(scope, photo, name, description, owner)
+    posted = {}  # scope -> {source: poster}
+    for scope, photos in INDEXED.items():
+        source.set_indexing(scope, True, admin)
+        for index, (folder, poster) in enumerate(photos):
+            name = f"{scope}/{folder}"
+            photo = (dreambooth / folder / "00.jpg").read_bytes()
+            assert source.index_photo(scope, photo, poster, name, 1.7e9 + index) is not None
+            posted.setdefault(scope, {})[name] = poster
+        source.set_indexing(scope, FLAGS[scope], admin)
+    before = _searches(source, dreambooth)
+    for scope, runs in before.items():  # a meaningful baseline: every chat finds its own photos
+        assert all(sorted(src for src, _ in run) == sorted(posted[scope]) for run in runs)
+
+    backup = tmp_path / "backup.zip"  # what `rapbot export --all` writes
+    report = export_scopes(source.store, None, backup, photos=source.photos)
+    assert (report.scopes, report.concepts, report.examples, report.photos) == (3, 4, 4, 6)
+    source.close()
+
+    target = _engine("qdrant", coco_models, tmp_path / "target")
+    assert target.store.scopes() == [] and target.photos.scopes() == []
+    restored = import_archive(backup, target.store, photos=target.photos)
+    assert (restored.scopes, restored.concepts, restored.photos) == (3, 4, 6)
+    assert not restored.photos_reembedded
+    assert _same(_searches(target, dreambooth), before)  # never another chat's photos either
+    assert {scope: target.indexing(scope) for scope in INDEXED} == FLAGS
+    for scope, sources in posted.items():
+        assert {p.source: p.poster for p in target.photos.rows(scope)} == sources
+
+    again = import_archive(backup, target.store, photos=target.photos)
+    assert (again.concepts, again.examples, again.photos, again.photos_skipped) == (0, 0, 0, 6)
+    assert _same(_searches(target, dreambooth), before)
+
+    # Posters were kept: forgetting one removes their photos from the restored history.
+    target.forget_user("carol")
+    for scope, sources in posted.items():
+        kept = {s for s, poster in sources.items() if poster != "carol"}
+        assert {p.source for p in target.photos.rows(scope)} == kept
+        assert {h.source for h in target.search(scope, "a dog", k=10)} == kept
+    target.close()

@@ -1,4 +1,5 @@
-"""Export and import of chats' concepts (engine.transfer and `rapbot export` / `rapbot import`)."""
+"""Export and import of chats' concepts and photo search history (engine.transfer and
+`rapbot export` / `rapbot import`)."""
 
 from __future__ import annotations
 
@@ -16,12 +17,15 @@ from qdrant_client import QdrantClient
 from bots.cli import main
 from engine.errors import InvalidInputError
 from engine.store import ConceptStore, FaissConceptStore
+from engine.store.photos import PhotoStore
 from engine.store.qdrant_store import QdrantConceptStore
 from engine.transfer import (
     CONCEPTS,
     EMBEDDINGS,
     EXAMPLES,
     MANIFEST,
+    PHOTO_EMBEDDINGS,
+    PHOTOS,
     ArchiveError,
     ArchiveLimits,
     export_scopes,
@@ -121,9 +125,10 @@ def test_faiss_export_imports_into_qdrant_and_fresh_faiss(source, archive, tmp_p
         assert {MANIFEST, CONCEPTS, EXAMPLES, EMBEDDINGS} <= set(zf.namelist())
     assert (manifest["format"], manifest["version"], manifest["model_id"]) == (
         "rapbot-concepts",
-        1,
+        2,
         MODEL,
     )
+    assert "photos" not in manifest  # exported without a photo store: concepts only
     assert manifest["dim"] == DIM
     assert manifest["counts"] == {"scopes": 2, "concepts": 3, "examples": 4}
     assert manifest["scopes"] == [
@@ -350,7 +355,7 @@ BAD = {
         "unexpected",
     ),
     "duplicate": (lambda a, d: rewrite(a, d, extra={CONCEPTS: b""}), "twice"),
-    "newer-version": (lambda a, d: rewrite(a, d, put=manifest_with(a, version=2)), "version 2"),
+    "newer-version": (lambda a, d: rewrite(a, d, put=manifest_with(a, version=3)), "version 3"),
     "other-format": (lambda a, d: rewrite(a, d, put=manifest_with(a, format="x")), "not a rapbot"),
     "counts": (
         lambda a, d: rewrite(
@@ -501,14 +506,23 @@ def test_cli_export_import_round_trip(cli, tmp_path, monkeypatch) -> None:
     code, out, err = cli("--chat", "tg:1", "--json", "export", "--out", one)
     assert code == 0, err
     assert json.loads(out) == {
-        "exported": {"scopes": 1, "concepts": 2, "examples": 2},
+        "exported": {"scopes": 1, "concepts": 2, "examples": 2, "photos": 0},
         "path": str(one),
     }
     code, out, err = cli("--json", "import", one, "--chat", "tg:2")
     assert code == 0, err
     assert json.loads(out) == {
-        "imported": {"scopes": 1, "concepts": 2, "examples": 2, "merged": 0, "skipped": 0},
+        "imported": {
+            "scopes": 1,
+            "concepts": 2,
+            "examples": 2,
+            "merged": 0,
+            "skipped": 0,
+            "photos": 0,
+            "photos_skipped": 0,
+        },
         "reembedded": False,
+        "photos_reembedded": False,
         "path": str(one),
     }
     assert _concepts(cli, "--chat", "tg:2") == _concepts(cli, "--chat", "tg:1")
@@ -521,7 +535,12 @@ def test_cli_export_import_round_trip(cli, tmp_path, monkeypatch) -> None:
     expected = [_concepts(cli, "--chat", scope) for scope in scopes]
     backup = tmp_path / "backup.zip"
     code, out, err = cli("--json", "export", "--all", "--out", backup)
-    assert json.loads(out)["exported"] == {"scopes": 3, "concepts": 5, "examples": 5}
+    assert json.loads(out)["exported"] == {
+        "scopes": 3,
+        "concepts": 5,
+        "examples": 5,
+        "photos": 0,
+    }
     monkeypatch.setenv("RAPBOT_STORE", "qdrant")
     elsewhere = ("--data-dir", tmp_path / "restored")
     code, out, err = cli(*elsewhere, "--json", "import", backup)
@@ -530,6 +549,46 @@ def test_cli_export_import_round_trip(cli, tmp_path, monkeypatch) -> None:
     assert [_concepts(cli, *elsewhere, "--chat", scope) for scope in scopes] == expected
     assert (tmp_path / "restored" / "qdrant").is_dir()
     assert not (tmp_path / "restored" / "store").exists()  # not the FAISS folder
+
+
+def test_cli_export_import_keeps_the_photo_history(cli, tmp_path) -> None:
+    photos = [_photo(tmp_path / f"p{seed}.jpg", seed) for seed in (21, 22, 23)]
+    for chat, paths in (("tg:1", photos[:2]), ("tg:7", photos[2:])):  # tg:7: photos only
+        code, _, err = cli("--chat", chat, "index", *paths)
+        assert code == 0, err
+    code, _, err = cli("--chat", "tg:1", "remember", photos[0], "Mochi", "--box", "10,10,150,150")
+    assert code == 0, err
+
+    def results(*args) -> list[tuple[str, float]]:
+        code, out, err = cli(*args, "--json", "search", "--ref", photos[0], "-k", "5")
+        assert code == 0, err
+        return [(r["source"], r["score"]) for r in json.loads(out)["results"]]
+
+    before = {chat: results("--chat", chat) for chat in ("tg:1", "tg:7")}
+    assert len(before["tg:1"]) == 2 and len(before["tg:7"]) == 1
+    backup = tmp_path / "backup.zip"
+    code, out, err = cli("--json", "export", "--all", "--out", backup)
+    assert code == 0, err
+    assert json.loads(out)["exported"] == {"scopes": 2, "concepts": 1, "examples": 1, "photos": 3}
+    code, out, err = cli("--chat", "tg:7", "export", "--out", tmp_path / "tg7.zip")
+    assert code == 0, err
+    assert "0 concept(s) with 0 photo(s) and 1 photo(s) of the search history from 1 chat" in out
+
+    elsewhere = ("--data-dir", tmp_path / "restored")
+    code, out, err = cli(*elsewhere, "--json", "import", backup)
+    assert code == 0, err
+    imported = json.loads(out)["imported"]
+    assert (imported["scopes"], imported["concepts"], imported["photos"]) == (2, 1, 3)
+    assert {chat: results(*elsewhere, "--chat", chat) for chat in before} == before
+    code, out, err = cli(*elsewhere, "import", backup)  # again: nothing new
+    assert code == 0, err
+    assert "Search history: 0 photo(s) added, 3 already there." in out
+    # A photo-only chat moved into another chat id, which alone gets its photos.
+    code, out, err = cli(*elsewhere, "--json", "import", tmp_path / "tg7.zip", "--chat", "dc:1")
+    assert code == 0, err
+    assert json.loads(out)["imported"]["photos"] == 1
+    assert results(*elsewhere, "--chat", "dc:1") == before["tg:7"]
+    assert results(*elsewhere, "--chat", "tg:1") == before["tg:1"]
 
 
 @pytest.mark.parametrize(
@@ -556,3 +615,362 @@ def test_cli_transfer_user_errors_exit_1_with_one_line(cli, tmp_path, args, expe
 def test_cli_export_needs_an_output_file(cli) -> None:
     code, _, err = cli("export", "--chat", "tg:1")
     assert code == 2 and "--out" in err
+
+
+# ----------------------------------------------------------------------------- photo history
+
+
+def photo_store(root: Path, model_id: str = MODEL, dim: int = DIM, **options) -> PhotoStore:
+    return PhotoStore(root, model_id, dim, **options)
+
+
+# (scope, seed, poster): tg:1 has concepts too, tg:3 only photos; tg:2 (concepts) has indexing off.
+PHOTO_ROWS = (("tg:1", 11, "alice"), ("tg:1", 12, "bob"), ("tg:3", 13, "carol"))
+
+
+def fill_photos(photos: PhotoStore) -> None:
+    for scope in ("tg:1", "tg:3"):
+        photos.set_indexing(scope, True)
+    for scope, seed, poster in PHOTO_ROWS:
+        photos.add(scope, unit(seed, photos.dim), jpeg(seed), poster, 1000.5 + seed, f"file:{seed}")
+
+
+def photo_rows(photos: PhotoStore, scope: str) -> list[tuple]:
+    """A chat's photos as stored, without ids."""
+    return [
+        (p.source, p.poster, p.posted_at, p.thumbnail, p.embedding.tolist())
+        for p in photos.rows(scope)
+    ]
+
+
+def photo_state(photos: PhotoStore) -> dict:
+    scopes = ["tg:1", "tg:2", "tg:3", "dc:9"]
+    return {
+        "scopes": photos.scopes(),
+        "flags": {scope: photos.indexing(scope) for scope in scopes},
+        "rows": {scope: photo_rows(photos, scope) for scope in scopes},
+    }
+
+
+def photo_answers(photos: PhotoStore, scope: str, seeds=range(11, 15)) -> list:
+    return [
+        [(h.source, round(h.score, 5)) for h in photos.search(scope, unit(seed, photos.dim), 5)]
+        for seed in seeds
+    ]
+
+
+@pytest.fixture
+def source_photos(tmp_path: Path):
+    photos = photo_store(tmp_path / "source-photos")
+    fill_photos(photos)
+    yield photos
+    photos.close()
+
+
+@pytest.fixture
+def full(source, source_photos, tmp_path) -> Path:
+    """Every chat of both stores: tg:1 (concepts, photos), tg:2 (concepts), tg:3 (photos)."""
+    path = tmp_path / "full.zip"
+    report = export_scopes(source, None, path, photos=source_photos)
+    assert (report.scopes, report.concepts, report.examples, report.photos) == (3, 3, 4, 3)
+    return path
+
+
+@pytest.fixture
+def target_photos(tmp_path: Path):
+    """A photo store with a chat of its own, which a refused import must leave as it was."""
+    photos = photo_store(tmp_path / "target-photos")
+    photos.set_indexing("dc:9", True)
+    photos.add("dc:9", unit(70), jpeg(70), "erin", 5.0, "dc-file")
+    yield photos
+    photos.close()
+
+
+def test_photo_history_round_trip(source, source_photos, full, target_photos) -> None:
+    with zipfile.ZipFile(full) as zf:
+        manifest = json.loads(zf.read(MANIFEST))
+        names = set(zf.namelist())
+    assert {PHOTOS, PHOTO_EMBEDDINGS, "thumbs/00000000.jpg", "thumbs/00000002.jpg"} <= names
+    assert "thumbs/00000003.jpg" not in names
+    assert manifest["version"] == 2
+    assert manifest["photos"] == {
+        "model_id": MODEL,
+        "dim": DIM,
+        "count": 3,
+        "indexing": {"tg:1": True, "tg:2": False, "tg:3": True},
+    }
+    assert manifest["counts"] == {"scopes": 3, "concepts": 3, "examples": 4}
+    assert [(s["scope"], s["concepts"], s["photos"]) for s in manifest["scopes"]] == [
+        ("tg:1", 2, 2),
+        ("tg:2", 1, 0),
+        ("tg:3", 0, 1),
+    ]
+
+    target = qdrant()
+    report = import_archive(full, target, photos=target_photos)
+    assert (report.scopes, report.concepts, report.examples) == (3, 3, 4)
+    assert (report.photos, report.photos_skipped, report.photos_reembedded) == (3, 0, False)
+    assert target.scopes() == ["tg:1", "tg:2"]
+    assert target_photos.scopes() == ["dc:9", "tg:1", "tg:3"]
+    for scope in ("tg:1", "tg:2", "tg:3"):
+        assert photo_rows(target_photos, scope) == photo_rows(source_photos, scope)
+        assert target_photos.indexing(scope) == source_photos.indexing(scope)
+        assert photo_answers(target_photos, scope) == photo_answers(source_photos, scope)
+    assert [h.source for h in target_photos.search("dc:9", unit(11), 10)] == ["dc-file"]
+
+    again = import_archive(full, target, photos=target_photos)  # idempotent
+    assert (again.concepts, again.examples, again.photos, again.photos_skipped) == (0, 0, 0, 3)
+    assert target_photos.total() == 4
+    # Posters are kept: forgetting one finds their photos in the restored store.
+    assert target_photos.delete_user("carol") == 1
+    assert photo_rows(target_photos, "tg:3") == []
+    # Without a photo store the photo history is left out (concepts only).
+    assert import_archive(full, qdrant()).photos == 0
+
+
+def test_photo_history_into_another_chat_and_replace(
+    source, source_photos, target_photos, tmp_path
+) -> None:
+    one = tmp_path / "tg3.zip"
+    with pytest.raises(InvalidInputError, match="nothing to export in chat 'tg:3'"):
+        export_scopes(source, ["tg:3"], one)  # without the photos, tg:3 holds nothing
+    report = export_scopes(source, ["tg:3"], one, photos=source_photos)
+    assert (report.scopes, report.concepts, report.photos) == (1, 0, 1)
+
+    target = qdrant()
+    fill(target)
+    moved = import_archive(one, target, scope_map={"tg:3": "dc:9"}, photos=target_photos)
+    assert (moved.scopes, moved.concepts, moved.photos) == (1, 0, 1)
+    assert [p[0] for p in photo_rows(target_photos, "dc:9")] == ["dc-file", "file:13"]
+    assert photo_rows(target_photos, "tg:3") == [] and not target_photos.indexing("tg:3")
+    assert target.scopes() == ["tg:1", "tg:2"]  # concepts untouched
+
+    # A restore (replace) makes the chat what the archive holds: its own photo is forgotten,
+    # its concepts too (the archive says the chat had none), other chats are not touched.
+    target.add_concept(
+        "dc:9",
+        name="Zed",
+        description="",
+        category="",
+        owner="erin",
+        embedding=unit(60),
+        crop_jpeg=jpeg(60),
+        box=Box(0, 0, 5, 5),
+    )
+    target_photos.add("tg:1", unit(71), jpeg(71), "erin", 6.0, "tg1-file")
+    replaced = import_archive(
+        one, target, scope_map={"tg:3": "dc:9"}, mode="replace", photos=target_photos
+    )
+    assert (replaced.photos, replaced.photos_skipped) == (1, 0)
+    assert [p[0] for p in photo_rows(target_photos, "dc:9")] == ["file:13"]
+    assert target.list_concepts("dc:9") == []
+    assert [p[0] for p in photo_rows(target_photos, "tg:1")] == ["tg1-file"]
+    assert target.scopes() == ["tg:1", "tg:2"]
+
+
+def _fake_encoder(dim: int):
+    """Thumbnail JPEGs -> unit rows derived from their bytes (a stand-in search encoder)."""
+    calls: list[int] = []
+
+    def embed(thumbnails: list[bytes]) -> np.ndarray:
+        calls.append(len(thumbnails))
+        return np.stack([unit(int.from_bytes(t[-8:], "little"), dim) for t in thumbnails])
+
+    return embed, calls
+
+
+def test_photos_of_another_encoder_are_embedded_again(source, full, tmp_path) -> None:
+    target = qdrant()
+    photos = photo_store(tmp_path / "cir", "cir-lvlm:test", 8)
+    with pytest.raises(InvalidInputError, match="embedded again from their thumbnails"):
+        import_archive(full, target, photos=photos)  # no embedder: refused, nothing written
+    embed, calls = _fake_encoder(9)
+    with pytest.raises(InvalidInputError, match=r"shape \(3, 9\)"):
+        import_archive(full, target, photos=photos, photo_embedder=embed)
+    assert (target.count(), photos.total(), photos.scopes()) == (0, 0, [])
+
+    embed, calls = _fake_encoder(8)
+    report = import_archive(full, target, photos=photos, photo_embedder=embed)
+    assert (report.photos, report.photos_reembedded, report.reembedded) == (3, True, False)
+    assert calls == [3]
+    for scope, seed, _ in PHOTO_ROWS:
+        hit = photos.search(scope, embed([jpeg(seed)])[0], 1)[0]
+        assert hit.source == f"file:{seed}" and hit.score == pytest.approx(1, abs=1e-5)
+    assert photos.indexing("tg:1") and photos.indexing("tg:3") and not photos.indexing("tg:2")
+    again = import_archive(full, target, photos=photos, photo_embedder=embed)
+    assert (again.photos, again.photos_skipped) == (0, 3)
+
+
+def test_the_engine_embeds_the_thumbnails_again(tiny_engine, full) -> None:
+    """`rapbot import`'s photo embedder: Engine.embed_thumbnails (the configured encoder)."""
+    photos = tiny_engine.photos
+    assert photos.model_id != MODEL
+    report = import_archive(
+        full,
+        tiny_engine.store,
+        embedder=tiny_engine.models.embedder,
+        photos=photos,
+        photo_embedder=tiny_engine.embed_thumbnails,
+    )
+    assert (report.photos, report.photos_reembedded, report.reembedded) == (3, True, True)
+    for scope, seed, _ in PHOTO_ROWS:
+        hit = tiny_engine.search(scope, "", jpeg(seed), k=1)[0]
+        assert hit.source == f"file:{seed}" and hit.score == pytest.approx(1, abs=1e-4)
+
+
+def test_a_photo_index_of_another_encoder_is_not_written_to(source, full, tmp_path) -> None:
+    """A photo store that holds another encoder's vectors (opened as the engine does, not
+    strict) takes no photos: the import is refused before anything is written."""
+    photo_store(tmp_path / "old", "open_clip:retired", 8).close()
+    stale = photo_store(tmp_path / "old", MODEL, DIM, strict=False)
+    target = qdrant()
+    with pytest.raises(InvalidInputError, match="index --rebuild") as caught:
+        import_archive(full, target, photos=stale)
+    assert str(caught.value).endswith("Nothing was imported.")
+    assert (target.count(), stale.total(), stale.scopes()) == (0, 0, [])
+    stale.close()
+
+
+def test_a_version_1_archive_still_imports(archive, target, target_photos, tmp_path) -> None:
+    """An export made before the photo history was in it: concepts only; the photo store's
+    chats and flags stay as they are, even with --replace."""
+    v1 = rewrite(archive, tmp_path / "v1.zip", put=manifest_with(archive, version=1))
+    before = photo_state(target_photos)
+    report = import_archive(v1, target, photos=target_photos, mode="replace")
+    assert (report.scopes, report.concepts, report.examples, report.photos) == (2, 3, 4, 0)
+    assert photo_state(target_photos) == before
+    assert [c.name for c in target.list_concepts("tg:1")] == ["Bo", "Mochi"]
+
+
+def _photo_lines_with(src: Path, index: int, **changes) -> dict[str, bytes]:
+    return lines_with(src, PHOTOS, index, **changes)
+
+
+def _photo_lines_dropped(src: Path, index: int) -> dict[str, bytes]:
+    with zipfile.ZipFile(src) as zf:
+        lines = zf.read(PHOTOS).splitlines(keepends=True)
+    return {PHOTOS: b"".join(lines[:index] + lines[index + 1 :])}
+
+
+def _photos_manifest(src: Path, **changes) -> dict[str, bytes]:
+    with zipfile.ZipFile(src) as zf:
+        photos = json.loads(zf.read(MANIFEST))["photos"]
+    return manifest_with(src, photos={**photos, **changes})
+
+
+BAD_PHOTOS = {
+    "thumb-not-jpeg": (
+        lambda a, d: rewrite(a, d, put={"thumbs/00000001.jpg": b"GIF89a...."}),
+        "thumbs/00000001.jpg that is not a JPEG",
+    ),
+    "thumb-missing": (
+        lambda a, d: rewrite(a, d, drop={"thumbs/00000002.jpg"}),
+        "misses thumbs/00000002.jpg",
+    ),
+    "thumb-extra": (
+        lambda a, d: rewrite(a, d, extra={"thumbs/00000003.jpg": jpeg(1)}),
+        "thumbnails no photo refers to",
+    ),
+    "photo-embeddings-missing": (
+        lambda a, d: rewrite(a, d, drop={PHOTO_EMBEDDINGS}),
+        "has no photo_embeddings.npy",
+    ),
+    "photo-embeddings-shape": (
+        lambda a, d: rewrite(a, d, put={PHOTO_EMBEDDINGS: npy(np.zeros((3, DIM + 1), "<f4"))}),
+        "shape (3, 17)",
+    ),
+    "photo-embeddings-rows": (
+        lambda a, d: rewrite(a, d, put={PHOTO_EMBEDDINGS: npy(np.stack([unit(1)] * 2))}),
+        "shape (2, 16)",
+    ),
+    "photo-embeddings-long": (
+        lambda a, d: rewrite(a, d, put={PHOTO_EMBEDDINGS: npy(np.full((3, DIM), 9, "<f4"))}),
+        "not unit length",
+    ),
+    "photo-embeddings-nan": (
+        lambda a, d: rewrite(a, d, put={PHOTO_EMBEDDINGS: npy(np.full((3, DIM), np.nan, "<f4"))}),
+        "not finite",
+    ),
+    "photo-embeddings-float64": (
+        lambda a, d: rewrite(
+            a, d, put={PHOTO_EMBEDDINGS: npy(np.stack([unit(s) for s in (1, 2, 3)]).astype("<f8"))}
+        ),
+        "float64",
+    ),
+    "photo-scope-type": (
+        lambda a, d: rewrite(a, d, put=_photo_lines_with(a, 0, scope=5)),
+        "bad photo at line 1 of photos.jsonl",
+    ),
+    "photo-scope-unlisted": (
+        lambda a, d: rewrite(a, d, put=_photo_lines_with(a, 2, scope="tg:99")),
+        "chat its manifest does not list at line 3",
+    ),
+    "photo-poster": (
+        lambda a, d: rewrite(a, d, put=_photo_lines_with(a, 1, poster="bob\x00")),
+        "bad photo at line 2",
+    ),
+    "photo-time": (
+        lambda a, d: rewrite(a, d, put=_photo_lines_with(a, 0, posted_at="yesterday")),
+        "bad photo at line 1",
+    ),
+    "photo-source": (
+        lambda a, d: rewrite(a, d, put=_photo_lines_with(a, 0, source="")),
+        "bad photo at line 1",
+    ),
+    "photo-repeated": (
+        lambda a, d: rewrite(a, d, put=_photo_lines_with(a, 1, source="file:11")),
+        "repeated photo at line 2",
+    ),
+    "photo-count": (
+        lambda a, d: rewrite(a, d, put=_photos_manifest(a, count=4)),
+        "(3 indexed photos, not 4)",
+    ),
+    "photo-line-missing": (
+        lambda a, d: rewrite(a, d, put=_photo_lines_dropped(a, 2)),
+        "(2 indexed photos, not 3)",
+    ),
+    "scopes-count": (
+        lambda a, d: rewrite(
+            a, d, put=manifest_with(a, counts={"scopes": 2, "concepts": 3, "examples": 4})
+        ),
+        "manifest says",
+    ),
+    "photo-flag": (
+        lambda a, d: rewrite(a, d, put=_photos_manifest(a, indexing={"tg:1": "yes", "tg:3": True})),
+        "invalid photos entry",
+    ),
+    "photo-model": (
+        lambda a, d: rewrite(a, d, put=_photos_manifest(a, model_id="")),
+        "which model embedded its indexed photos",
+    ),
+    "no-photos-entry": (
+        lambda a, d: rewrite(a, d, put=manifest_with(a, photos=None)),
+        "unexpected file",
+    ),
+    "v1-with-photos": (
+        lambda a, d: rewrite(a, d, put=manifest_with(a, version=1)),
+        "unexpected file",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_PHOTOS))
+def test_a_bad_photo_history_is_refused_and_nothing_changes(
+    case, full, target, target_photos, tmp_path
+) -> None:
+    make, expected = BAD_PHOTOS[case]
+    bad = make(full, tmp_path / f"{case}.zip")
+    before = (target.scopes(), snapshot(target, "tg:1"), target.count(), photo_state(target_photos))
+    with pytest.raises(ArchiveError) as caught:
+        import_archive(bad, target, photos=target_photos)
+    message = str(caught.value)
+    assert expected in message and "\n" not in message, message
+    assert message.endswith("Nothing was imported.")
+    after = (target.scopes(), snapshot(target, "tg:1"), target.count(), photo_state(target_photos))
+    assert after == before
+
+
+def test_too_many_photos_are_refused_up_front(full, target, target_photos) -> None:
+    with pytest.raises(ArchiveError, match="holds 3 indexed photos, more than"):
+        import_archive(full, target, photos=target_photos, limits=ArchiveLimits(max_photos=2))
+    assert target_photos.total() == 1

@@ -18,7 +18,9 @@ when a process starts rather than written to files; for IVF that includes its k-
 for a 100k-photo scope on two busy cores, paid by the scope's first search in a process. Hence
 the threshold is higher than the concept store's: a flat search of 100k photos takes ~7 ms,
 which no user notices, while a k-means at every worker start for each large chat would be.
-Everything is strictly per scope except :meth:`PhotoStore.delete_user`.
+Everything is strictly per scope except :meth:`PhotoStore.delete_user` (and
+:meth:`PhotoStore.scopes`, which lists them for backups: :mod:`engine.transfer` reads a scope
+with :meth:`PhotoStore.rows` and adds it back with :meth:`PhotoStore.add_many`).
 
 The store records the embedding model (id and size) its vectors come from. Opened for another
 model with ``strict=False`` (the engine does, since the search encoder is a setting), it still
@@ -43,6 +45,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +86,18 @@ _DDL = (
     "CREATE INDEX IF NOT EXISTS photos_scope ON photos (scope, id)",
     "CREATE INDEX IF NOT EXISTS photos_poster ON photos (poster)",
 )
+
+
+@dataclass(frozen=True)
+class StoredPhoto:
+    """One stored photo, as :meth:`PhotoStore.rows` reads it (backups)."""
+
+    photo_id: int
+    source: str
+    poster: str
+    posted_at: float
+    embedding: np.ndarray  # float32, of the model :meth:`PhotoStore.recorded_model` names
+    thumbnail: bytes  # the 256-pixel JPEG
 
 
 class PhotoStore:
@@ -472,6 +487,51 @@ class PhotoStore:
             for s, i in zip(scores[0].tolist(), ids[0].tolist(), strict=True)
             if int(i) in sources
         ]
+
+    def scopes(self) -> list[str]:
+        """The scopes that have photos or have indexing on, sorted (what a backup holds)."""
+        with self._lock, self._errors():
+            return [
+                row[0]
+                for row in self._db.execute(
+                    "SELECT DISTINCT scope FROM photos"
+                    " UNION SELECT scope FROM scopes WHERE indexing = 1 ORDER BY 1"
+                )
+            ]
+
+    def recorded_model(self) -> tuple[str, int]:
+        """The model (id, size) the stored vectors come from, as the meta records it: this
+        store's own, or another encoder's while :attr:`mismatch` says so; ``("", 0)`` for a
+        store no real identity has opened yet (it holds no photos)."""
+        with self._lock, self._errors():
+            meta = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
+        dim = meta.get("dim", "")
+        return meta.get("model_id", ""), int(dim) if dim.isdigit() else 0
+
+    def rows(self, scope: str, batch_size: int = 256) -> Iterator[StoredPhoto]:
+        """The scope's photos in id order, read ``batch_size`` at a time (the lock is not held
+        between batches). Needs no model: it works for any store, mismatched or unresolved."""
+        scope, size = check_scope(scope), max(1, int(batch_size))
+        after = -1
+        while True:
+            with self._lock, self._errors():
+                batch = self._db.execute(
+                    "SELECT id, source, poster, posted_at, embedding, thumbnail FROM photos"
+                    " WHERE scope = ? AND id > ? ORDER BY id LIMIT ?",
+                    (scope, after, size),
+                ).fetchall()
+            for photo_id, source, poster, posted_at, embedding, thumb in batch:
+                yield StoredPhoto(
+                    int(photo_id),
+                    source,
+                    poster,
+                    float(posted_at),
+                    np.frombuffer(bytes(embedding), dtype="<f4"),
+                    bytes(thumb),
+                )
+            if len(batch) < size:
+                return
+            after = batch[-1][0]
 
     def total(self) -> int:
         """Photos indexed in every scope (metrics: ``rapbot_store_items{kind="photos"}``)."""
