@@ -32,6 +32,13 @@ move to a new CLIP model or search encoder. Every imported example carries a sou
 from where it came from, and every photo keeps its own (unique within a chat), which makes
 importing idempotent: the same archive (or a newer export of the same chat) adds only what is
 missing. Photos keep their poster and time, so ``forget_user`` finds them after a restore.
+
+The photo history is people's photos and user ids, and a chat's /index flag is its admins'
+decision, so both stay with their chat: an import sets a chat's flag only when it goes back into
+that same chat (never when ``scope_map`` renames it), and writes the photos of a renamed chat
+only when asked (``include_photos=True``). A photo's source is what the bot sends back from a
+search (Telegram sends it by file id, fetching anything that is a URL), so each one must fit
+the target chat's platform (:func:`source_fits`); those that don't are skipped and counted.
 """
 
 from __future__ import annotations
@@ -75,6 +82,13 @@ MANIFEST, CONCEPTS, EXAMPLES, EMBEDDINGS = (
 )
 PHOTOS, PHOTO_EMBEDDINGS = "photos.jsonl", "photo_embeddings.npy"
 _CROP = re.compile(r"crops/(\d{8})\.jpg")
+# What a platform's adapter indexes a photo as (and sends back from a search): a Telegram file id
+# (``document:`` for an image file), a Discord message link with ``#N`` for its Nth attachment
+# (``@me`` for a DM). ASCII only: ``\d`` would take any script's digits.
+_TELEGRAM_SOURCE = re.compile(r"(?:document:)?[A-Za-z0-9_-]{10,}")
+_DISCORD_SOURCE = re.compile(
+    r"https://discord\.com/channels/(?:[0-9]+|@me)/[0-9]+/[0-9]+(?:#[0-9]+)?"
+)
 _THUMB = re.compile(r"thumbs/(\d{8})\.jpg")
 _JPEG_MAGIC = b"\xff\xd8\xff"
 # Generous bounds for text read from an archive (the engine's own limits are stricter); a
@@ -131,6 +145,8 @@ class ImportReport:
     photos: int = 0  # photos added to the search history
     photos_skipped: int = 0  # photos of the search history already there
     photos_reembedded: bool = False  # thumbnails were embedded again with another encoder
+    photos_left_out: int = 0  # not asked for: a renamed chat's (include_photos), or no store
+    photos_skipped_foreign: int = 0  # sources that don't fit the target chat's platform
 
 
 # ----------------------------------------------------------------------------- export
@@ -155,6 +171,8 @@ def export_scopes(
             f"The store's embeddings are made by {store.model_id}, not {model_id}."
         )
     photo_scopes = set(photos.scopes()) if photos is not None else set()
+    if photos is not None:
+        photos.recorded_model()  # refuses a half re-embedded index before any file is made
     if scopes is None:
         chosen = sorted(set(store.scopes()) | photo_scopes)
     else:
@@ -689,18 +707,28 @@ def import_archive(
     limits: ArchiveLimits | None = None,
     photos: PhotoStore | None = None,
     photo_embedder: Callable[[list[bytes]], np.ndarray] | None = None,
+    include_photos: bool | None = None,
 ) -> ImportReport:
     """Import an archive into ``store`` (and its photo history into ``photos``); see the
     module doc.
 
     ``scope_map`` renames chats (archive scope -> target scope); others keep their names.
     ``mode="merge"`` adds to what the chats hold: a name that exists gets the photos it lacks.
-    ``mode="replace"`` first forgets every concept of the target chats, and with ``photos``
-    every photo of the chats whose history the archive holds (a restore).
+    ``mode="replace"`` forgets every concept of the target chats before writing the archive's,
+    and then, with ``photos``, replaces each target chat's photos by the archive's, one
+    transaction per chat (:meth:`PhotoStore.replace_scope`), so a failure leaves a chat's old
+    photos as they were (a restore).
     ``embedder`` (with ``model_id``, ``dim`` and ``embed_images``) is needed only when the
     archive was made with another embedding model than the store's.
     ``photos``: the target photo store; without it the archive's photo history is left out.
-    The archive's indexing flags are set on the target chats (the archive's flag wins).
+    ``include_photos``: whose photo history goes in. None (the default): the chats that keep
+    their own id (a restore); a chat that ``scope_map`` renames gets none, since it would put
+    other people's photos and user ids into another chat. True: every chat's, renamed ones too.
+    False: nobody's (concepts only; the photo store is not touched).
+    A chat's /index flag is set to the archive's only when the chat keeps its own id (merge or
+    replace); a renamed chat keeps its own flag, which only its admins decide.
+    Photos whose source does not fit the target chat's platform (:func:`source_fits`) are
+    skipped and counted, not an error.
     ``photo_embedder`` (thumbnail JPEGs -> unit rows of the photo store's size, e.g.
     :meth:`engine.engine.Engine.embed_thumbnails`) is needed only when the photos were
     embedded by another model than the photo store's.
@@ -713,33 +741,60 @@ def import_archive(
         vectors, reembedded = _vectors_for(archive, store, embedder)
         # The photo history only goes into a photo store; left out, its chats are not touched.
         history = archive.photo_index if photos is not None else None
+        flags_of = history.indexing if history is not None and include_photos is not False else {}
+        # Whose history goes in: a chat that keeps its id; a renamed one only when asked.
+        wanted = {s for s in flags_of if include_photos or targets[s] == s}
+        # A chat's /index flag only ever into that same chat: never onto another one.
+        flags = {s: on for s, on in flags_of.items() if s in wanted and targets[s] == s}
+        asked = [(r, p) for r, p in enumerate(archive.photos) if p.scope in wanted]
+        rows = [r for r, p in asked if source_fits(targets[p.scope], p.source)]
+        left_out, foreign = len(archive.photos) - len(asked), len(asked) - len(rows)
         photo_vectors, photos_reembedded = (
-            _photo_vectors_for(archive, photos, photo_embedder)
-            if history is not None
+            _photo_vectors_for(archive, photos, photo_embedder, rows)
+            if photos is not None
             else (None, False)
         )
-        photo_targets = {targets[s] for s in history.indexing} if history is not None else set()
+        photo_targets = {targets[s] for s in wanted}
         chats = sorted({targets[c.scope] for c in archive.concepts} | photo_targets)
         # Everything is checked: only now are the stores touched.
         if mode == "replace":
             for target in chats:
                 for concept in store.list_concepts(target):
                     store.delete(target, concept.id)
-            for target in sorted(photo_targets):
-                photos.delete_scope(target)
         deferred = getattr(store, "deferred_saves", None)  # FAISS: one index write at the end
         with deferred() if deferred else nullcontext():
             counts = _write(archive, store, vectors, targets)
-        if history is not None:
-            counts |= _write_photos_into(archive, photos, photo_vectors, targets)
-            for scope, enabled in history.indexing.items():
-                photos.set_indexing(targets[scope], enabled)
+        # The photos after the concepts: a failed concept write leaves every chat's photos.
+        if photo_targets:
+            by_target: dict[str, list[tuple[int, np.ndarray]]] = {t: [] for t in photo_targets}
+            for row, vector in zip(rows, photo_vectors, strict=True):
+                by_target[targets[archive.photos[row].scope]].append((row, vector))
+            write = _replace_photos_of if mode == "replace" else _add_photos_to
+            added = sum(  # flags are keyed by archive chat, which is the target for these
+                write(archive, photos, target, picked, flags.get(target))
+                for target, picked in sorted(by_target.items())
+            )
+            counts |= {"photos": added, "photos_skipped": len(rows) - added}
     return ImportReport(
         scopes=len(chats),
         reembedded=reembedded,
         photos_reembedded=photos_reembedded,
+        photos_left_out=left_out,
+        photos_skipped_foreign=foreign,
         **counts,
     )
+
+
+def source_fits(scope: str, source: str) -> bool:
+    """Whether a photo's ``source`` is what the platform of chat ``scope`` indexes photos as,
+    i.e. what its adapter may send back from a search: a Telegram chat (``tg:``) only Telegram
+    file ids (Telegram would fetch a URL given in their place), a Discord chat (``dc:``) only
+    Discord message links; any other chat (the CLI's, files' paths) any non-empty text."""
+    if scope.startswith("tg:"):
+        return _TELEGRAM_SOURCE.fullmatch(source) is not None
+    if scope.startswith("dc:"):
+        return _DISCORD_SOURCE.fullmatch(source) is not None
+    return bool(source.strip())
 
 
 def _targets(archive: Archive, scope_map: Mapping[str, str]) -> dict[str, str]:
@@ -786,11 +841,15 @@ def _vectors_for(archive: Archive, store: ConceptStore, embedder: Any) -> tuple[
 
 
 def _photo_vectors_for(
-    archive: Archive, photos: PhotoStore, embed: Callable[[list[bytes]], np.ndarray] | None
+    archive: Archive,
+    photos: PhotoStore,
+    embed: Callable[[list[bytes]], np.ndarray] | None,
+    rows: list[int],
 ) -> tuple[np.ndarray, bool]:
-    """The rows to store with the archive's photos: its own, or its thumbnails embedded again
-    when the photo store uses another model. Raises before anything is written."""
-    index, n = archive.photo_index, len(archive.photos)
+    """The vectors to store with the archive's photos ``rows`` (one per row, in order): its
+    own, or its thumbnails embedded again when the photo store uses another model. Raises
+    before anything is written."""
+    index, n = archive.photo_index, len(rows)
     if n == 0:
         return np.zeros((0, photos.dim), np.float32), False
     if photos.mismatch is not None:  # the target index can take no photos now
@@ -803,7 +862,7 @@ def _photo_vectors_for(
             raise archive._error(
                 f"says {index.model_id} makes photo vectors of size {index.dim}, not {photos.dim}"
             )
-        return archive.photo_embeddings, False
+        return np.ascontiguousarray(archive.photo_embeddings[rows]), False
     if embed is None:
         raise InvalidInputError(
             f"The indexed photos of {archive.path.name} were embedded by {index.model_id}, but"
@@ -811,50 +870,62 @@ def _photo_vectors_for(
             " thumbnails, which needs the search encoder (rapbot import does this)."
             " Nothing was imported."
         )
-    rows: list[np.ndarray] = []
+    batches: list[np.ndarray] = []
     for start in range(0, n, _EMBED_BATCH):
-        stop = min(start + _EMBED_BATCH, n)
+        chunk = rows[start : start + _EMBED_BATCH]
         try:
-            batch = np.asarray(embed([archive.thumbnail(r) for r in range(start, stop)]))
+            batch = np.asarray(embed([archive.thumbnail(r) for r in chunk]))
         except ImageError as error:
             raise archive._error(
-                f"has a thumbnail among {_thumb_name(start)} to {_thumb_name(stop - 1)} that"
+                f"has a thumbnail among {_thumb_name(chunk[0])} to {_thumb_name(chunk[-1])} that"
                 f" can't be read ({error})"
             ) from None
-        if batch.shape != (stop - start, photos.dim) or not np.isfinite(batch).all():
+        if batch.shape != (len(chunk), photos.dim) or not np.isfinite(batch).all():
             raise InvalidInputError(
                 f"The photo embedder gave vectors of shape {batch.shape}, not"
-                f" ({stop - start}, {photos.dim}) finite ones. Nothing was imported."
+                f" ({len(chunk)}, {photos.dim}) finite ones. Nothing was imported."
             )
-        rows.append(batch.astype(np.float32))
-    return np.ascontiguousarray(np.concatenate(rows)), True
+        batches.append(batch.astype(np.float32))
+    return np.ascontiguousarray(np.concatenate(batches)), True
 
 
-def _write_photos_into(
-    archive: Archive, photos: PhotoStore, vectors: np.ndarray, targets: dict[str, str]
-) -> dict[str, int]:
-    """Add the archive's photos to their target chats, in batches; a chat's photo with the
-    same source is kept as it is (PhotoStore ignores a repeated source in a scope)."""
-    by_target: dict[str, list[int]] = {}
-    for row, photo in enumerate(archive.photos):
-        by_target.setdefault(targets[photo.scope], []).append(row)
+def _photo_row(
+    archive: Archive, row: int, vector: np.ndarray
+) -> tuple[np.ndarray, bytes, str, float, str]:
+    """The :meth:`PhotoStore.add_many` row of the archive's photo ``row``."""
+    photo = archive.photos[row]
+    return vector, archive.thumbnail(row), photo.poster, photo.posted_at, photo.source
+
+
+def _add_photos_to(
+    archive: Archive,
+    photos: PhotoStore,
+    target: str,
+    picked: list[tuple[int, np.ndarray]],  # (archive row, vector to store)
+    flag: bool | None,
+) -> int:
+    """Merge: add the photos to the chat in batches (a photo with the same source there is
+    kept as it is: PhotoStore ignores a repeated source), then set its flag unless None;
+    returns how many were new."""
     added = 0
-    for target, rows in by_target.items():
-        for start in range(0, len(rows), _PHOTO_WRITE_BATCH):
-            batch = []
-            for row in rows[start : start + _PHOTO_WRITE_BATCH]:
-                photo = archive.photos[row]
-                batch.append(
-                    (
-                        vectors[row],
-                        archive.thumbnail(row),
-                        photo.poster,
-                        photo.posted_at,
-                        photo.source,
-                    )
-                )
-            added += photos.add_many(target, batch)
-    return {"photos": added, "photos_skipped": len(archive.photos) - added}
+    for start in range(0, len(picked), _PHOTO_WRITE_BATCH):
+        batch = picked[start : start + _PHOTO_WRITE_BATCH]
+        added += photos.add_many(target, [_photo_row(archive, r, v) for r, v in batch])
+    if flag is not None:
+        photos.set_indexing(target, flag)
+    return added
+
+
+def _replace_photos_of(
+    archive: Archive,
+    photos: PhotoStore,
+    target: str,
+    picked: list[tuple[int, np.ndarray]],
+    flag: bool | None,
+) -> int:
+    """Replace: the chat's photos become these (and its flag, unless None) in one
+    transaction, the thumbnails read as they are written; returns how many it holds."""
+    return photos.replace_scope(target, (_photo_row(archive, r, v) for r, v in picked), flag)
 
 
 def import_source(origin: str, target: str, example: ArchivedExample) -> str:

@@ -91,6 +91,15 @@ INDEXED = {
     "dc:42": (("cat2", "erin"),),
 }
 FLAGS = {"tg:-100": True, "tg:7": True, "dc:42": False}
+
+
+def source_of(scope: str, index: int, folder: str) -> str:
+    """What the chat's adapter indexes a posted photo as: a Telegram file id, a Discord link."""
+    if scope.startswith("dc:"):
+        return f"https://discord.com/channels/1/{scope[3:]}/{1000 + index}"
+    return f"AgACAgIAAxkB-{index}-{folder}"
+
+
 QUERIES = ("a dog", "Mochi", "Rex in the snow", "a teapot on a table")
 
 
@@ -130,7 +139,7 @@ def test_export_all_keeps_the_photo_search_history(coco_models, dreambooth, tmp_
     for scope, photos in INDEXED.items():
         source.set_indexing(scope, True, admin)
         for index, (folder, poster) in enumerate(photos):
-            name = f"{scope}/{folder}"
+            name = source_of(scope, index, folder)
             photo = (dreambooth / folder / "00.jpg").read_bytes()
             assert source.index_photo(scope, photo, poster, name, 1.7e9 + index) is not None
             posted.setdefault(scope, {})[name] = poster
@@ -164,4 +173,48 @@ def test_export_all_keeps_the_photo_search_history(coco_models, dreambooth, tmp_
         kept = {s for s, poster in sources.items() if poster != "carol"}
         assert {p.source for p in target.photos.rows(scope)} == kept
         assert {h.source for h in target.search(scope, "a dog", k=10)} == kept
+    target.close()
+
+
+def test_a_chat_moved_into_another_takes_neither_its_flag_nor_its_photos(
+    tiny_models, dreambooth, tmp_path
+) -> None:
+    """Chat A's backup imported into chat B: B's /index stays what B's admins chose, and A's
+    photos (and who posted them) go into B only when explicitly asked; a restore into A
+    itself brings A's flag and photos back."""
+    from engine.permissions import Actor
+
+    admin = Actor("admin", is_admin=True)
+    source = _engine("faiss", tiny_models, tmp_path / "source")
+    source.set_indexing("tg:-100", True, admin)
+    for index, (folder, poster) in enumerate(INDEXED["tg:-100"]):
+        photo = (dreambooth / folder / "00.jpg").read_bytes()
+        name = source_of("tg:-100", index, folder)
+        assert source.index_photo("tg:-100", photo, poster, name, 1.7e9 + index) is not None
+    backup = tmp_path / "a.zip"
+    assert export_scopes(source.store, ["tg:-100"], backup, photos=source.photos).photos == 3
+    source.close()
+
+    target = _engine("faiss", tiny_models, tmp_path / "target")
+    moved = import_archive(
+        backup, target.store, scope_map={"tg:-100": "tg:-200"}, photos=target.photos
+    )
+    assert not target.indexing("tg:-200")  # not turned on by another chat's admin
+    assert target.search("tg:-200", "a dog") == [] and target.photos.scopes() == []
+    assert (moved.photos, moved.photos_left_out) == (0, 3)
+    dog = (dreambooth / "dog" / "01.jpg").read_bytes()
+    assert target.index_photo("tg:-200", dog, "bob", "AgACAgIAAxkB-new") is None  # still off
+    asked = import_archive(
+        backup,
+        target.store,
+        scope_map={"tg:-100": "tg:-200"},
+        photos=target.photos,
+        include_photos=True,
+    )
+    assert (asked.photos, asked.photos_left_out) == (3, 0)
+    assert len(target.search("tg:-200", "a dog")) == 3 and not target.indexing("tg:-200")
+
+    restored = import_archive(backup, target.store, photos=target.photos)  # into A itself
+    assert restored.photos == 3 and target.indexing("tg:-100")
+    assert {p.poster for p in target.photos.rows("tg:-100")} == {"alice", "bob", "carol"}
     target.close()

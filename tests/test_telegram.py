@@ -907,3 +907,30 @@ def test_logs_name_no_files_and_quote_no_captions(tiny_engine, photos, caplog) -
         f"photo not indexed scope=tg:{GROUP_A} photo=cat: TimeoutError",
     ]
     assert not [line for line in ours if secret in line]
+
+
+def test_search_results_that_are_urls_are_never_sent(tiny_engine, caplog) -> None:
+    """Defence in depth: Telegram fetches a URL given as a photo, so a ref with "://" (e.g. a
+    source from a foreign archive) is left out of the reply, and logged by count only."""
+    url = "https://evil.example/tracker.jpg"
+
+    async def scenario(tg: Harness) -> None:
+        target = Target(ALICE, 42)
+        refs = ("AgACAgIAAxkBAAI1", url, "document:BQACAgIAAxkB2", "document:http://x/y.jpg")
+        before = len(tg.request.calls)
+        await send_reply(tg.app.bot, target, Reply("Found 4 photos", photo_refs=refs))
+        photo, document = replies(tg.request.calls[before:])
+        assert (photo.method, photo.params["photo"]) == ("sendPhoto", "AgACAgIAAxkBAAI1")
+        assert (document.method, document.params["document"]) == ("sendDocument", "BQACAgIAAxkB2")
+        assert url not in json.dumps([c.params for c in tg.request.calls[before:]], default=str)
+
+        before = len(tg.request.calls)  # only URLs: the text alone
+        await send_reply(tg.app.bot, target, Reply("Found 1 photo", photo_refs=(url,)))
+        (text,) = replies(tg.request.calls[before:])
+        assert text.method == "sendMessage" and text.text == "Found 1 photo"
+
+    with caplog.at_level("WARNING"):
+        with_engine(tiny_engine, scenario)
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("bots.")]
+    assert f"skipped 2 search result(s) that are not Telegram file ids in chat={ALICE}" in lines
+    assert not [line for line in lines if "evil" in line or "://" in line]

@@ -506,7 +506,13 @@ def test_cli_export_import_round_trip(cli, tmp_path, monkeypatch) -> None:
     code, out, err = cli("--chat", "tg:1", "--json", "export", "--out", one)
     assert code == 0, err
     assert json.loads(out) == {
-        "exported": {"scopes": 1, "concepts": 2, "examples": 2, "photos": 0},
+        "exported": {
+            "scopes": 1,
+            "concepts": 2,
+            "examples": 2,
+            "photos": 0,
+            "photos_left_out": 0,
+        },
         "path": str(one),
     }
     code, out, err = cli("--json", "import", one, "--chat", "tg:2")
@@ -520,6 +526,8 @@ def test_cli_export_import_round_trip(cli, tmp_path, monkeypatch) -> None:
             "skipped": 0,
             "photos": 0,
             "photos_skipped": 0,
+            "photos_left_out": 0,
+            "photos_skipped_foreign": 0,
         },
         "reembedded": False,
         "photos_reembedded": False,
@@ -540,6 +548,7 @@ def test_cli_export_import_round_trip(cli, tmp_path, monkeypatch) -> None:
         "concepts": 5,
         "examples": 5,
         "photos": 0,
+        "photos_left_out": 0,
     }
     monkeypatch.setenv("RAPBOT_STORE", "qdrant")
     elsewhere = ("--data-dir", tmp_path / "restored")
@@ -552,11 +561,12 @@ def test_cli_export_import_round_trip(cli, tmp_path, monkeypatch) -> None:
 
 
 def test_cli_export_import_keeps_the_photo_history(cli, tmp_path) -> None:
+    # The CLI's own chats: their photos' sources are files' paths (not Telegram's or Discord's).
     photos = [_photo(tmp_path / f"p{seed}.jpg", seed) for seed in (21, 22, 23)]
-    for chat, paths in (("tg:1", photos[:2]), ("tg:7", photos[2:])):  # tg:7: photos only
+    for chat, paths in (("home", photos[:2]), ("cli:7", photos[2:])):  # cli:7: photos only
         code, _, err = cli("--chat", chat, "index", *paths)
         assert code == 0, err
-    code, _, err = cli("--chat", "tg:1", "remember", photos[0], "Mochi", "--box", "10,10,150,150")
+    code, _, err = cli("--chat", "home", "remember", photos[0], "Mochi", "--box", "10,10,150,150")
     assert code == 0, err
 
     def results(*args) -> list[tuple[str, float]]:
@@ -564,13 +574,19 @@ def test_cli_export_import_keeps_the_photo_history(cli, tmp_path) -> None:
         assert code == 0, err
         return [(r["source"], r["score"]) for r in json.loads(out)["results"]]
 
-    before = {chat: results("--chat", chat) for chat in ("tg:1", "tg:7")}
-    assert len(before["tg:1"]) == 2 and len(before["tg:7"]) == 1
+    before = {chat: results("--chat", chat) for chat in ("home", "cli:7")}
+    assert len(before["home"]) == 2 and len(before["cli:7"]) == 1
     backup = tmp_path / "backup.zip"
     code, out, err = cli("--json", "export", "--all", "--out", backup)
     assert code == 0, err
-    assert json.loads(out)["exported"] == {"scopes": 2, "concepts": 1, "examples": 1, "photos": 3}
-    code, out, err = cli("--chat", "tg:7", "export", "--out", tmp_path / "tg7.zip")
+    assert json.loads(out)["exported"] == {
+        "scopes": 2,
+        "concepts": 1,
+        "examples": 1,
+        "photos": 3,
+        "photos_left_out": 0,
+    }
+    code, out, err = cli("--chat", "cli:7", "export", "--out", tmp_path / "cli7.zip")
     assert code == 0, err
     assert "0 concept(s) with 0 photo(s) and 1 photo(s) of the search history from 1 chat" in out
 
@@ -583,12 +599,20 @@ def test_cli_export_import_keeps_the_photo_history(cli, tmp_path) -> None:
     code, out, err = cli(*elsewhere, "import", backup)  # again: nothing new
     assert code == 0, err
     assert "Search history: 0 photo(s) added, 3 already there." in out
-    # A photo-only chat moved into another chat id, which alone gets its photos.
-    code, out, err = cli(*elsewhere, "--json", "import", tmp_path / "tg7.zip", "--chat", "dc:1")
+    # A photo-only chat moved into another chat id, which alone gets its photos: when asked.
+    code, out, err = cli(*elsewhere, "import", tmp_path / "cli7.zip", "--chat", "cli:1")
+    assert code == 0, err
+    assert "1 photo(s) of the search history were left out" in out and "--with-photos" in out
+    assert "The /index setting of cli:1 was left as it was." in out
+    assert results(*elsewhere, "--chat", "cli:1") == []
+    code, out, err = cli(
+        *elsewhere, "--json", "import", tmp_path / "cli7.zip", "--chat", "cli:1", "--with-photos"
+    )
     assert code == 0, err
     assert json.loads(out)["imported"]["photos"] == 1
-    assert results(*elsewhere, "--chat", "dc:1") == before["tg:7"]
-    assert results(*elsewhere, "--chat", "tg:1") == before["tg:1"]
+    assert json.loads(out)["imported"]["photos_left_out"] == 0
+    assert results(*elsewhere, "--chat", "cli:1") == before["cli:7"]
+    assert results(*elsewhere, "--chat", "home") == before["home"]
 
 
 @pytest.mark.parametrize(
@@ -628,11 +652,16 @@ def photo_store(root: Path, model_id: str = MODEL, dim: int = DIM, **options) ->
 PHOTO_ROWS = (("tg:1", 11, "alice"), ("tg:1", 12, "bob"), ("tg:3", 13, "carol"))
 
 
+def file_id(seed: int) -> str:
+    """A Telegram file id (what the Telegram adapter indexes a photo as) for the seed's photo."""
+    return f"AgACAgIAAxkBAAI{seed:06d}"
+
+
 def fill_photos(photos: PhotoStore) -> None:
     for scope in ("tg:1", "tg:3"):
         photos.set_indexing(scope, True)
     for scope, seed, poster in PHOTO_ROWS:
-        photos.add(scope, unit(seed, photos.dim), jpeg(seed), poster, 1000.5 + seed, f"file:{seed}")
+        photos.add(scope, unit(seed, photos.dim), jpeg(seed), poster, 1000.5 + seed, file_id(seed))
 
 
 def photo_rows(photos: PhotoStore, scope: str) -> list[tuple]:
@@ -739,16 +768,20 @@ def test_photo_history_into_another_chat_and_replace(
 
     target = qdrant()
     fill(target)
-    moved = import_archive(one, target, scope_map={"tg:3": "dc:9"}, photos=target_photos)
+    target_photos.add("tg:9", unit(72), jpeg(72), "erin", 7.0, file_id(72))  # /index is off
+    moved = import_archive(
+        one, target, scope_map={"tg:3": "tg:9"}, photos=target_photos, include_photos=True
+    )
     assert (moved.scopes, moved.concepts, moved.photos) == (1, 0, 1)
-    assert [p[0] for p in photo_rows(target_photos, "dc:9")] == ["dc-file", "file:13"]
+    assert [p[0] for p in photo_rows(target_photos, "tg:9")] == [file_id(72), file_id(13)]
+    assert not target_photos.indexing("tg:9")  # tg:3's /index on is not copied onto tg:9
     assert photo_rows(target_photos, "tg:3") == [] and not target_photos.indexing("tg:3")
     assert target.scopes() == ["tg:1", "tg:2"]  # concepts untouched
 
     # A restore (replace) makes the chat what the archive holds: its own photo is forgotten,
     # its concepts too (the archive says the chat had none), other chats are not touched.
     target.add_concept(
-        "dc:9",
+        "tg:9",
         name="Zed",
         description="",
         category="",
@@ -759,11 +792,17 @@ def test_photo_history_into_another_chat_and_replace(
     )
     target_photos.add("tg:1", unit(71), jpeg(71), "erin", 6.0, "tg1-file")
     replaced = import_archive(
-        one, target, scope_map={"tg:3": "dc:9"}, mode="replace", photos=target_photos
+        one,
+        target,
+        scope_map={"tg:3": "tg:9"},
+        mode="replace",
+        photos=target_photos,
+        include_photos=True,
     )
     assert (replaced.photos, replaced.photos_skipped) == (1, 0)
-    assert [p[0] for p in photo_rows(target_photos, "dc:9")] == ["file:13"]
-    assert target.list_concepts("dc:9") == []
+    assert [p[0] for p in photo_rows(target_photos, "tg:9")] == [file_id(13)]
+    assert target.list_concepts("tg:9") == []
+    assert not target_photos.indexing("tg:9")  # replace of a renamed chat: its flag stays too
     assert [p[0] for p in photo_rows(target_photos, "tg:1")] == ["tg1-file"]
     assert target.scopes() == ["tg:1", "tg:2"]
 
@@ -795,7 +834,7 @@ def test_photos_of_another_encoder_are_embedded_again(source, full, tmp_path) ->
     assert calls == [3]
     for scope, seed, _ in PHOTO_ROWS:
         hit = photos.search(scope, embed([jpeg(seed)])[0], 1)[0]
-        assert hit.source == f"file:{seed}" and hit.score == pytest.approx(1, abs=1e-5)
+        assert hit.source == file_id(seed) and hit.score == pytest.approx(1, abs=1e-5)
     assert photos.indexing("tg:1") and photos.indexing("tg:3") and not photos.indexing("tg:2")
     again = import_archive(full, target, photos=photos, photo_embedder=embed)
     assert (again.photos, again.photos_skipped) == (0, 3)
@@ -815,7 +854,7 @@ def test_the_engine_embeds_the_thumbnails_again(tiny_engine, full) -> None:
     assert (report.photos, report.photos_reembedded, report.reembedded) == (3, True, True)
     for scope, seed, _ in PHOTO_ROWS:
         hit = tiny_engine.search(scope, "", jpeg(seed), k=1)[0]
-        assert hit.source == f"file:{seed}" and hit.score == pytest.approx(1, abs=1e-4)
+        assert hit.source == file_id(seed) and hit.score == pytest.approx(1, abs=1e-4)
 
 
 def test_a_photo_index_of_another_encoder_is_not_written_to(source, full, tmp_path) -> None:
@@ -918,7 +957,7 @@ BAD_PHOTOS = {
         "bad photo at line 1",
     ),
     "photo-repeated": (
-        lambda a, d: rewrite(a, d, put=_photo_lines_with(a, 1, source="file:11")),
+        lambda a, d: rewrite(a, d, put=_photo_lines_with(a, 1, source=file_id(11))),
         "repeated photo at line 2",
     ),
     "photo-count": (
@@ -974,3 +1013,311 @@ def test_too_many_photos_are_refused_up_front(full, target, target_photos) -> No
     with pytest.raises(ArchiveError, match="holds 3 indexed photos, more than"):
         import_archive(full, target, photos=target_photos, limits=ArchiveLimits(max_photos=2))
     assert target_photos.total() == 1
+
+
+# ----------------------------------------------------------------------------- consent
+
+
+def test_a_renamed_chat_takes_neither_the_flag_nor_the_photos_unless_asked(
+    source, source_photos, target_photos, tmp_path
+) -> None:
+    """`rapbot import x.zip --chat B`: chat A's /index on (an admin's decision, A's) is never
+    copied onto B, and A's photo history (other people's photos and user ids) goes into B
+    only when asked (include_photos=True)."""
+    one = tmp_path / "tg1.zip"
+    export_scopes(source, ["tg:1"], one, photos=source_photos)  # /index on, 2 photos
+    target = qdrant()
+    before = photo_state(target_photos)
+    moved = import_archive(one, target, scope_map={"tg:1": "tg:9"}, photos=target_photos)
+    assert photo_state(target_photos) == before and not target_photos.indexing("tg:9")
+    assert photo_rows(target_photos, "tg:9") == []
+    assert (moved.scopes, moved.concepts, moved.photos, moved.photos_left_out) == (1, 2, 0, 2)
+    assert [c.name for c in target.list_concepts("tg:9")] == ["Bo", "Mochi"]  # concepts go in
+
+    asked = import_archive(
+        one, target, scope_map={"tg:1": "tg:9"}, photos=target_photos, include_photos=True
+    )
+    assert (asked.photos, asked.photos_left_out) == (2, 0)
+    assert [p[0] for p in photo_rows(target_photos, "tg:9")] == [file_id(11), file_id(12)]
+    assert not target_photos.indexing("tg:9")  # still B's own decision
+
+    # B had /index on and the archive says off (tg:2): a renamed import leaves B's flag alone,
+    # in replace mode too.
+    two = tmp_path / "tg2.zip"
+    export_scopes(source, ["tg:2"], two, photos=source_photos)
+    target_photos.set_indexing("tg:8", True)
+    for mode in ("merge", "replace"):
+        import_archive(
+            two,
+            target,
+            scope_map={"tg:2": "tg:8"},
+            mode=mode,
+            photos=target_photos,
+            include_photos=True,
+        )
+        assert target_photos.indexing("tg:8")
+    # Into its own chat the archive's flag is applied (a restore), in either mode.
+    for mode, flag in (("merge", False), ("replace", True)):
+        target_photos.set_indexing("tg:1", flag)
+        import_archive(one, target, mode=mode, photos=target_photos)
+        assert target_photos.indexing("tg:1")
+    # include_photos=False: concepts only, the photo store is not touched at all.
+    target_photos.set_indexing("tg:1", False)
+    state = photo_state(target_photos)
+    none = import_archive(one, target, photos=target_photos, include_photos=False)
+    assert (none.photos, none.photos_left_out) == (0, 2)
+    assert photo_state(target_photos) == state
+
+
+def test_cli_import_into_another_chat_and_export_without_photos(cli, tmp_path) -> None:
+    photos = [_photo(tmp_path / f"p{seed}.jpg", seed) for seed in (31, 32)]
+    code, _, err = cli("--chat", "cli:1", "index", *photos)
+    assert code == 0, err
+    code, _, err = cli("--chat", "cli:1", "remember", photos[0], "Mochi", "--box", "10,10,150,150")
+    assert code == 0, err
+
+    # --no-photos: the concepts alone, e.g. to share them; says what was left out.
+    shared = tmp_path / "shared.zip"
+    code, out, err = cli("--chat", "cli:1", "export", "--no-photos", "--out", shared)
+    assert code == 0, err
+    assert "Exported 1 concept(s) with 1 photo(s) from 1 chat" in out
+    assert "the photo search history (2 photo(s)) and the /index settings were left out" in out
+    with zipfile.ZipFile(shared) as zf:
+        assert "photos" not in json.loads(zf.read(MANIFEST))
+        assert not [n for n in zf.namelist() if n == PHOTOS or n.startswith("thumbs/")]
+    code, out, err = cli("--json", "export", "--all", "--no-photos", "--out", shared)
+    assert code == 0, err
+    assert json.loads(out)["exported"]["photos_left_out"] == 2
+    code, out, err = cli("--json", "--chat", "cli:2", "import", shared)
+    assert code == 0, err
+    assert json.loads(out)["imported"]["photos_left_out"] == 0  # nothing of it in the file
+
+    # Into another chat: the photos only with --with-photos, and the count is said.
+    full = tmp_path / "full.zip"
+    code, _, err = cli("--chat", "cli:1", "export", "--out", full)
+    assert code == 0, err
+    code, out, err = cli("--json", "--chat", "cli:3", "import", full, "--replace")
+    assert code == 0, err
+    imported = json.loads(out)["imported"]
+    assert (imported["concepts"], imported["photos"], imported["photos_left_out"]) == (1, 0, 2)
+    code, out, err = cli("--chat", "cli:4", "import", full)
+    assert "2 photo(s) of the search history were left out" in out
+    assert "imported into cli:4 only with --with-photos" in out
+
+    code, out, _ = cli("import", "--help")
+    help_text = " ".join(out.split())
+    assert "forget the chat's concepts, and the indexed photos the archive replaces, first" in (
+        help_text
+    )
+    assert "--with-photos" in help_text
+    code, out, _ = cli("export", "--help")
+    assert "--no-photos" in out
+
+
+# ----------------------------------------------------------------------------- restores
+
+
+def test_a_failed_replace_leaves_each_chats_photos(source, full, monkeypatch, tmp_path) -> None:
+    """--replace writes the concepts first, then replaces each chat's photos in one
+    transaction: a failure in either leaves the chat's old photos where they were."""
+    from engine.transfer import Archive
+
+    target = qdrant()
+    photos = photo_store(tmp_path / "restored")
+    import_archive(full, target, photos=photos)
+    photos.add("tg:3", unit(80), jpeg(80), "dave", 8.0, file_id(80))  # since the backup
+    photos.add("tg:1", unit(81), jpeg(81), "dave", 8.0, file_id(81))
+    before = photo_state(photos)
+    versions = {scope: _scope_version(photos, scope) for scope in ("tg:1", "tg:3")}
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    with monkeypatch.context() as patch:  # the concept write fails
+        patch.setattr(target, "add_concept", refuse)
+        with pytest.raises(RuntimeError, match="disk full"):
+            import_archive(full, target, mode="replace", photos=photos)
+    assert photo_state(photos) == before
+
+    thumbnail = Archive.thumbnail
+    with monkeypatch.context() as patch:  # a photo write fails: tg:3's photo (row 2)
+        patch.setattr(
+            Archive, "thumbnail", lambda self, row: refuse() if row == 2 else thumbnail(self, row)
+        )
+        with pytest.raises(RuntimeError, match="disk full"):
+            import_archive(full, target, mode="replace", photos=photos)
+    assert photo_rows(photos, "tg:3") == before["rows"]["tg:3"]  # its old photos, all there
+    assert [p[0] for p in photo_rows(photos, "tg:1")] == [file_id(11), file_id(12)]  # replaced
+    assert _scope_version(photos, "tg:1") > versions["tg:1"]
+    assert photo_answers(photos, "tg:3", seeds=(13, 80))[1][0][0] == file_id(80)
+
+    report = import_archive(full, target, mode="replace", photos=photos)  # now it works
+    assert (report.photos, report.photos_skipped) == (3, 0)
+    assert [p[0] for p in photo_rows(photos, "tg:3")] == [file_id(13)]
+    assert _scope_version(photos, "tg:3") > versions["tg:3"]
+
+
+def _scope_version(photos: PhotoStore, scope: str) -> int:
+    from engine.store.faiss_store import scope_version
+
+    return scope_version(photos._db, scope)
+
+
+def test_replace_scope_is_one_transaction(tmp_path) -> None:
+    photos = photo_store(tmp_path / "p")
+    photos.add("tg:1", unit(1), jpeg(1), "alice", 1.0, file_id(1))
+    assert [h.source for h in photos.search("tg:1", unit(1), 5)] == [file_id(1)]  # cached index
+    rows = [(unit(s), jpeg(s), "bob", 2.0, file_id(s)) for s in (2, 3)]
+    assert photos.replace_scope("tg:1", iter(rows), indexing=True) == 2
+    assert [h.source for h in photos.search("tg:1", unit(2), 5)][0] == file_id(2)  # not stale
+    assert photos.indexing("tg:1") and photos.count("tg:1") == 2
+    bad = [(unit(4), jpeg(4), "bob", 2.0, file_id(4)), (np.zeros(3), jpeg(5), "bob", 2.0, "x")]
+    with pytest.raises(InvalidInputError):
+        photos.replace_scope("tg:1", bad, indexing=False)
+    assert [p[0] for p in photo_rows(photos, "tg:1")] == [file_id(2), file_id(3)]
+    assert photos.indexing("tg:1")
+    assert photos.replace_scope("tg:1", [], None) == 0 and photos.indexing("tg:1")
+    photos.close()
+
+
+# ----------------------------------------------------------------------------- re-embedding
+
+
+def _failing_encoder(dim: int, fail_at: int):
+    """The fake search encoder, raising on its ``fail_at``-th call (an interruption)."""
+    embed, calls = _fake_encoder(dim)
+
+    def interrupted(thumbnails: list[bytes]) -> np.ndarray:
+        if len(calls) + 1 == fail_at:
+            calls.append(-1)
+            raise KeyboardInterrupt
+        return embed(thumbnails)
+
+    return interrupted
+
+
+HALF = "The photo index is half re-embedded (an interrupted `rapbot index --rebuild`): run it again"
+
+
+def test_an_interrupted_reembed_is_refused_until_it_is_run_again(
+    source, source_photos, tmp_path
+) -> None:
+    """reembed() updates the vectors batch by batch and the meta at the end: in between, the
+    vectors are part old, part new, and nothing may use or export them as either model's."""
+    from engine.errors import StoreError
+
+    other = photo_store(source_photos.root)  # another process, opened before the re-embed
+    with pytest.raises(KeyboardInterrupt):
+        source_photos.reembed(_failing_encoder(DIM, fail_at=2), batch_size=1)
+    out = tmp_path / "half.zip"
+    for photos in (source_photos, other, photo_store(source_photos.root)):  # and a new one
+        with pytest.raises(StoreError) as caught:
+            photos.recorded_model()
+        assert str(caught.value) == f"{HALF} before exporting."
+        with pytest.raises(StoreError, match="before exporting"):
+            export_scopes(source, None, out, photos=photos)
+        assert not out.exists() and not list(tmp_path.glob(".half.zip.*"))
+        with pytest.raises(StoreError, match=r"half re-embedded .*: run it again"):
+            photos.search("tg:1", unit(11), 3)
+        with pytest.raises(StoreError, match=r"half re-embedded .*: run it again"):
+            photos.add("tg:1", unit(90), jpeg(90), "erin", 9.0, file_id(90))
+        with pytest.raises(StoreError, match=r"half re-embedded .*: run it again"):
+            photos.add_many("tg:1", [(unit(90), jpeg(90), "erin", 9.0, file_id(90))])
+    assert export_scopes(source, None, out).photos == 0  # concepts alone: nothing to mislabel
+    # Flags, counts and deletions still work (/index off, /forget_me).
+    assert other.indexing("tg:1") and other.count("tg:1") == 2
+
+    again = photo_store(source_photos.root)  # `rapbot index --rebuild` again: completes it
+    assert again.mismatch is not None and again.mismatch.startswith(HALF)
+    embed, calls = _fake_encoder(DIM)
+    assert again.reembed(embed, batch_size=1) == 3 and calls == [1, 1, 1]
+    assert again.recorded_model() == (MODEL, DIM) and again.mismatch is None
+    for scope, seed, _ in PHOTO_ROWS:  # every vector is the new encoder's
+        hit = again.search(scope, embed([jpeg(seed)])[0], 1)[0]
+        assert hit.source == file_id(seed) and hit.score == pytest.approx(1, abs=1e-5)
+    assert other.search("tg:3", embed([jpeg(13)])[0], 1)[0].source == file_id(13)
+    assert export_scopes(source, None, out, photos=again).photos == 3
+    other.close()
+    again.close()
+
+
+def test_the_engine_rebuild_completes_an_interrupted_one(tiny_engine, tmp_path) -> None:
+    """`rapbot index --rebuild` (Engine.reindex_photos) runs again on a half re-embedded index
+    even though its recorded model is the configured one, and searches work again after."""
+    from engine.errors import StoreError
+
+    for seed in (41, 42, 43):
+        tiny_engine.index_photo("cli:1", jpeg(seed, 160), "me", f"/photos/{seed}.jpg", force=True)
+    failing = _failing_encoder(tiny_engine.photos.dim, fail_at=2)
+    with pytest.raises(KeyboardInterrupt):
+        tiny_engine.photos.reembed(failing, batch_size=1)
+    with pytest.raises(StoreError, match="half re-embedded"):
+        tiny_engine.search("cli:1", "", jpeg(41, 160))
+    with pytest.raises(StoreError, match="half re-embedded"):
+        tiny_engine.index_photo("cli:1", jpeg(44, 160), "me", "/photos/44.jpg", force=True)
+    assert tiny_engine.reindex_photos() == 3  # not "already matches"
+    assert tiny_engine.photos.mismatch is None
+    assert tiny_engine.search("cli:1", "", jpeg(41, 160), k=1)[0].source == "/photos/41.jpg"
+
+
+# ----------------------------------------------------------------------------- foreign sources
+
+
+@pytest.mark.parametrize(
+    "scope, source, fits",
+    [
+        ("tg:-100123", "AgACAgIAAxkBAAIBZ2X", True),
+        ("tg:-100123", "document:BQACAgIAAxkBAAIB", True),
+        ("tg:1", "short", False),
+        ("tg:1", "https://evil.example/a.jpg", False),
+        ("tg:1", "document:https://evil.example/a.jpg", False),
+        ("tg:1", "http://10.0.0.1/x", False),
+        ("tg:1", "/home/me/photo.jpg", False),
+        ("tg:1", "AgACAgIAAxkBAAI\n", False),
+        ("dc:42", "https://discord.com/channels/1/42/1000", True),
+        ("dc:42", "https://discord.com/channels/1/42/1000#2", True),
+        ("dc:42", "https://discord.com/channels/@me/42/1000", True),
+        ("dc:42", "https://discord.com/channels/1/42/1000/evil", False),
+        ("dc:42", "https://discord.com.evil.example/channels/1/42/1000", False),
+        ("dc:42", "http://discord.com/channels/1/42/1000", False),
+        ("dc:42", "https://discord.com/channels/١/42/1000", False),  # Arabic-Indic digit
+        ("dc:42", "AgACAgIAAxkBAAIBZ2X", False),
+        ("local", "/home/me/photo.jpg", True),
+        ("cli:1", "https://example.com/x.jpg", True),
+    ],
+)
+def test_source_fits_the_platform(scope, source, fits) -> None:
+    from engine.transfer import source_fits
+
+    assert source_fits(scope, source) is fits
+
+
+def test_photos_whose_sources_dont_fit_the_chat_are_skipped(
+    source, full, target, target_photos, tmp_path
+) -> None:
+    """Telegram sends search results by source and fetches a URL: an archive's source must be
+    what the target chat's platform indexes, else that photo (only) is skipped and counted."""
+    url = "https://evil.example/track.jpg"
+    step = rewrite(full, tmp_path / "step.zip", put=_photo_lines_with(full, 0, source=url))
+    link = "https://discord.com/channels/1/5/77"
+    foreign = rewrite(step, tmp_path / "foreign.zip", put=_photo_lines_with(step, 2, source=link))
+    report = import_archive(foreign, target, photos=target_photos)
+    assert [p[0] for p in photo_rows(target_photos, "tg:1")] == [file_id(12)]
+    assert photo_rows(target_photos, "tg:3") == []
+    assert url not in str(photo_state(target_photos))
+    assert (report.photos, report.photos_skipped_foreign, report.photos_left_out) == (1, 2, 0)
+    # The same photos fit other chats: a Discord link into a Discord chat, anything locally.
+    moved = import_archive(
+        foreign,
+        qdrant(),
+        scope_map={"tg:3": "dc:5", "tg:1": "local"},
+        photos=target_photos,
+        include_photos=True,
+    )
+    assert (moved.photos, moved.photos_skipped_foreign) == (3, 0)
+    assert [p[0] for p in photo_rows(target_photos, "dc:5")] == [link]
+    assert [p[0] for p in photo_rows(target_photos, "local")] == [url, file_id(12)]
+    # Replace mode checks them too.
+    replaced = import_archive(foreign, target, mode="replace", photos=target_photos)
+    assert (replaced.photos, replaced.photos_skipped_foreign) == (1, 2)
+    assert [p[0] for p in photo_rows(target_photos, "tg:1")] == [file_id(12)]

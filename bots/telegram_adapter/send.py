@@ -5,8 +5,9 @@ of text escaped. An annotated photo carries the text as its caption when it fits
 follows as messages of its own. Search results (``Reply.photo_refs``, Telegram file ids) go back
 as one media group (a single photo as a photo: a media group needs two); images that were
 posted as files (``document:<file id>``) as documents, in a group of their own since Telegram
-does not mix the two. When Telegram refuses a rich reply, a plain-text one is tried, so the
-user never meets silence.
+does not mix the two. A ref that is a URL (it has ``://``) is never sent: Telegram would fetch
+it, and no Telegram chat indexes one (an import checks sources; this is defence in depth). When
+Telegram refuses a rich reply, a plain-text one is tried, so the user never meets silence.
 
 /ask and /caption answers grow in place (:class:`GrowingMessage`): the first text is sent as a
 reply, then edited as the core hands over more (the core paces partials, one a second by
@@ -82,7 +83,7 @@ async def send_reply(bot: Bot, target: Target, reply: Reply) -> None:
 
 async def _send_rich(bot: Bot, target: Target, reply: Reply) -> None:
     bold = [] if reply.error else [concept.name for concept in reply.concepts]
-    refs = list(reply.photo_refs)[:MAX_MEDIA_GROUP]
+    refs = _file_ids(target, reply.photo_refs)[:MAX_MEDIA_GROUP]
     text_fits_caption = visible_length(reply.text) <= CAPTION_LIMIT
     caption = to_html(reply.text, bold) if text_fits_caption and reply.text else None
     if refs:
@@ -100,6 +101,20 @@ async def _send_rich(bot: Bot, target: Target, reply: Reply) -> None:
         caption = None  # no photo: the text goes as messages below
     if caption is None and reply.text:
         await _send_text(bot, target, reply.text, bold)
+
+
+def _file_ids(target: Target, refs: tuple[str, ...]) -> list[str]:
+    """The refs Telegram may be given as file ids: never one with "://", which Telegram would
+    fetch as a URL (e.g. a source from a foreign archive); those are left out, logged by count
+    (the ref itself could be anything, so it is not logged)."""
+    kept = [ref for ref in refs if "://" not in ref]
+    if len(kept) != len(refs):
+        log.warning(
+            "skipped %d search result(s) that are not Telegram file ids in chat=%s",
+            len(refs) - len(kept),
+            target.chat_id,
+        )
+    return kept
 
 
 async def _send_refs(bot: Bot, target: Target, refs: list[str], caption: str | None) -> None:

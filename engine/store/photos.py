@@ -20,13 +20,18 @@ the threshold is higher than the concept store's: a flat search of 100k photos t
 which no user notices, while a k-means at every worker start for each large chat would be.
 Everything is strictly per scope except :meth:`PhotoStore.delete_user` (and
 :meth:`PhotoStore.scopes`, which lists them for backups: :mod:`engine.transfer` reads a scope
-with :meth:`PhotoStore.rows` and adds it back with :meth:`PhotoStore.add_many`).
+with :meth:`PhotoStore.rows` and adds it back with :meth:`PhotoStore.add_many`, or with
+:meth:`PhotoStore.replace_scope` for a restore that replaces the scope's photos atomically).
 
 The store records the embedding model (id and size) its vectors come from. Opened for another
 model with ``strict=False`` (the engine does, since the search encoder is a setting), it still
 answers the indexing flags, thumbnails and every deletion (so ``forget_user`` always works), but
 refuses to add or search with a message saying how to re-index; :meth:`PhotoStore.reembed`
-re-embeds the stored thumbnails with the new model and adopts it. When the configured encoder's
+re-embeds the stored thumbnails with the new model and adopts it. While it runs, and after it
+was interrupted, the meta holds a ``reembedding`` marker (the new model's id): the vectors are
+then part old, part new, so adds, searches and :meth:`PhotoStore.recorded_model` (exports)
+refuse, in every process, until a re-run of :meth:`PhotoStore.reembed` (``rapbot index
+--rebuild``) re-embeds everything and clears it. When the configured encoder's
 identity cannot even be computed (``RAPBOT_SEARCH_MODEL`` empty or not a trained folder),
 :meth:`PhotoStore.unresolved` opens the store with the identity recorded in its own meta: flags,
 thumbnails, counts and deletions work, and adds, searches and re-embedding raise the error that
@@ -43,9 +48,10 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +71,12 @@ from engine.types import PhotoHit
 
 DB_NAME = "photos.sqlite3"
 _SQL_CHUNK = 500
+REEMBEDDING = "reembedding"  # meta key: a re-embed started (value: the new model's id)
+HALF_REEMBEDDED = (
+    "The photo index is half re-embedded (an interrupted `rapbot index --rebuild`): run it again"
+)
+_HALF_FOR_USE = f"{HALF_REEMBEDDED} before indexing, searching or importing photos."
+_HALF_FOR_EXPORT = f"{HALF_REEMBEDDED} before exporting."
 
 _DDL = (
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
@@ -168,6 +180,11 @@ class PhotoStore:
             self.dim = int(dim) if dim.isdigit() else 0
             self.mismatch = str(self._unavailable)
             return
+        if meta.get(REEMBEDDING) is not None:
+            # Part old, part new vectors: nothing may use them until a re-run of reembed()
+            # (not an error to open, even strict: reembed() is what repairs it).
+            self.mismatch = _HALF_FOR_USE
+            return
         if meta.get("model_id") != self.model_id or meta.get("dim") != str(self.dim):
             self.mismatch = (
                 f"The photo index in {self.root} was made with {meta.get('model_id')} (dim"
@@ -179,10 +196,13 @@ class PhotoStore:
                 raise StoreError(self.mismatch)
 
     def _check_vectors(self) -> None:
-        """Adds and searches need this store's vectors to come from the configured model."""
+        """Adds and searches need this store's vectors to come from the configured model (and
+        no re-embed half done, or under way in another process)."""
         self._check_resolved()
         if self.mismatch is not None:
             raise StoreError(self.mismatch)
+        with self._lock, self._errors():
+            _check_not_reembedding(self._db)
 
     def _check_resolved(self) -> None:
         """Anything that needs the configured encoder's identity (see :meth:`unresolved`)."""
@@ -297,6 +317,7 @@ class PhotoStore:
         self._check_vectors()
         with self._lock:
             with self._write() as db:
+                _check_not_reembedding(db)  # a re-embed another process started since
                 if require_indexing and not _indexing(db, scope):
                     return None
                 row = db.execute(
@@ -329,6 +350,7 @@ class PhotoStore:
         self._check_vectors()
         with self._lock:
             with self._write() as db:
+                _check_not_reembedding(db)
                 if require_indexing and not _indexing(db, scope):
                     return 0
                 before = db.execute(
@@ -348,6 +370,48 @@ class PhotoStore:
                 bump_scope_version(db, scope)
             self._cache.pop(scope, None)
             return int(after - before)
+
+    def replace_scope(
+        self,
+        scope: str,
+        rows: Iterable[tuple[np.ndarray, bytes, str, float, str]],
+        indexing: bool | None = None,
+    ) -> int:
+        """Make the scope's photos exactly ``rows`` (as for :meth:`add_many`; read lazily, so a
+        generator keeps memory small) and, unless ``indexing`` is None, set its flag: in one
+        transaction, so a failure (a bad row, a full disk) leaves the scope's old photos as
+        they were. Returns how many photos the scope now holds. A restore's photo part."""
+        scope = check_scope(scope)
+        rows = iter(rows)
+        first = next(rows, None)
+        if first is not None:  # with no photos to write, only the deletion: always allowed
+            self._check_vectors()
+
+        def records() -> Iterator[tuple]:
+            for e, j, p, t, s in chain([first] if first is not None else [], rows):
+                yield (scope, s, p, t, check_embedding(e, self.dim).tobytes(), bytes(j))
+
+        with self._lock:
+            with self._write() as db:
+                if first is not None:
+                    _check_not_reembedding(db)
+                db.execute("DELETE FROM photos WHERE scope = ?", (scope,))
+                db.executemany(
+                    "INSERT OR IGNORE INTO photos (scope, source, poster, posted_at, embedding,"
+                    " thumbnail) VALUES (?, ?, ?, ?, ?, ?)",
+                    records(),
+                )
+                held = db.execute(
+                    "SELECT COUNT(*) FROM photos WHERE scope = ?", (scope,)
+                ).fetchone()[0]
+                bump_scope_version(db, scope)
+                if indexing is not None:
+                    db.execute(
+                        "UPDATE scopes SET indexing = ? WHERE scope = ?",
+                        (int(bool(indexing)), scope),
+                    )
+            self._cache.pop(scope, None)
+            return int(held)
 
     def delete_user(self, poster: str) -> int:
         """Forget every photo the user posted, in every scope; returns how many."""
@@ -385,13 +449,10 @@ class PhotoStore:
     def count(self, scope: str) -> int:
         scope = check_scope(scope)
         with self._lock:
-            if self.mismatch is not None:  # no usable index, but SQLite knows
-                with self._errors():
-                    return int(
-                        self._db.execute(
-                            "SELECT COUNT(*) FROM photos WHERE scope = ?", (scope,)
-                        ).fetchone()[0]
-                    )
+            with self._errors():
+                unusable = self.mismatch is not None or _reembedding(self._db)
+            if unusable:  # no usable index, but SQLite knows
+                return self.total(scope)
             return self._sync(scope).size
 
     def index_kind(self, scope: str) -> str:
@@ -403,10 +464,22 @@ class PhotoStore:
         """Re-embed every stored photo's thumbnail with ``embed`` (JPEG bytes -> unit rows of
         this store's size) and adopt this store's model; returns how many photos. For switching
         the embedding model (the search encoder): the thumbnails are all that is kept, so the
-        new vectors come from 256-pixel images. Safe to run again after an interruption (the
-        old model stays recorded until every photo is done)."""
+        new vectors come from 256-pixel images. Meanwhile a ``reembedding`` marker in the
+        meta makes adds, searches and exports refuse (the vectors are part old, part new); an
+        interruption leaves it there, and running this again re-embeds every photo and clears
+        it with the final meta update."""
         self._check_resolved()
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?)"
+                " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (REEMBEDDING, self.model_id),
+            )
+        with self._lock:
+            self.mismatch = _HALF_FOR_USE  # until the end: also if this is interrupted
+            self._cache.clear()
         with self._lock, self._errors():
+            # Read after the marker is written: an add that commits later sees the marker.
             ids = [r[0] for r in self._db.execute("SELECT id FROM photos ORDER BY id")]
         done = 0
         for start in range(0, len(ids), batch_size):
@@ -435,7 +508,7 @@ class PhotoStore:
                 )
             done += len(rows)
         with self._write() as db:
-            db.execute("DELETE FROM meta")
+            db.execute("DELETE FROM meta")  # the marker too: every photo is done
             db.executemany(
                 "INSERT INTO meta (key, value) VALUES (?, ?)",
                 {"model_id": self.model_id, "dim": str(self.dim)}.items(),
@@ -502,9 +575,12 @@ class PhotoStore:
     def recorded_model(self) -> tuple[str, int]:
         """The model (id, size) the stored vectors come from, as the meta records it: this
         store's own, or another encoder's while :attr:`mismatch` says so; ``("", 0)`` for a
-        store no real identity has opened yet (it holds no photos)."""
+        store no real identity has opened yet (it holds no photos). Raises StoreError while a
+        re-embed is half done: no single model made the vectors then."""
         with self._lock, self._errors():
             meta = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
+        if meta.get(REEMBEDDING) is not None:
+            raise StoreError(_HALF_FOR_EXPORT)
         dim = meta.get("dim", "")
         return meta.get("model_id", ""), int(dim) if dim.isdigit() else 0
 
@@ -533,10 +609,30 @@ class PhotoStore:
                 return
             after = batch[-1][0]
 
-    def total(self) -> int:
-        """Photos indexed in every scope (metrics: ``rapbot_store_items{kind="photos"}``)."""
+    def total(self, scope: str | None = None) -> int:
+        """Photos indexed in every scope (metrics: ``rapbot_store_items{kind="photos"}``), or
+        in ``scope``; from SQLite alone, so it works for any store (mismatched, unresolved)."""
         with self._lock, self._errors():
-            return int(self._db.execute("SELECT COUNT(*) FROM photos").fetchone()[0])
+            if scope is None:
+                return int(self._db.execute("SELECT COUNT(*) FROM photos").fetchone()[0])
+            return int(
+                self._db.execute(
+                    "SELECT COUNT(*) FROM photos WHERE scope = ?", (check_scope(scope),)
+                ).fetchone()[0]
+            )
+
+
+def _reembedding(db: sqlite3.Connection) -> bool:
+    """Whether the meta holds a re-embed marker (inside the caller's lock or transaction)."""
+    return db.execute("SELECT 1 FROM meta WHERE key = ?", (REEMBEDDING,)).fetchone() is not None
+
+
+def _check_not_reembedding(db: sqlite3.Connection) -> None:
+    """Refuse while a re-embed is under way or was interrupted: one this process saw at open is
+    in :attr:`PhotoStore.mismatch`, this catches another process's ``rapbot index --rebuild``
+    started since."""
+    if _reembedding(db):
+        raise StoreError(_HALF_FOR_USE)
 
 
 def _indexing(db: sqlite3.Connection, scope: str) -> bool:
