@@ -5,9 +5,11 @@ Recorded as things happen:
 * ``rapbot_requests_total{command, outcome}`` and ``rapbot_request_seconds{command}``: every
   chat command the command core answers (``bots.core.handler.CommandCore.handle``), refuses
   before a download (``CommandCore.admit``: ``rate_limited``, ``busy``) or sees cancelled by
-  the adapter's time limit (``timeout``, timed up to the cancellation); ``command`` is the
-  command's name (``who``, ``ask``, ``forget_me``...; ``unknown`` when the text does not
-  parse), ``outcome`` one of :data:`REQUEST_OUTCOMES`.
+  the adapter's time limit (``timeout``, timed up to the cancellation), and those an adapter
+  ends itself after admission, before ``handle`` (``CommandCore.observe_unhandled``: a photo
+  download refused, failed or cut short); ``command`` is the command's name (``who``,
+  ``ask``, ``forget_me``...; ``unknown`` when the text does not parse), ``outcome`` one of
+  :data:`REQUEST_OUTCOMES`.
 * ``rapbot_stage_seconds{stage}``: the engine's per-stage timings (decode, detect, embed,
   search, render, prompt, generate) of every answer the core receives, local or over Celery.
 * ``rapbot_tasks_total{task, outcome}`` and ``rapbot_task_seconds{task}``: every engine task a

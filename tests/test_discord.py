@@ -31,6 +31,7 @@ from bots.discord_adapter.files import fit_upload
 from bots.discord_adapter.format import escape, photo_link, reply_content, split_content
 from engine.images import ImageLimits
 from rapbot.metrics import REGISTRY
+from rapbot.metrics import REQUEST_OUTCOMES as OUTCOMES
 from tests.badfiles import BAD_IMAGE_REASONS, BAD_IMAGES, MIB
 from tests.test_core import generator_engine
 
@@ -119,6 +120,8 @@ class Recorder:
         self.cdn: dict[str, bytes] = {}
         self.cdn_requests: list[str] = []
         self.fail_next_file_upload: int | None = None  # an HTTP status to answer once
+        self.cdn_stalled = False  # True: downloads take a minute (cdn_waiting says one began)
+        self.cdn_waiting = asyncio.Event()
 
     def _record(self, route: Route, payload, files) -> Call:
         call = Call(route.method, route.url.removeprefix(Route.BASE), payload, _files(files))
@@ -186,6 +189,9 @@ class Recorder:
 
     async def get_from_cdn(self, url: str) -> bytes:
         self.cdn_requests.append(url)
+        if self.cdn_stalled:
+            self.cdn_waiting.set()
+            await asyncio.sleep(60)
         try:
             return self.cdn[url]
         except KeyError:
@@ -889,6 +895,64 @@ def test_refused_requests_download_nothing(tiny_engine, dreambooth) -> None:
     assert metric("rapbot_request_seconds_count", command="who") == timed + 4
 
 
+def request_counts(command: str) -> dict[str, float]:
+    """``rapbot_requests_total`` of ``command`` by outcome, and its timings' count."""
+    counts = {o: metric("rapbot_requests_total", command=command, outcome=o) for o in OUTCOMES}
+    return counts | {"timed": metric("rapbot_request_seconds_count", command=command)}
+
+
+def counted_once(before: dict[str, float], command: str, outcome: str) -> bool:
+    """Whether exactly one request of ``command`` was counted (and timed) since ``before``,
+    with ``outcome``."""
+    after = request_counts(command)
+    return {k: after[k] - before[k] for k in after} == {
+        k: float(k in (outcome, "timed")) for k in after
+    }
+
+
+def test_requests_ended_by_their_attachment_are_counted_once(tiny_engine, dreambooth) -> None:
+    """A request whose photo never reaches the core (refused, failed, cut short by a shutdown)
+    is counted by the adapter, once, with the outcome of what happened."""
+    cat = photo_of(dreambooth, "cat")
+    pdf = Photo(b"%PDF-1.7", "notes.pdf", "application/pdf")
+
+    async def main() -> None:
+        async with discord_bot(tiny_engine) as h:
+            before = request_counts("who")  # the user's file is refused: user_error
+            big = await h.command("who", photo=Photo(cat.data, size=25 * MIB))
+            assert "too large" in assert_deferred_then_followup(big).content
+            assert counted_once(before, "who", "user_error")
+
+            before = request_counts("who")  # a mention with no image at all: user_error
+            [reply] = await h.message(f"<@{APP_ID}>", [pdf])
+            assert "notes.pdf (application/pdf) is not an image" in reply.content
+            assert counted_once(before, "who", "user_error")
+
+            before = request_counts("who")  # the same from the message menu
+            [menu] = await h.who_is_this([pdf])
+            assert "is not an image" in menu.payload["data"]["content"]
+            assert counted_once(before, "who", "user_error")
+
+            before = request_counts("who")  # Discord's download failed: internal_error
+            lost = await h.command("who", photo=Photo(cat.data, "cat.jpg", served=False))
+            assert "couldn't download" in assert_deferred_then_followup(lost).content
+            assert counted_once(before, "who", "internal_error")
+
+            before = request_counts("who")  # reaching the core: counted there, not again
+            assert_deferred_then_followup(await h.command("who", photo=cat))
+            assert counted_once(before, "who", "ok")
+
+            before = request_counts("who")  # a shutdown cuts a download short: timeout
+            h.recorder.cdn_stalled = True
+            h.bot._connection.parsers["INTERACTION_CREATE"](h.command_payload("who", photo=cat))
+            await asyncio.wait_for(h.recorder.cdn_waiting.wait(), 30)
+            assert await h.bot.shutdown(timeout=0.05) == 1
+            await settle()
+            assert counted_once(before, "who", "timeout")
+
+    asyncio.run(main())
+
+
 # --------------------------------------------------------------------------- search history
 
 
@@ -975,7 +1039,7 @@ def test_logs_name_no_files(tiny_engine, dreambooth, caplog) -> None:
     assert secret in asked[-1].content  # the user hears which file
     ours = [r.getMessage() for r in caplog.records if r.name.startswith(("bots.", "engine."))]
     assert [line for line in ours if "not indexed" in line] == [
-        f"photo not indexed scope=dc:{CHANNEL_A} photo={posted}: AttachmentError"
+        f"photo not indexed scope=dc:{CHANNEL_A} photo={posted}: AttachmentDownloadError"
     ]  # the mention's own failed download is not tried again for indexing
     assert f"attachment download failed id={asked_id}: NotFound (status 404)" in ours
     assert not [line for line in ours if secret in line]

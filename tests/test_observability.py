@@ -260,6 +260,26 @@ def test_a_request_cancelled_by_the_adapters_time_limit_is_a_timeout() -> None:
     assert "timeout" in metrics.REQUEST_OUTCOMES
 
 
+def test_requests_the_adapter_ends_before_handle_are_named_as_handle_names_them() -> None:
+    """observe_unhandled: the adapter's count of an admitted request that never reached
+    handle() (its photo's download failed or was cut short), under the command's name."""
+    core = CommandCore(GatedGateway())
+    cases = [
+        ("/remember Mochi | my cat", "remember", "user_error"),
+        ("/forget_me", "forget_me", "internal_error"),
+        ("/who@rapbot_test_bot", "who", "timeout"),
+        ("/frobnicate", "unknown", "user_error"),  # as handle() counts what does not parse
+    ]
+    for text, name, outcome in cases:
+        before = value("rapbot_requests_total", command=name, outcome=outcome)
+        timed = value("rapbot_request_seconds_count", command=name)
+        core.observe_unhandled(text, outcome, 0.5)
+        assert value("rapbot_requests_total", command=name, outcome=outcome) == before + 1
+        assert value("rapbot_request_seconds_count", command=name) == timed + 1
+    with pytest.raises(ValueError, match="unknown request outcome"):
+        core.observe_unhandled("/who", "download_failed", 0.1)
+
+
 def test_outcomes_of_errors_and_command_names() -> None:
     assert metrics.error_outcome(UnknownConceptError("x")) == "user_error"
     assert metrics.error_outcome(StoreError("x")) == "internal_error"

@@ -31,6 +31,7 @@ from bots.telegram_adapter.handlers import TIMEOUT_TEXT
 from bots.telegram_adapter.send import Target, send_reply
 from engine.images import ImageLimits
 from rapbot.metrics import REGISTRY
+from rapbot.metrics import REQUEST_OUTCOMES as OUTCOMES
 from tests.badfiles import BAD_IMAGE_REASONS, BAD_IMAGES
 from tests.test_core import generator_engine
 
@@ -64,6 +65,7 @@ class RecordingRequest(BaseRequest):
         self.files: dict[str, bytes] = {}  # file_id -> bytes
         self.members: dict[tuple[int, int], str] = {}  # (chat, user) -> member status
         self.failures: dict[str, tuple[int, str]] = {}  # method -> (HTTP code, description)
+        self.stalled: set[str] = set()  # methods ("download" too) that take a minute to answer
         self._message_ids = itertools.count(5000)
         self.updates: list[dict[str, Any]] = []  # what getUpdates hands out (polling tests)
         self.on_idle: Callable[[], None] | None = None  # called by a getUpdates with nothing new
@@ -84,8 +86,12 @@ class RecordingRequest(BaseRequest):
         if "/file/bot" in url:  # https://api.telegram.org/file/bot<token>/<file_path>
             file_id = url.rsplit("/", 1)[1]
             self.calls.append(Call("download", {"file_id": file_id}))
+            if "download" in self.stalled:
+                await asyncio.sleep(60)
             return 200, self.files[file_id]
         name = url.rsplit("/", 1)[1]
+        if name in self.stalled:
+            await asyncio.sleep(60)
         params = request_data.parameters if request_data else {}
         files = {}
         if request_data is not None and request_data.contains_files:
@@ -650,6 +656,61 @@ def test_slow_work_shows_progress_and_times_out(photos) -> None:
     # The request cut short is still counted and timed (not lost with the cancelled handle).
     assert metric("rapbot_requests_total", command="who", outcome="timeout") == timeouts + 1
     assert metric("rapbot_request_seconds_count", command="who") == timed + 1
+
+
+def request_counts(command: str) -> dict[str, float]:
+    """``rapbot_requests_total`` of ``command`` by outcome, and its timings' count."""
+    counts = {o: metric("rapbot_requests_total", command=command, outcome=o) for o in OUTCOMES}
+    return counts | {"timed": metric("rapbot_request_seconds_count", command=command)}
+
+
+def counted_once(before: dict[str, float], command: str, outcome: str) -> bool:
+    """Whether exactly one request of ``command`` was counted (and timed) since ``before``,
+    with ``outcome``."""
+    after = request_counts(command)
+    return {k: after[k] - before[k] for k in after} == {
+        k: float(k in (outcome, "timed")) for k in after
+    }
+
+
+def test_requests_ended_by_their_download_are_counted_once(tiny_engine, photos) -> None:
+    """An admitted request whose photo never reaches the core (refused, failed, cut short) is
+    counted by the adapter, once, with the outcome of what happened."""
+
+    async def scenario(tg: Harness) -> None:
+        tg.add_file("cat", photos["cat"])
+        before = request_counts("who")  # the user's file is refused: user_error
+        calls = await tg.say(ALICE, photo="cat", size=25 * MIB, caption="/who")
+        assert "too large" in only_reply(calls).text
+        assert counted_once(before, "who", "user_error")
+
+        before = request_counts("who")  # Telegram's own limit says so only at getFile
+        tg.request.failures["getFile"] = (400, "Bad Request: file is too big")
+        assert "too large" in only_reply(await tg.say(ALICE, photo="cat", caption="/who")).text
+        assert counted_once(before, "who", "user_error")
+
+        before = request_counts("who")  # Telegram's download failed: internal_error
+        tg.request.failures["getFile"] = (400, "Bad Request: wrong file_id")
+        calls = await tg.say(ALICE, photo="cat", caption="/who")
+        assert only_reply(calls).text.startswith("I couldn't download that photo")
+        assert counted_once(before, "who", "internal_error")
+        del tg.request.failures["getFile"]
+
+        before = request_counts("remember")  # the time limit strikes during the download
+        rapbot_of(tg.app).timeout_s = 0.2
+        tg.request.stalled.add("download")
+        calls = await tg.say(ALICE, photo="cat", caption="/remember Mochi")
+        assert only_reply(calls).text == TIMEOUT_TEXT and downloads(calls) == ["cat"]
+        assert counted_once(before, "remember", "timeout")
+        tg.request.stalled.clear()
+
+        before = request_counts("who")  # reaching the core: counted there, not again
+        rapbot_of(tg.app).timeout_s = 120.0
+        assert only_reply(await tg.say(ALICE, photo="cat", caption="/who")).method == "sendPhoto"
+        assert counted_once(before, "who", "ok")
+
+    with_engine(tiny_engine, scenario, image_limits=ImageLimits(max_bytes=10 * MIB))
+    assert tiny_engine.list_concepts("tg:11") == []
 
 
 class ListingGateway:

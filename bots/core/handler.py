@@ -17,7 +17,9 @@ request is not counted twice.
 Metrics: every request is counted once in ``rapbot_requests_total{command, outcome}`` and timed
 in ``rapbot_request_seconds{command}``: by :meth:`CommandCore.admit` when it refuses the request
 (``rate_limited``, ``busy``), else by :meth:`CommandCore.handle`, with ``timeout`` when the
-adapter cancels it (a time limit, a shutdown).
+adapter cancels it (a time limit, a shutdown); an admitted request that the adapter ends itself
+before ``handle`` (its photo's download failed or was cut short) is counted by the adapter
+through :meth:`CommandCore.observe_unhandled`.
 """
 
 from __future__ import annotations
@@ -88,6 +90,20 @@ class CommandCore:
             seconds = time.perf_counter() - started
             metrics.observe_request(metrics.command_name(command), outcome, seconds)
         return refusal
+
+    def observe_unhandled(self, text: str, outcome: str, seconds: float) -> None:
+        """Count an admitted request that never reaches :meth:`handle`: the adapter answered
+        it itself (its photo's download failed: ``user_error`` for the user's file,
+        ``internal_error`` for the platform's failure) or it was cut short before (``timeout``).
+        ``text`` is the command text, named as ``handle`` names it; ``seconds`` the time the
+        adapter spent on it. A request that reached ``handle`` is counted there, never here."""
+        if outcome not in metrics.REQUEST_OUTCOMES:
+            raise ValueError(f"unknown request outcome {outcome!r}")
+        try:
+            command: c.Command | None = c.parse_command(text)
+        except RapbotError:
+            command = None
+        metrics.observe_request(metrics.command_name(command), outcome, seconds)
 
     async def handle(
         self,

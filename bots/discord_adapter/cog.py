@@ -26,6 +26,7 @@ import functools
 import io
 import logging
 import re
+import time
 from collections.abc import AsyncIterator
 from typing import Literal, Protocol
 
@@ -39,6 +40,7 @@ from bots.core.gateway import Downloaded, PhotoIndexing
 from bots.core.handler import CommandCore
 from bots.core.messages import IncomingMessage, Reply
 from bots.discord_adapter.files import (
+    AttachmentDownloadError,
     AttachmentError,
     download,
     fit_upload,
@@ -72,6 +74,7 @@ PLATFORM_HELP = (
     "Apps → “Who is this?”; or mention me with a photo and a question. With /index on, "
     "photos attached to messages in this channel become searchable with /search."
 )
+# What files.download turns into "I couldn't download ...": the platform's failure, not the user's.
 # Messages whose attachments are photos posted in the chat (not joins, pins, threads...).
 _ORDINARY = (discord.MessageType.default, discord.MessageType.reply)
 
@@ -150,6 +153,13 @@ def _command(word: str, *fields: str) -> str:
     while fields and not fields[-1].strip():
         fields = fields[:-1]
     return f"/{word} " + " | ".join(fields) if fields else f"/{word}"
+
+
+def _download_outcome(error: AttachmentError) -> str:
+    """The metrics outcome of a photo that could not be had: ``internal_error`` when Discord's
+    download failed, ``user_error`` when the user's file is the problem (too large, not an
+    image)."""
+    return "internal_error" if isinstance(error, AttachmentDownloadError) else "user_error"
 
 
 @contextlib.asynccontextmanager
@@ -361,6 +371,8 @@ class RapbotCog(commands.Cog, name="rapbot"):
         if refusal is not None:
             await deliver(target, refusal)
             return
+        # Until core.handle() takes over, this request's metrics are ours (counted once).
+        started = time.perf_counter()
         try:
             image = (
                 await PhotoIndexing.fetch(
@@ -370,8 +382,17 @@ class RapbotCog(commands.Cog, name="rapbot"):
                 else None
             )
         except AttachmentError as error:
+            outcome = _download_outcome(error)
+            self.core.observe_unhandled(message.text, outcome, time.perf_counter() - started)
             await deliver(target, Reply(str(error), error=True))
             return
+        except asyncio.CancelledError:  # a shutdown cut the download short (Jobs.drain)
+            self.core.observe_unhandled(message.text, "timeout", time.perf_counter() - started)
+            raise
+        except Exception:  # a bug: the tree's on_error answers the user
+            elapsed = time.perf_counter() - started
+            self.core.observe_unhandled(message.text, "internal_error", elapsed)
+            raise
         growing = GrowingReply(target)  # the core streams /ask and /caption only
         reply = await self.core.handle(
             dataclasses.replace(message, image=image), admitted=True, on_partial=growing.show
@@ -511,9 +532,11 @@ class RapbotCog(commands.Cog, name="rapbot"):
         try:
             photo = pick_image(message.attachments)
         except AttachmentError as error:
+            self.core.observe_unhandled("/who", "user_error", 0.0)
             await interaction.response.send_message(ERROR_PREFIX + str(error), ephemeral=True)
             return
         if photo is None:
+            self.core.observe_unhandled("/who", "user_error", 0.0)
             await interaction.response.send_message(NO_IMAGE_IN_MESSAGE, ephemeral=True)
             return
         await self._run(interaction, "/who", photo)
@@ -530,17 +553,21 @@ class RapbotCog(commands.Cog, name="rapbot"):
             return
         text = re.sub(rf"<@!?{me.id}>", " ", message.content).strip()
         target = MessageReplyTarget(message)
+        refused: AttachmentError | None = None
         try:
             photo = pick_image(message.attachments) or self._replied_photo(message)
-        except AttachmentError as error:
-            await deliver(target, Reply(str(error), error=True))
-            return
+        except AttachmentError as error:  # only files that are not images
+            photo, refused = None, error
         if text.startswith("/"):
             command = text  # "@rapbot /remember Mochi | my cat" with a photo
         elif text:
             command = f"/ask {text}"
         else:
-            command = "/who" if photo is not None else "/help"
+            command = "/who" if photo is not None or refused is not None else "/help"
+        if refused is not None:  # answered here, never admitted: counted here
+            self.core.observe_unhandled(command, "user_error", 0.0)
+            await deliver(target, Reply(str(refused), error=True))
+            return
         downloaded: Downloaded = {}
         async with self.jobs.track(target), _typing(message.channel):
             incoming_message = incoming(

@@ -34,6 +34,10 @@ class AttachmentError(RapbotError):
     """An attachment we will not use; the message says why and what to send instead."""
 
 
+class AttachmentDownloadError(AttachmentError):
+    """Discord would not give us the attachment's bytes (our side or theirs, not the user's)."""
+
+
 def _megabytes(n: int, exact: bool = False) -> str:
     """As the engine words sizes: ``60.0 MB`` for a file, ``20 MB`` for a round limit."""
     value = n / (1024 * 1024)
@@ -101,7 +105,7 @@ async def download(
             type(error).__name__,
             f" (status {status})" if status is not None else "",
         )
-        raise AttachmentError(
+        raise AttachmentDownloadError(
             f"I couldn't download {_shown_name(attachment)} from Discord. "
             "Please attach it again in a moment."
         ) from None

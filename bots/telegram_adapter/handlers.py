@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import time
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 
@@ -30,7 +31,7 @@ from bots.core.handler import INTERNAL_ERROR, CommandCore
 from bots.core.messages import IncomingMessage, Reply
 from bots.telegram_adapter.admins import AdminCache
 from bots.telegram_adapter.albums import AlbumCollector
-from bots.telegram_adapter.files import attachment_of, download, photo_for
+from bots.telegram_adapter.files import DOWNLOAD_FAILED, attachment_of, download, photo_for
 from bots.telegram_adapter.send import (
     CHAT_ACTION_EVERY_S,
     GrowingMessage,
@@ -325,13 +326,27 @@ class TelegramBot:
         growing: GrowingMessage | None = None,
         downloaded: Downloaded | None = None,
     ) -> Reply | None:
+        # Until core.handle() takes over, this request's metrics are ours (counted once).
+        started = time.perf_counter()
         try:
             photos = await self._photos(bot, message, command, album, downloaded)
+            is_admin = sender.anonymous_admin
+            if (
+                isinstance(command, ADMIN_COMMANDS)
+                and not is_admin
+                and sender.telegram_id is not None
+            ):
+                is_admin = await self.admins.is_admin(bot, message.chat, sender.telegram_id)
         except RapbotError as error:  # too large, not an image, download failed...
+            outcome = _download_outcome(error)
+            self.core.observe_unhandled(text, outcome, time.perf_counter() - started)
             return Reply(str(error), error=True)
-        is_admin = sender.anonymous_admin
-        if isinstance(command, ADMIN_COMMANDS) and not is_admin and sender.telegram_id is not None:
-            is_admin = await self.admins.is_admin(bot, message.chat, sender.telegram_id)
+        except asyncio.CancelledError:  # serve's time limit (or a shutdown) during the download
+            self.core.observe_unhandled(text, "timeout", time.perf_counter() - started)
+            raise
+        except Exception:  # a bug: on_error answers the user
+            self.core.observe_unhandled(text, "internal_error", time.perf_counter() - started)
+            raise
         return await self.core.handle(
             incoming(message, sender, text, photos, is_admin=is_admin),
             admitted=True,
@@ -391,6 +406,13 @@ class TelegramBot:
 
     async def _index(self, message: Message, sender: Sender, source: str, data: bytes) -> None:
         await self.core.index_photo(incoming(message, sender, photos=(data,)), source)
+
+
+def _download_outcome(error: RapbotError) -> str:
+    """The metrics outcome of a photo that could not be had: ``internal_error`` when
+    Telegram's download failed, ``user_error`` when the user's file is refused (too large,
+    not an image)."""
+    return "internal_error" if str(error) == DOWNLOAD_FAILED else "user_error"
 
 
 class _InAlbum(filters.MessageFilter):
