@@ -22,12 +22,12 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-PHOTOS = ROOT.parent / "shared" / "data" / "dreambooth" / "dataset"
+from _setup import DREAMBOOTH, ROOT, scratch_dir
+
+PHOTOS = DREAMBOOTH
 TARGET_MS = 20.0
 
 
@@ -83,9 +83,7 @@ def main() -> int:
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
 
-    tmp = Path(tempfile.mkdtemp(prefix="rapbot-bench-celery-"))
-    os.environ.setdefault("YOLO_CONFIG_DIR", str(tmp / "yolo"))
-    os.environ.setdefault("MPLCONFIGDIR", str(tmp / "mpl"))
+    tmp = scratch_dir("celery")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("YOLO_OFFLINE", "1")
     redis_proc, port = start_redis(tmp)

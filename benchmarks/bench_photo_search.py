@@ -28,24 +28,21 @@ import argparse
 import itertools
 import shutil
 import statistics
-import sys
-import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+from _setup import DREAMBOOTH, scratch_dir  # before engine: puts the repo on sys.path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from engine.embedder import load_clip
+from engine.engine import Engine
+from engine.permissions import Actor
+from engine.settings import EngineSettings
+from engine.store import open_store
+from engine.store.photos import PhotoStore
 
-from engine.embedder import load_clip  # noqa: E402
-from engine.engine import Engine  # noqa: E402
-from engine.permissions import Actor  # noqa: E402
-from engine.settings import EngineSettings  # noqa: E402
-from engine.store import open_store  # noqa: E402
-from engine.store.photos import PhotoStore  # noqa: E402
-
-PHOTOS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "dreambooth"
+PHOTOS = DREAMBOOTH
 
 
 def _ms(values: list[float]) -> tuple[float, float]:
@@ -155,7 +152,7 @@ def main() -> None:
     n_photos = 16 if args.quick else 64
     sizes = [int(s) for s in args.sizes.split(",")]
 
-    root = Path(tempfile.mkdtemp(prefix="rapbot-bench-photos-"))
+    root = scratch_dir("photos")
     try:
         settings = EngineSettings(data_dir=root, profile="cpu", device=args.device)
         started = time.perf_counter()

@@ -10,15 +10,13 @@ photos. Target: everything except the model forwards (detect + embed) under 15% 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared"
+from _setup import COCO_TFLITE, require_photos, scratch_dir
+
 STAGES = ["decode", "detect", "embed", "search", "render"]
 
 
@@ -26,19 +24,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--photos", type=int, default=40, help="photos to run `who` on")
     parser.add_argument("--concepts", type=int, default=30, help="concepts remembered first")
-    parser.add_argument("--detector", default=str(SHARED / "models" / "yolov8n-coco-int8.tflite"))
+    parser.add_argument("--detector", default=str(COCO_TFLITE))
     parser.add_argument("--profile", default="cpu")
     parser.add_argument("--real-weights", action="store_true", help="load the real weights")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
 
-    photos_dir = SHARED / "data" / "dreambooth" / "dataset"
-    if not photos_dir.is_dir():
-        print(f"real photos not found at {photos_dir}", file=sys.stderr)
-        return 1
-    tmp = Path(tempfile.mkdtemp(prefix="rapbot-bench-who-"))
-    os.environ.setdefault("YOLO_CONFIG_DIR", str(tmp / "yolo"))
-    os.environ.setdefault("MPLCONFIGDIR", str(tmp / "mpl"))
+    photos_dir = require_photos()
+    tmp = scratch_dir("who")
 
     from engine.engine import Engine
     from engine.settings import EngineSettings

@@ -20,13 +20,10 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared"
+from _setup import require_photos, scratch_dir
 
 
 def main() -> int:
@@ -48,13 +45,8 @@ def main() -> int:
     args = parser.parse_args()
     requests = 32 if args.quick else args.requests
 
-    photos_dir = SHARED / "data" / "dreambooth" / "dataset"
-    if not photos_dir.is_dir():
-        print(f"real photos not found at {photos_dir}", file=sys.stderr)
-        return 1
-    tmp = Path(tempfile.mkdtemp(prefix="rapbot-bench-throughput-"))
-    os.environ.setdefault("YOLO_CONFIG_DIR", str(tmp / "yolo"))
-    os.environ.setdefault("MPLCONFIGDIR", str(tmp / "mpl"))
+    photos_dir = require_photos()
+    tmp = scratch_dir("throughput")
 
     import torch
 

@@ -30,9 +30,8 @@ from bots.discord_adapter.cog import ABORTED, PLATFORM_HELP, interaction_is_admi
 from bots.discord_adapter.files import fit_upload
 from bots.discord_adapter.format import escape, photo_link, reply_content, split_content
 from engine.images import ImageLimits
-from rapbot.metrics import REGISTRY
-from rapbot.metrics import REQUEST_OUTCOMES as OUTCOMES
 from tests.badfiles import BAD_IMAGE_REASONS, BAD_IMAGES, MIB
+from tests.metric_samples import counted_once, metric, request_counts
 from tests.test_core import generator_engine
 
 APP_ID = 1100000000000000001
@@ -873,8 +872,6 @@ def test_ask_followup_is_edited_as_the_answer_grows(rap_engine, dreambooth) -> N
     assert followup.content and followup.content != edits[-1].content  # it grew
 
 
-def metric(name: str, **labels: str) -> float:
-    return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
 def test_refused_requests_download_nothing(tiny_engine, dreambooth) -> None:
@@ -895,19 +892,8 @@ def test_refused_requests_download_nothing(tiny_engine, dreambooth) -> None:
     assert metric("rapbot_request_seconds_count", command="who") == timed + 4
 
 
-def request_counts(command: str) -> dict[str, float]:
-    """``rapbot_requests_total`` of ``command`` by outcome, and its timings' count."""
-    counts = {o: metric("rapbot_requests_total", command=command, outcome=o) for o in OUTCOMES}
-    return counts | {"timed": metric("rapbot_request_seconds_count", command=command)}
 
 
-def counted_once(before: dict[str, float], command: str, outcome: str) -> bool:
-    """Whether exactly one request of ``command`` was counted (and timed) since ``before``,
-    with ``outcome``."""
-    after = request_counts(command)
-    return {k: after[k] - before[k] for k in after} == {
-        k: float(k in (outcome, "timed")) for k in after
-    }
 
 
 def test_requests_ended_by_their_attachment_are_counted_once(tiny_engine, dreambooth) -> None:

@@ -27,15 +27,11 @@ from engine.errors import StoreError, UnknownConceptError
 from engine.permissions import Actor
 from engine.types import Answer
 from rapbot import logs, metrics
-from rapbot.metrics import REGISTRY, metrics_text
+from rapbot.metrics import metrics_text
 from tests.conftest import REPO_ROOT
+from tests.metric_samples import metric as value
 
 REDIS_URL = "redis://127.0.0.1:6379/15"  # a database of its own; keys named per test run
-
-
-def value(name: str, **labels: str) -> float:
-    """A sample's current value, 0 when it has none yet."""
-    return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
 def store_items(kind: str) -> float:

@@ -30,9 +30,8 @@ from bots.telegram_adapter.format import split_text, to_html
 from bots.telegram_adapter.handlers import TIMEOUT_TEXT
 from bots.telegram_adapter.send import Target, send_reply
 from engine.images import ImageLimits
-from rapbot.metrics import REGISTRY
-from rapbot.metrics import REQUEST_OUTCOMES as OUTCOMES
 from tests.badfiles import BAD_IMAGE_REASONS, BAD_IMAGES
+from tests.metric_samples import counted_once, metric, request_counts
 from tests.test_core import generator_engine
 
 TOKEN = "123456:TEST-token"
@@ -635,8 +634,6 @@ class SlowGateway:
         pass
 
 
-def metric(name: str, **labels: str) -> float:
-    return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
 def test_slow_work_shows_progress_and_times_out(photos) -> None:
@@ -658,19 +655,8 @@ def test_slow_work_shows_progress_and_times_out(photos) -> None:
     assert metric("rapbot_request_seconds_count", command="who") == timed + 1
 
 
-def request_counts(command: str) -> dict[str, float]:
-    """``rapbot_requests_total`` of ``command`` by outcome, and its timings' count."""
-    counts = {o: metric("rapbot_requests_total", command=command, outcome=o) for o in OUTCOMES}
-    return counts | {"timed": metric("rapbot_request_seconds_count", command=command)}
 
 
-def counted_once(before: dict[str, float], command: str, outcome: str) -> bool:
-    """Whether exactly one request of ``command`` was counted (and timed) since ``before``,
-    with ``outcome``."""
-    after = request_counts(command)
-    return {k: after[k] - before[k] for k in after} == {
-        k: float(k in (outcome, "timed")) for k in after
-    }
 
 
 def test_requests_ended_by_their_download_are_counted_once(tiny_engine, photos) -> None:
