@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 
@@ -54,6 +55,7 @@ class Engine:
         self.store = store
         self.limits = ImageLimits.from_settings(settings)
         self._photos = None  # the photo history for /search, opened on first use
+        self._photos_lock = threading.Lock()
         self._cir = None  # the CIR-LVLM search encoder (search_encoder=cir-lvlm), on first use
 
     @property
@@ -116,27 +118,29 @@ class Engine:
         cannot be computed (``RAPBOT_SEARCH_MODEL`` empty, missing or not a trained folder), the
         index is opened with the identity it recorded itself: flags and deletions still work
         (``/forget_me``, ``/index off``), adds and searches raise the encoder's error."""
-        if self._photos is None:
-            from pathlib import Path
-
-            from engine.store.photos import PhotoStore
-
-            root = Path(self.settings.data_dir).expanduser() / "photos"
-            if self.settings.search_encoder == "cir-lvlm":
-                from engine.cir.search import cir_identity
-
-                try:
-                    model_id, dim = cir_identity(self.settings)
-                except (MissingWeightError, OSError) as error:
-                    if not isinstance(error, MissingWeightError):  # an unreadable file
-                        error = MissingWeightError(f"CIR-LVLM search model not readable: {error}")
-                    log.warning("photo index opened without its search encoder: %s", error)
-                    self._photos = PhotoStore.unresolved(root, error)
-                    return self._photos
-            else:
-                model_id, dim = self.store.model_id, self.store.dim
-            self._photos = PhotoStore(root, model_id, dim, strict=False)
+        with self._photos_lock:  # worker threads: one store, opened once
+            if self._photos is None:
+                self._photos = self._open_photos()
         return self._photos
+
+    def _open_photos(self):
+        from pathlib import Path
+
+        from engine.store.photos import PhotoStore
+
+        root = Path(self.settings.data_dir).expanduser() / "photos"
+        if self.settings.search_encoder != "cir-lvlm":
+            return PhotoStore(root, self.store.model_id, self.store.dim, strict=False)
+        from engine.cir.search import cir_identity
+
+        try:
+            model_id, dim = cir_identity(self.settings)
+        except (MissingWeightError, OSError) as error:
+            if not isinstance(error, MissingWeightError):  # an unreadable file
+                error = MissingWeightError(f"CIR-LVLM search model not readable: {error}")
+            log.warning("photo index opened without its search encoder: %s", error)
+            return PhotoStore.unresolved(root, error)
+        return PhotoStore(root, model_id, dim, strict=False)
 
     @property
     def search_encoder(self):

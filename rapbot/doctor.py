@@ -90,7 +90,9 @@ def check_store(settings: Settings) -> Check:
     if settings.store == "qdrant":
         folder = Path(settings.data_dir).expanduser() / "qdrant"
         return Check("store", True, f"Qdrant on disk in {folder} (one process only)")
-    meta = faiss_store_meta(Path(settings.data_dir).expanduser() / "store")
+    from engine.store.faiss_store import read_store_summary  # faiss: engine roles only
+
+    meta = read_store_summary(Path(settings.data_dir).expanduser() / "store")
     if meta is None:
         return Check("store", True, "FAISS: no memories yet (created on the first /remember)")
     return Check(
@@ -99,26 +101,6 @@ def check_store(settings: Settings) -> Check:
         f"FAISS in {settings.data_dir}: {meta['chats']} chat(s), {meta['concepts']} concept(s),"
         f" model {meta['model_id']}",
     )
-
-
-def faiss_store_meta(root: Path) -> dict | None:
-    """What the local store folder holds, read without writing (None: no store yet)."""
-    import sqlite3
-
-    from engine.store.faiss_store import DB_NAME
-
-    path = root / DB_NAME
-    if not path.is_file():
-        return None
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10.0)
-    try:
-        meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
-        chats, concepts = db.execute(
-            "SELECT COUNT(DISTINCT scope), COUNT(*) FROM concepts"
-        ).fetchone()
-    finally:
-        db.close()
-    return {"model_id": meta.get("model_id", "?"), "chats": chats, "concepts": concepts}
 
 
 def _redis_ping(url: str) -> None:
@@ -205,10 +187,12 @@ def check_models(settings: Settings) -> Check:
     models = load_models(settings, reuse=False)
     seconds = time.perf_counter() - started
     generator = "none (recognition-only)" if models.generator is None else "loaded"
+    from engine.store.faiss_store import read_store_summary
+
     meta = (
         None
         if settings.store != "faiss"
-        else faiss_store_meta(Path(settings.data_dir).expanduser() / "store")
+        else read_store_summary(Path(settings.data_dir).expanduser() / "store")
     )
     if meta is not None and meta["model_id"] != models.embedder.model_id:
         return Check(

@@ -200,6 +200,23 @@ def index_ids(index: faiss.Index) -> np.ndarray:
     return np.sort(np.concatenate(parts)) if parts else np.empty(0, dtype=np.int64)
 
 
+def read_store_summary(root: Path) -> dict | None:
+    """The model and sizes of the store in ``root``, read only (never creates or migrates
+    anything; for ``rapbot doctor``); None when there is no store yet."""
+    path = Path(root) / DB_NAME
+    if not path.is_file():
+        return None
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10.0)
+    try:
+        meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+        chats, concepts = db.execute(
+            "SELECT COUNT(DISTINCT scope), COUNT(*) FROM concepts"
+        ).fetchone()
+    finally:
+        db.close()
+    return {"model_id": meta.get("model_id", "?"), "chats": chats, "concepts": concepts}
+
+
 def scope_version(db: sqlite3.Connection, scope: str) -> int:
     """The scope's version in a ``scopes`` table: bumped with every change to the scope."""
     row = db.execute("SELECT version FROM scopes WHERE scope = ?", (scope,)).fetchone()
