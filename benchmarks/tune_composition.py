@@ -1,9 +1,9 @@
-"""Tune the training-free composition of photo search (engine/photos.py): text weight x sum/slerp.
+"""Tune the training-free composition of photo search (engine/composition.py): text weight x sum/slerp.
 
 For every setting (text weight 0.0, 0.1 ... 1.0; weighted sum or slerp) the CIR queries of a
 CIRR- or FashionIQ-format triplet set (read by ``rapbot eval cir``'s loader,
 ``engine.cir.train.load_triplets``) are composed from one open_clip model's embeddings exactly as
-``Engine.search`` composes them (``engine.photos.compose_query``: reference photo + text), the
+``Engine.search`` composes them (``engine.composition.compose_query``: reference photo + text), the
 gallery (every image the set names) is ranked by cosine with each query's reference left out
 (``engine.eval.cir_metrics.rank_gallery``, as CIRR and FashionIQ evaluation do), and
 Recall@1/5/10 are printed, then the best setting (highest mean of R@1, R@5 and R@10; ties go to
@@ -37,9 +37,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.cir.train import ImageCache, Triplet, load_triplets  # noqa: E402
+from engine.composition import compose_query  # noqa: E402
 from engine.embedder import load_clip  # noqa: E402
 from engine.eval.cir_metrics import rank_gallery, recall_at_k  # noqa: E402
-from engine.photos import compose_query  # noqa: E402
 from engine.settings import EngineSettings  # noqa: E402
 
 KS = (1, 5, 10)

@@ -528,7 +528,7 @@ def run(args: argparse.Namespace) -> int:
             case "index" if args.rebuild:
                 if args.images:
                     raise InvalidInputError("Give either photos or --rebuild, not both.")
-                stale = engine.photos.mismatch is not None  # made by another encoder
+                stale = engine.composition.mismatch is not None  # made by another encoder
                 count = engine.reindex_photos(force=args.force)
                 text = f"Re-embedded {count} photo(s)."
                 if count == 0 and not (stale or args.force):
@@ -573,8 +573,8 @@ def run(args: argparse.Namespace) -> int:
 def _run_transfer(args: argparse.Namespace, settings) -> int:
     """`export` / `import`: the stores alone (concepts and the photo search history); models
     only to re-embed another model's archive."""
+    from engine.backup import export_scopes, import_archive, read_archive
     from engine.engine import Engine
-    from engine.transfer import export_scopes, import_archive, read_archive
 
     if args.command == "export":
         if args.all and args.chat_given:
@@ -585,11 +585,11 @@ def _run_transfer(args: argparse.Namespace, settings) -> int:
                 engine.store,
                 None if args.all else [args.chat],
                 args.out,
-                photos=None if args.no_photos else engine.photos,
+                photos=None if args.no_photos else engine.composition,
             )
             left_out = 0
             if args.no_photos:  # what was not written, to say so
-                left_out = engine.photos.total(None if args.all else args.chat)
+                left_out = engine.composition.total(None if args.all else args.chat)
         finally:
             engine.close()
         chats = f"{report.scopes} chat{'s' if report.scopes != 1 else ''}"
@@ -641,7 +641,7 @@ def _run_transfer(args: argparse.Namespace, settings) -> int:
                 embedder=embedder,
                 scope_map=scope_map,
                 mode="replace" if args.replace else "merge",
-                photos=engine.photos,
+                photos=engine.composition,
                 # Called only for photos of another search encoder (it loads that encoder).
                 photo_embedder=engine.embed_thumbnails,
                 include_photos=True if args.with_photos else None,

@@ -26,7 +26,6 @@ from engine.errors import (
 )
 from engine.generator.rap import build_prompt, candidates
 from engine.images import ImageLimits, crop, decode_image, encode_jpeg, thumbnail
-from engine.naming import clean_description, clean_name, clean_scope, clean_user
 from engine.permissions import Actor, ensure_can_edit
 from engine.render import annotate_jpeg
 from engine.retriever import CROP_PAD, Region, Retriever, named_concepts, regions_from_detections
@@ -36,6 +35,7 @@ from engine.store import open_concept_store
 from engine.store.base import ConceptStore
 from engine.timing import StageTimer
 from engine.types import Answer, Box, Concept, Detection, Recognition, RememberResult, UnknownObject
+from engine.validation import clean_description, clean_name, clean_scope, clean_user
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ class Engine:
 
     def embed_thumbnails(self, thumbnails: list[bytes]):
         """:meth:`_embed_photos` of stored thumbnails (JPEG bytes): re-indexing, and imports of
-        another encoder's photo history (:func:`engine.transfer.import_archive`)."""
+        another encoder's photo history (:func:`engine.backup.import_archive`)."""
         return self._embed_photos([decode_image(t, self.limits) for t in thumbnails])
 
     # ----------------------------------------------------------------------------- helpers
@@ -561,11 +561,11 @@ class Engine:
     ) -> list:
         """Composed image search over the scope's photos: text, a reference photo, both
         (reference changed by the text), and names of remembered concepts in the text, which
-        bring in those concepts' examples: composed from CLIP embeddings (:mod:`engine.photos`,
+        bring in those concepts' examples: composed from CLIP embeddings (:mod:`engine.composition`,
         ``text_weight`` or the ``search_text_weight`` setting, ``search_slerp``) or encoded by
         the CIR-LVLM encoder (:mod:`engine.cir.search`). Returns :class:`engine.types.PhotoHit`
         (photo_id, score, source), best first."""
-        from engine.photos import compose_query, concept_vectors
+        from engine.composition import compose_query, concept_vectors
 
         scope = clean_scope(scope)
         text = clean_description(text or "", MAX_QUESTION_LENGTH)

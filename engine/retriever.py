@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from PIL import Image
 
 from engine.images import crop
-from engine.naming import names_in_text
 from engine.store.base import ConceptStore
 from engine.timing import StageTimer
 from engine.types import Box, Concept, Detection, ExampleHit
+from engine.validation import names_in_text
 
 # Context around a box helps CLIP, and the same padding is used when remembering and when
 # recognising so that the same photo yields the same crop pixels.

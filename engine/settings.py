@@ -127,7 +127,7 @@ class EngineSettings(BaseSettings):
         300, ge=1, description="longest concept description, characters"
     )
 
-    # Composed image search over a chat's photos (engine.photos, engine.cir.search).
+    # Composed image search over a chat's photos (engine.composition, engine.cir.search).
     search_encoder: Literal["clip", "cir-lvlm"] = Field(
         "clip",
         description="photo search encoder: clip (the profile's CLIP, training-free composition)"

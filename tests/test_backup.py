@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from engine.backup import export_scopes, import_archive
 from engine.engine import Engine
 from engine.store import open_store
 from engine.store.qdrant_store import QdrantConceptStore
-from engine.transfer import export_scopes, import_archive
 from tests.conftest import group_photo
 
 # Per chat: (folder, name, description); the real COCO detector crops each from a group photo.

@@ -367,7 +367,7 @@ def test_engine_cir_search_reference_text_and_concepts(
 
     engine = _cir_engine(tiny_models, tmp_path, search_model=str(cir_folder))
     try:
-        assert engine.photos.model_id.startswith("cir-lvlm:") and engine.photos.dim == 64
+        assert engine.composition.model_id.startswith("cir-lvlm:") and engine.composition.dim == 64
         rex, others = _subjects(dreambooth)
         paths = rex + others
         ids = _index_all(engine, "chat", paths)
@@ -546,25 +546,25 @@ def test_flags_and_deletions_work_without_the_encoder(
         engine = _cir_engine(tiny_models, tmp_path, search_model=folder)
         try:
             assert engine.indexing("A") and engine.indexing("B")
-            assert (engine.photos.model_id, engine.photos.dim) == recorded
+            assert (engine.composition.model_id, engine.composition.dim) == recorded
             vector = np.eye(recorded[1], dtype=np.float32)[0]
             with pytest.raises(MissingWeightError) as error:
-                engine.photos.add("A", vector, b"jpg", "bob", None, "x")
+                engine.composition.add("A", vector, b"jpg", "bob", None, "x")
             assert "\n" not in str(error.value)
             with pytest.raises(MissingWeightError):
-                engine.photos.search("A", vector, 1)
+                engine.composition.search("A", vector, 1)
             with pytest.raises(MissingWeightError):
                 engine.reindex_photos(force=True)
             with pytest.raises(MissingWeightError):
                 engine.index_photo("A", rex[0].read_bytes(), "bob", "new")
             if step == 0:  # /forget_me: alice's photos go in every chat, bob's stay
                 engine.forget_user("alice")
-                assert [engine.photos.count(s) for s in "ABC"] == [1, 0, 1]
+                assert [engine.composition.count(s) for s in "ABC"] == [1, 0, 1]
             elif step == 1:  # /index off with deletion
                 assert engine.set_indexing("C", False, admin, delete=True) == 1
-                assert not engine.indexing("C") and engine.photos.count("C") == 0
+                assert not engine.indexing("C") and engine.composition.count("C") == 0
             else:
-                assert engine.photos.delete_user("bob") == 1 and engine.photos.count("A") == 0
+                assert engine.composition.delete_user("bob") == 1 and engine.composition.count("A") == 0
         finally:
             engine.close()
     good = _cir_engine(tiny_models, tmp_path, search_model=str(cir_folder))

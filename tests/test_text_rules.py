@@ -8,7 +8,7 @@ from bots.core import commands as c
 from bots.core.commands import CommandError, parse_command
 from engine.categories import category_from_text, same_category
 from engine.errors import InvalidInputError
-from engine.naming import clean_description, clean_name, clean_scope, names_in_text
+from engine.validation import clean_description, clean_name, clean_scope, names_in_text
 
 VOCAB = ["person", "cat", "dog", "teddy bear", "plush toy", "toy", "backpack", "sneaker"]
 

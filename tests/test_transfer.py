@@ -1,4 +1,4 @@
-"""Export and import of chats' concepts and photo search history (engine.transfer and
+"""Export and import of chats' concepts and photo search history (engine.backup and
 `rapbot export` / `rapbot import`)."""
 
 from __future__ import annotations
@@ -15,11 +15,7 @@ from PIL import Image
 from qdrant_client import QdrantClient
 
 from bots.cli import main
-from engine.errors import InvalidInputError
-from engine.store import ConceptStore, FaissConceptStore
-from engine.store.photos import PhotoStore
-from engine.store.qdrant_store import QdrantConceptStore
-from engine.transfer import (
+from engine.backup import (
     CONCEPTS,
     EMBEDDINGS,
     EXAMPLES,
@@ -32,6 +28,10 @@ from engine.transfer import (
     import_archive,
     read_archive,
 )
+from engine.errors import InvalidInputError
+from engine.store import ConceptStore, FaissConceptStore
+from engine.store.photos import PhotoStore
+from engine.store.qdrant_store import QdrantConceptStore
 from engine.types import Box
 
 DIM = 16
@@ -842,7 +842,7 @@ def test_photos_of_another_encoder_are_embedded_again(source, full, tmp_path) ->
 
 def test_the_engine_embeds_the_thumbnails_again(tiny_engine, full) -> None:
     """`rapbot import`'s photo embedder: Engine.embed_thumbnails (the configured encoder)."""
-    photos = tiny_engine.photos
+    photos = tiny_engine.composition
     assert photos.model_id != MODEL
     report = import_archive(
         full,
@@ -1120,7 +1120,7 @@ def test_cli_import_into_another_chat_and_export_without_photos(cli, tmp_path) -
 def test_a_failed_replace_leaves_each_chats_photos(source, full, monkeypatch, tmp_path) -> None:
     """--replace writes the concepts first, then replaces each chat's photos in one
     transaction: a failure in either leaves the chat's old photos where they were."""
-    from engine.transfer import Archive
+    from engine.backup import Archive
 
     target = qdrant()
     photos = photo_store(tmp_path / "restored")
@@ -1248,15 +1248,15 @@ def test_the_engine_rebuild_completes_an_interrupted_one(tiny_engine, tmp_path) 
 
     for seed in (41, 42, 43):
         tiny_engine.index_photo("cli:1", jpeg(seed, 160), "me", f"/photos/{seed}.jpg", force=True)
-    failing = _failing_encoder(tiny_engine.photos.dim, fail_at=2)
+    failing = _failing_encoder(tiny_engine.composition.dim, fail_at=2)
     with pytest.raises(KeyboardInterrupt):
-        tiny_engine.photos.reembed(failing, batch_size=1)
+        tiny_engine.composition.reembed(failing, batch_size=1)
     with pytest.raises(StoreError, match="half re-embedded"):
         tiny_engine.search("cli:1", "", jpeg(41, 160))
     with pytest.raises(StoreError, match="half re-embedded"):
         tiny_engine.index_photo("cli:1", jpeg(44, 160), "me", "/photos/44.jpg", force=True)
     assert tiny_engine.reindex_photos() == 3  # not "already matches"
-    assert tiny_engine.photos.mismatch is None
+    assert tiny_engine.composition.mismatch is None
     assert tiny_engine.search("cli:1", "", jpeg(41, 160), k=1)[0].source == "/photos/41.jpg"
 
 
@@ -1287,7 +1287,7 @@ def test_the_engine_rebuild_completes_an_interrupted_one(tiny_engine, tmp_path) 
     ],
 )
 def test_source_fits_the_platform(scope, source, fits) -> None:
-    from engine.transfer import source_fits
+    from engine.backup import source_fits
 
     assert source_fits(scope, source) is fits
 

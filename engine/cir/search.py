@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from engine.errors import MissingWeightError
-from engine.naming import names_in_text
+from engine.validation import names_in_text
 from engine.weights import first_line
 
 if TYPE_CHECKING:

@@ -19,7 +19,7 @@ for a 100k-photo scope on two busy cores, paid by the scope's first search in a 
 the threshold is higher than the concept store's: a flat search of 100k photos takes ~7 ms,
 which no user notices, while a k-means at every worker start for each large chat would be.
 Everything is strictly per scope except :meth:`PhotoStore.delete_user` (and
-:meth:`PhotoStore.scopes`, which lists them for backups: :mod:`engine.transfer` reads a scope
+:meth:`PhotoStore.scopes`, which lists them for backups: :mod:`engine.backup` reads a scope
 with :meth:`PhotoStore.rows` and adds it back with :meth:`PhotoStore.add_many`, or with
 :meth:`PhotoStore.replace_scope` for a restore that replaces the scope's photos atomically).
 

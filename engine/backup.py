@@ -64,9 +64,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from engine.errors import ImageError, InvalidInputError, RapbotError, StoreError
-from engine.naming import clean_description, clean_name, clean_scope, clean_user
 from engine.store.base import ConceptStore, check_scope, name_key
 from engine.types import Box
+from engine.validation import clean_description, clean_name, clean_scope, clean_user
 
 if TYPE_CHECKING:
     from engine.store.photos import PhotoStore
