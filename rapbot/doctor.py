@@ -295,7 +295,7 @@ def diagnose(
                     "configuration",
                     False,
                     str(error).replace("\n", "; "),
-                    "fix the variables named (see the README's Configuration tables)",
+                    "fix the variables named (see docs/configuration.md)",
                 )
             ]
     if role == "auto":

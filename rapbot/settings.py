@@ -88,7 +88,7 @@ class ObservabilitySettings(BaseSettings):
 
 
 # pydantic orders fields from the last base to the first: engine settings come first in
-# error lists and `rapbot config`, as in the README tables.
+# error lists and `rapbot config`, as in the tables of docs/configuration.md.
 class Settings(ObservabilitySettings, BotSettings, WorkerSettings, EngineSettings):
     """Everything, validated together (see the module notes)."""
 
@@ -205,7 +205,7 @@ def field_names() -> list[str]:
 
 
 def settings_table() -> str:
-    """The README's configuration tables (Markdown), from the model itself."""
+    """The configuration tables of docs/configuration.md (Markdown), from the model itself."""
     lines: list[str] = []
     for title, group in GROUPS:
         lines += ["", f"**{title}**", "", "| Variable | Default | What it sets |", "|---|---|---|"]
