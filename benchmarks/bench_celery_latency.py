@@ -124,8 +124,8 @@ async def run(args, tmp: Path, urls: dict, engine_env: dict, ready: Path, worker
     from bots.core.gateway import LocalGateway
     from engine.engine import Engine
     from engine.settings import EngineSettings
+    from rapbot.settings import WorkerSettings
     from workers.client import CeleryGateway
-    from workers.config import WorkerSettings
 
     photo = Path(args.photo).read_bytes()
     started = time.perf_counter()

@@ -50,9 +50,8 @@ def main() -> int:
 
     import torch
 
-    from engine.batching import close_batchers, with_micro_batching
     from engine.engine import Engine
-    from engine.models import load_models
+    from engine.models import close_batchers, load_models, with_micro_batching
     from engine.settings import EngineSettings
     from engine.store import open_store
 

@@ -31,8 +31,6 @@ from engine.types import Detection
 if TYPE_CHECKING:
     from PIL import Image
 
-    from engine.models import Models
-    from engine.settings import EngineSettings
 
 log = logging.getLogger(__name__)
 
@@ -412,35 +410,3 @@ def detector_batch_limit(detector: Detector, max_batch: int) -> int:
         return 1  # nothing to compute: batching would only add the wait
     own = getattr(detector, "batch_size", None)
     return min(max_batch, own) if isinstance(own, int) and own > 0 else max_batch
-
-
-def with_micro_batching(models: Models, *, max_batch: int = 16, max_wait_ms: float = 5.0) -> Models:
-    """The same models behind batchers (weights shared, nothing reloaded).
-
-    The detector is left as it is when it cannot batch (batch size 1): coalescing its requests
-    would add the wait and gain nothing; its own lock already serialises them.
-    """
-    embedder = models.embedder
-    if not isinstance(embedder, BatchingEmbedder):
-        embedder = BatchingEmbedder(embedder, max_batch=max_batch, max_wait_ms=max_wait_ms)
-    detector = models.detector
-    limit = detector_batch_limit(detector, max_batch)
-    if limit > 1 and not isinstance(detector, BatchingDetector):
-        detector = BatchingDetector(detector, max_batch=limit, max_wait_ms=max_wait_ms)
-    # text_encoder stays unwrapped: only YOLO-World calls it, under the detector's lock.
-    return replace(models, embedder=embedder, detector=detector)
-
-
-def micro_batching_from_settings(models: Models, settings: EngineSettings) -> Models:
-    if not settings.micro_batching:
-        return models
-    return with_micro_batching(
-        models, max_batch=settings.batch_max_size, max_wait_ms=settings.batch_max_wait_ms
-    )
-
-
-def close_batchers(models: Models) -> None:
-    """Stop the batcher threads of models made by :func:`with_micro_batching` (else a no-op)."""
-    for part in (models.embedder, models.detector):
-        if isinstance(part, (BatchingEmbedder, BatchingDetector)):
-            part.close()

@@ -12,7 +12,8 @@ import difflib
 import logging
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from PIL import Image
 
@@ -37,9 +38,23 @@ from engine.timing import StageTimer
 from engine.types import Answer, Box, Concept, Detection, Recognition, RememberResult, UnknownObject
 from engine.validation import clean_description, clean_name, clean_scope, clean_user
 
+if TYPE_CHECKING:
+    from engine.models import Models
+    from engine.store.photos import PhotoStore
+
 log = logging.getLogger(__name__)
 
 MAX_QUESTION_LENGTH = 1000
+
+
+@dataclass(frozen=True)
+class EngineParts:
+    """What an engine holds open right now, for metrics and health checks: looking at it
+    loads no model and opens no index."""
+
+    models: Models | None  # None: a store-only engine, or one whose models are not loaded yet
+    store: ConceptStore
+    photos: PhotoStore | None  # None until the photo history was first used
 
 
 class Engine:
@@ -102,6 +117,10 @@ class Engine:
             )
         store = open_concept_store(settings, model_id, dim)  # FAISS or Qdrant
         return cls(settings, models, store)
+
+    def loaded_parts(self) -> EngineParts:
+        """The models, concept store and photo history this engine has loaded so far."""
+        return EngineParts(self._models, self.store, self._photos)
 
     def close(self) -> None:
         self.store.close()

@@ -10,11 +10,11 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePath
 from typing import TYPE_CHECKING
 
-from engine.batching import micro_batching_from_settings
+from engine.batching import BatchingDetector, BatchingEmbedder, detector_batch_limit
 from engine.detector import Detector, NullDetector, YoloDetector, YoloWorldDetector
 from engine.embedder import ClipEmbedder, load_clip, resolve_device, seeded
 from engine.errors import MissingWeightError, RapbotError
@@ -173,6 +173,38 @@ def build_detector(
             f"Could not run detector '{profile.detector}' ({path}): {first_line(error)}"
         ) from None
     return detector
+
+
+def with_micro_batching(models: Models, *, max_batch: int = 16, max_wait_ms: float = 5.0) -> Models:
+    """The same models behind batchers (weights shared, nothing reloaded).
+
+    The detector is left as it is when it cannot batch (batch size 1): coalescing its requests
+    would add the wait and gain nothing; its own lock already serialises them.
+    """
+    embedder = models.embedder
+    if not isinstance(embedder, BatchingEmbedder):
+        embedder = BatchingEmbedder(embedder, max_batch=max_batch, max_wait_ms=max_wait_ms)
+    detector = models.detector
+    limit = detector_batch_limit(detector, max_batch)
+    if limit > 1 and not isinstance(detector, BatchingDetector):
+        detector = BatchingDetector(detector, max_batch=limit, max_wait_ms=max_wait_ms)
+    # text_encoder stays unwrapped: only YOLO-World calls it, under the detector's lock.
+    return replace(models, embedder=embedder, detector=detector)
+
+
+def micro_batching_from_settings(models: Models, settings: EngineSettings) -> Models:
+    if not settings.micro_batching:
+        return models
+    return with_micro_batching(
+        models, max_batch=settings.batch_max_size, max_wait_ms=settings.batch_max_wait_ms
+    )
+
+
+def close_batchers(models: Models) -> None:
+    """Stop the batcher threads of models made by :func:`with_micro_batching` (else a no-op)."""
+    for part in (models.embedder, models.detector):
+        if isinstance(part, (BatchingEmbedder, BatchingDetector)):
+            part.close()
 
 
 def load_models(settings: EngineSettings, *, reuse: bool = True) -> Models:

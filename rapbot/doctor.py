@@ -19,7 +19,7 @@ from functools import partial
 from pathlib import Path
 
 from engine.weights import first_line
-from rapbot.settings import ConfigError, Settings, load_settings, redact_url
+from rapbot.settings import ConfigError, Settings, is_redis_url, load_settings, redact_url
 
 # Telegram: "<bot id>:<35 characters>"; Discord: three base64url parts separated by dots.
 TELEGRAM_TOKEN = re.compile(r"^\d{5,}:[A-Za-z0-9_-]{30,}$")
@@ -116,8 +116,6 @@ def _redis_ping(url: str) -> None:
 
 
 def _ping_url(url: str) -> None:
-    from workers.app import is_redis_url
-
     if is_redis_url(url, sentinel=False):
         _redis_ping(url)
         return

@@ -55,6 +55,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from engine.errors import RapbotError  # plain exception classes: no torch, no numpy
+from rapbot.settings import is_redis_url
 
 log = logging.getLogger(__name__)
 
@@ -251,8 +252,6 @@ def redis_queue_keys(
 def _redis_url(broker_url: str) -> str | None:
     """The first URL of a broker setting (Celery allows a ``;``-separated failover list) when
     it is one redis-py can open directly; None otherwise (amqp, sentinel, memory...)."""
-    from workers.app import is_redis_url  # lazy: only processes that talk to a broker get here
-
     first = broker_url.split(";", 1)[0].strip()
     return first if is_redis_url(first, sentinel=False) else None
 
@@ -430,12 +429,12 @@ class EngineCollector(Collector):
             counts: dict[str, int] = {}
             seen: set[int] = set()
             for engine in engines:
-                concept_store = getattr(engine, "store", None)
-                if concept_store is not None and id(concept_store) not in seen:
-                    seen.add(id(concept_store))
-                    self._count(counts, "examples", concept_store, "count")
-                    self._count(counts, "concepts", concept_store, "count_concepts")
-                photos = getattr(engine, "_photos", None)  # opened only once the engine used it
+                parts = engine.loaded_parts()  # opens nothing: a scrape never loads
+                if id(parts.store) not in seen:
+                    seen.add(id(parts.store))
+                    self._count(counts, "examples", parts.store, "count")
+                    self._count(counts, "concepts", parts.store, "count_concepts")
+                photos = parts.photos
                 if photos is not None and id(photos) not in seen:
                     seen.add(id(photos))
                     self._count(counts, "photos", photos, "total")
@@ -486,7 +485,7 @@ class EngineCollector(Collector):
         seen: set[int] = set()
 
         for engine in engines:
-            models = getattr(engine, "_models", None)  # never load models for a scrape
+            models = engine.loaded_parts().models  # never load models for a scrape
             if models is not None and id(models) not in seen:
                 seen.add(id(models))
                 self._models(models, loaded, batch_totals, seen)
@@ -558,9 +557,12 @@ _engine_collector: EngineCollector | None = None
 
 
 def register_engine(engine: Any) -> None:
-    """Export the engine collector's metrics over ``engine`` (an ``engine.engine.Engine``);
-    registering the same engine again changes nothing."""
+    """Export the engine collector's metrics over ``engine`` (an ``engine.engine.Engine``,
+    read through its :meth:`~engine.engine.Engine.loaded_parts`); registering the same engine
+    again changes nothing, and a stand-in without that hook (tests) exports nothing."""
     global _engine_collector
+    if not callable(getattr(engine, "loaded_parts", None)):
+        return
     with _register_lock:
         if _engine_collector is None:
             _engine_collector = EngineCollector()

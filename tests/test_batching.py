@@ -18,9 +18,8 @@ from engine.batching import (
     BatchingDetector,
     BatchingEmbedder,
     MicroBatcher,
-    close_batchers,
-    with_micro_batching,
 )
+from engine.models import close_batchers, with_micro_batching
 from engine.types import Box, Detection
 
 GENEROUS_S = 5.0  # "no multi-second stall" bound: loose on purpose, this is a shared 2-core box

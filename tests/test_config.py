@@ -13,8 +13,14 @@ import pytest
 from bots.cli import main
 from engine.settings import EngineSettings
 from rapbot.doctor import diagnose, exit_code
-from rapbot.settings import ConfigError, Settings, known_variables, load_settings, settings_table
-from workers.config import WorkerSettings
+from rapbot.settings import (
+    ConfigError,
+    Settings,
+    WorkerSettings,
+    known_variables,
+    load_settings,
+    settings_table,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 

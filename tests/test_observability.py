@@ -307,8 +307,8 @@ def test_streamed_answers_feed_the_stage_histogram(tiny_engine, dreambooth) -> N
 
 
 def test_photo_and_batching_metrics_over_a_registered_engine(tiny_models, tmp_path, dreambooth):
-    from engine.batching import close_batchers, with_micro_batching
     from engine.engine import Engine
+    from engine.models import close_batchers, with_micro_batching
     from engine.store import open_store
 
     settings, models = tiny_models
@@ -369,14 +369,19 @@ class FakeEngine:
     """What the engine collector looks at: models (in memory), a store and a photo index."""
 
     def __init__(self, store, photos, load_seconds: float) -> None:
-        self.store, self._photos = store, photos
-        self._models = SimpleNamespace(
+        self.store, self.photos = store, photos
+        self.models = SimpleNamespace(
             profile=SimpleNamespace(name="fake"),
             embedder=None,
             detector=None,
             generator=None,
             load_seconds=load_seconds,
         )
+
+    def loaded_parts(self):
+        from engine.engine import EngineParts
+
+        return EngineParts(self.models, self.store, self.photos)
 
 
 def samples(collector: metrics.EngineCollector) -> dict[tuple[str, tuple], float]:
@@ -403,7 +408,7 @@ def test_store_counts_are_reused_for_a_minute_and_models_stay_live() -> None:
     assert first[stored("photos")] == 7 and first[loaded] == 1.5
 
     # A scrape within the minute: no store query, the last counts; the models are read again.
-    store.examples, photos.photos, engine._models.load_seconds = 6, 8, 2.5
+    store.examples, photos.photos, engine.models.load_seconds = 6, 8, 2.5
     now[0] += 59.0
     second = samples(collector)
     assert (store.queries, photos.queries) == (2, 1)
@@ -433,7 +438,7 @@ def test_store_counts_are_reused_for_a_minute_and_models_stay_live() -> None:
 
 
 def test_redis_urls_for_the_queue_depth_and_the_broker_settings() -> None:
-    from workers.app import is_redis_url
+    from rapbot.settings import is_redis_url
 
     for url in ("redis://h:6379/0", "rediss://h/0", "unix:///run/redis.sock"):
         assert is_redis_url(url) and is_redis_url(url, sentinel=False)
@@ -508,8 +513,8 @@ def redis_db():
 def test_queue_depth_counts_waiting_messages_of_every_priority(redis_db) -> None:
     from kombu import Connection, Exchange, Queue
 
+    from rapbot.settings import WorkerSettings
     from workers.app import create_app
-    from workers.config import WorkerSettings
 
     client, name = redis_db
     app = create_app(WorkerSettings(broker_url=REDIS_URL, gpu_queue=name, cpu_queue=f"{name}-cpu"))
@@ -625,9 +630,9 @@ def test_engine_thread_logs_carry_the_requests_scope_and_command(json_logs) -> N
 
 def test_worker_tasks_log_their_task_id_and_scope_and_are_counted(json_logs, tmp_path) -> None:
     import workers.tasks  # noqa: F401  (registers the tasks)
+    from rapbot.settings import WorkerSettings
     from workers import runtime
     from workers.blobs import FolderBlobStore
-    from workers.config import WorkerSettings
     from workers.tasks import forget, list_concepts
 
     ok = {"task": "list_concepts", "outcome": "ok"}

@@ -26,10 +26,10 @@ from engine.errors import (
 )
 from engine.permissions import Actor
 from engine.types import Answer, Box, Concept, Recognition, RememberResult, UnknownObject
+from rapbot.settings import WorkerSettings
 from tests.workers_harness import RedisServer, redis_server_binary
 from workers import runtime, wire
 from workers.blobs import EXPIRED, FolderBlobStore, RedisBlobStore, open_blob_store
-from workers.config import WorkerSettings
 
 # ----------------------------------------------------------------------------- blob stores
 
@@ -437,7 +437,7 @@ def test_store_only_engine_manages_concepts_without_loading_models(tiny_models, 
         assert store_only.forget_user("nobody") == 0
         with pytest.raises(UnknownConceptError):
             store_only.rename("tg:1", "Mochi", "Bo", Actor("alice"))
-        assert store_only._models is None  # nothing above needed a model
+        assert store_only.loaded_parts().models is None  # nothing above needed a model
     finally:
         store_only.close()
 

@@ -97,8 +97,8 @@ def cluster(tmp_path_factory):
 
 
 def gateway(cluster, timeout_s: float):
+    from rapbot.settings import WorkerSettings
     from workers.client import CeleryGateway
-    from workers.config import WorkerSettings
 
     redis_server = cluster["redis"]
     settings = WorkerSettings(

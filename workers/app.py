@@ -10,7 +10,7 @@ from __future__ import annotations
 from celery import Celery
 from kombu import Exchange, Queue
 
-from workers.config import WorkerSettings
+from rapbot.settings import WorkerSettings, is_redis_url, load_settings
 
 # Task names are part of the wire protocol between bots and workers.
 MODEL_TASKS = ("remember", "recognize", "ask", "caption", "index_photo", "search")
@@ -47,24 +47,11 @@ def publish_retry_policy(total_s: float) -> dict[str, float | int]:
     return {"max_retries": retries, "interval_start": 0, "interval_step": step, "interval_max": cap}
 
 
-_REDIS_SCHEMES = ("redis://", "rediss://", "unix://")  # what redis-py opens from a URL
-
-
-def is_redis_url(url: str, *, sentinel: bool = True) -> bool:
-    """Whether ``url`` points at Redis: ``redis://``, ``rediss://``, ``unix://`` and, unless
-    ``sentinel=False``, ``sentinel://`` (kombu's Sentinel transport). ``sentinel=False`` is for
-    callers that open the URL with redis-py itself (``redis.Redis.from_url``), which cannot
-    open a Sentinel URL."""
-    return url.startswith(_REDIS_SCHEMES + (("sentinel://",) if sentinel else ()))
-
-
 def create_app(
     settings: WorkerSettings | None = None, *, main: str = "rapbot", client: bool = False
 ) -> Celery:
     """The Celery app; ``client=True`` for a bot's (it fails fast where a worker persists)."""
     if settings is None:
-        from rapbot.settings import load_settings
-
         settings = load_settings()
     queues = (settings.gpu_queue, settings.cpu_queue)
     app = Celery(main, include=["workers.tasks"])

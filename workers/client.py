@@ -33,10 +33,10 @@ from kombu.exceptions import OperationalError
 from engine.errors import EngineUnavailableError
 from engine.permissions import Actor
 from engine.types import Answer, Box, Concept, PhotoHit, RememberResult
+from rapbot.settings import WorkerSettings, load_settings
 from workers import wire
 from workers.app import PING, create_app, task_name
 from workers.blobs import UNAVAILABLE, BlobStore, open_blob_store
-from workers.config import WorkerSettings
 
 log = logging.getLogger(__name__)
 TOO_SLOW = "The engine took too long on this request; try again in a minute."
@@ -68,8 +68,6 @@ class CeleryGateway:
         timeout_s: float | None = None,
     ) -> None:
         if settings is None:
-            from rapbot.settings import load_settings
-
             settings = load_settings()
         self.settings = settings
         self.app = app or create_app(self.settings, client=True)

@@ -20,7 +20,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
-from workers.config import WorkerSettings
+from rapbot.settings import WorkerSettings, load_settings
 
 log = logging.getLogger(__name__)
 GPU_THREADS = 16
@@ -133,8 +133,6 @@ def run_worker(
     pool: str = "threads",
     loglevel: str = "info",
 ) -> int:
-    from rapbot.settings import load_settings
-
     settings = load_settings()  # the whole configuration, validated before anything starts
     try:
         chosen = resolve_queues(queues, settings)

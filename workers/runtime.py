@@ -49,9 +49,8 @@ from celery.signals import (
 
 from engine.errors import RapbotError
 from rapbot import logs, metrics
-from rapbot.settings import load_settings
+from rapbot.settings import WorkerSettings, load_settings
 from workers.blobs import BlobStore, open_blob_store
-from workers.config import WorkerSettings
 
 if TYPE_CHECKING:
     from engine.engine import Engine
@@ -147,7 +146,7 @@ def status() -> dict:
         "pid": os.getpid(),
         "engine": None
         if _state.engine is None
-        else ("store-only" if getattr(_state.engine, "_models", 1) is None else "full"),
+        else ("store-only" if _state.engine.loaded_parts().models is None else "full"),
         "load_seconds": round(_state.load_seconds, 3),
     }
 

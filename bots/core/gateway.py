@@ -388,7 +388,7 @@ def make_gateway(kind: str | None = None, settings=None, *, worker_settings=None
     engine in-process; ``celery`` talks to workers (distributed mode, see ``workers.client``).
 
     ``settings``: the ``EngineSettings`` of the local engine; ``worker_settings``: the
-    ``workers.config.WorkerSettings`` of the Celery client (both default to the environment).
+    ``rapbot.settings.WorkerSettings`` of the Celery client (both default to the environment).
     The Celery client is imported only here, so a bot in distributed mode never imports torch.
     """
     import os
