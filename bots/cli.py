@@ -406,14 +406,9 @@ def _write_image(jpeg: bytes | None, out: str | None) -> str | None:
     if path.suffix.lower() in {".jpg", ".jpeg"}:
         path.write_bytes(jpeg)
     else:  # any other extension Pillow knows (.png, .webp ...)
-        import io
+        from engine.images import save_image
 
-        from PIL import Image
-
-        try:
-            Image.open(io.BytesIO(jpeg)).save(path)
-        except (ValueError, OSError) as error:
-            raise InvalidInputError(f"Can't write {out}: {error}") from None
+        save_image(jpeg, path)
     return str(path)
 
 

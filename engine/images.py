@@ -45,6 +45,7 @@ __all__ = [
     "encode_jpeg",
     "encode_png",
     "load_image_file",
+    "save_image",
     "thumbnail",
 ]
 
@@ -87,6 +88,11 @@ _EMPTY = "The file is empty."
 _NO_MEMORY = "The image is too large to process."
 _ODD_COLOURS = "This image uses a colour format I cannot read."
 
+# Longest side over shortest side. Phone panoramas stay within ~10:1; beyond 20:1 an image
+# is a strip that no model can use, and CLIP's resize (shortest side to 224) would blow a
+# 100000x1 strip up to 22 million pixels. Crops are widened to stay within it too.
+MAX_ASPECT = 20.0
+
 
 @dataclass(frozen=True)
 class ImageLimits:
@@ -94,12 +100,13 @@ class ImageLimits:
 
     max_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 50_000_000
+    max_aspect: float = MAX_ASPECT  # longest side / shortest side
 
     def __post_init__(self) -> None:
-        if self.max_bytes < 1 or self.max_pixels < 1:
+        if self.max_bytes < 1 or self.max_pixels < 1 or not self.max_aspect >= 1:
             raise ValueError(
                 f"image limits must be positive (max_bytes={self.max_bytes}, "
-                f"max_pixels={self.max_pixels})"
+                f"max_pixels={self.max_pixels}, max_aspect={self.max_aspect})"
             )
 
     @classmethod
@@ -142,6 +149,13 @@ def _too_many_pixels(size: tuple[int, int] | None, pixels: int | None, limits: I
     else:
         shown = "too many pixels"
     return f"The image is too large ({shown}); the limit is {_format_pixels(limits.max_pixels)}."
+
+
+def _too_thin(size: tuple[int, int], limits: ImageLimits) -> str:
+    return (
+        f"The image is too long and thin ({size[0]}×{size[1]} pixels); its longer side can be"
+        f" at most {limits.max_aspect:g} times its shorter side."
+    )
 
 
 def _show_path(path: str | os.PathLike[str] | os.PathLike[bytes]) -> str:
@@ -200,6 +214,10 @@ def _load_checked(image: ImageFile.ImageFile, limits: ImageLimits) -> Image.Imag
     # (ultralytics) sets to None.
     if width * height > limits.max_pixels:
         raise ImageError(_too_many_pixels((width, height), None, limits))
+    # Also from the header: a 177-byte 100000x1 PNG decodes in no time, but every model's
+    # resize after it would not (see MAX_ASPECT).
+    if max(width, height) > limits.max_aspect * min(width, height):
+        raise ImageError(_too_thin((width, height), limits))
     animated = bool(getattr(image, "is_animated", False))
     if animated:
         image.seek(0)
@@ -413,8 +431,23 @@ def crop(image: Image.Image, box: Box, pad: float = 0.0) -> Image.Image:
     pad_x = int(round(box.width * pad))
     pad_y = int(round(box.height * pad))
     padded = Box(box.x1 - pad_x, box.y1 - pad_y, box.x2 + pad_x, box.y2 + pad_y)
-    region = padded.clipped(width, height)
+    region = _within_aspect(padded.clipped(width, height), width, height, MAX_ASPECT)
     return image.crop((region.x1, region.y1, region.x2, region.y2))
+
+
+def _within_aspect(region: Box, width: int, height: int, max_aspect: float) -> Box:
+    """``region`` grown on its short side (centred, kept inside the image) until its aspect
+    is at most ``max_aspect``, so a 4000×1 box does not become a 896000×224 CLIP input. For an
+    image within the aspect limit this always fits; otherwise it is clipped to the image."""
+    if region.width > max_aspect * region.height:
+        need = min(height, math.ceil(region.width / max_aspect))
+        top = min(max(0, region.y1 - (need - region.height) // 2), height - need)
+        return Box(region.x1, top, region.x2, top + need)
+    if region.height > max_aspect * region.width:
+        need = min(width, math.ceil(region.height / max_aspect))
+        left = min(max(0, region.x1 - (need - region.width) // 2), width - need)
+        return Box(left, region.y1, left + need, region.y2)
+    return region
 
 
 def thumbnail(image: Image.Image, max_side: int = 256) -> Image.Image:
@@ -443,6 +476,19 @@ def encode_jpeg(image: Image.Image, quality: int = 90) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue()
+
+
+def save_image(
+    data: bytes, path: str | os.PathLike[str], limits: ImageLimits = ImageLimits()
+) -> None:
+    """Write image bytes (e.g. an annotated JPEG) to ``path`` in the format its extension
+    names, decoded through :func:`decode_image` like any other image."""
+    image = decode_image(data, limits)
+    try:
+        image.save(path)
+    except (ValueError, OSError) as error:  # unknown extension, missing folder, full disk
+        reason = getattr(error, "strerror", None) or str(error) or type(error).__name__
+        raise ImageError(f"Can't write {_show_path(path)}: {reason}") from None
 
 
 def encode_png(image: Image.Image) -> bytes:

@@ -108,10 +108,9 @@ class ImageCache:
 
     def __call__(self, name: str):
         if name not in self._cache:
-            from PIL import Image
+            from engine.images import load_image_file
 
-            with Image.open(self.path(name)) as im:
-                self._cache[name] = im.convert("RGB")
+            self._cache[name] = load_image_file(self.path(name))
         return self._cache[name]
 
 

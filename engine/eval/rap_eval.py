@@ -174,13 +174,9 @@ class Answerer(Protocol):
 
 
 def _open_image(path: Path):
-    from PIL import Image, ImageOps
+    from engine.images import load_image_file
 
-    try:
-        with Image.open(path) as image:
-            return ImageOps.exif_transpose(image).convert("RGB")
-    except (OSError, ValueError) as error:
-        raise InvalidInputError(f"Can't read evaluation image {path}: {error}") from None
+    return load_image_file(path)  # data sets come from outside: the upload limits apply
 
 
 class GeneratorAnswerer:

@@ -9,12 +9,12 @@ reports, with their scores and boxes.
 
 from __future__ import annotations
 
-import io
 import logging
 from collections.abc import Sequence
 
 from PIL import Image
 
+from engine.errors import ImageError
 from engine.generator.prompt import (
     CAPTION_QUESTION,
     PromptConcept,
@@ -22,6 +22,7 @@ from engine.generator.prompt import (
     caption_prompt,
     rap_prompt,
 )
+from engine.images import decode_image
 from engine.store.base import ConceptStore
 from engine.types import Concept, Recognition
 
@@ -51,14 +52,11 @@ def candidates(named: Sequence[Concept], known: Sequence[Recognition]) -> list[R
 
 def example_image(store: ConceptStore, scope: str, concept_id: str) -> Image.Image | None:
     """The concept's first example crop (RAP shows one image per concept), or None."""
-    for jpeg in store.example_crops(scope, concept_id)[:1]:
-        if not jpeg:
-            continue
-        try:
-            with Image.open(io.BytesIO(jpeg)) as crop:
-                return crop.convert("RGB")
-        except (OSError, ValueError):  # a crop we wrote ourselves; unreadable = skip its image
-            log.warning("unreadable crop for concept %s in %s", concept_id, scope)
+    for jpeg in store.example_crops(scope, concept_id, limit=1):
+        try:  # crops can come from an archive: decoded with the limits of any upload
+            return decode_image(jpeg)
+        except ImageError as error:  # unreadable = the concept is shown without its image
+            log.warning("unreadable crop for concept %s in %s: %s", concept_id, scope, error)
     return None
 
 

@@ -894,13 +894,16 @@ class FaissConceptStore:
             ).fetchall()
         return [r[0] for r in rows]
 
-    def example_crops(self, scope: str, concept_id: str) -> list[bytes]:
+    def example_crops(
+        self, scope: str, concept_id: str, limit: int | None = None
+    ) -> list[bytes]:
         scope = check_scope(scope)
         with self._read() as db:
             self._require(db, scope, concept_id)
             rows = db.execute(
-                "SELECT crop FROM examples WHERE scope = ? AND concept_id = ? ORDER BY id",
-                (scope, concept_id),
+                "SELECT crop FROM examples WHERE scope = ? AND concept_id = ? ORDER BY id"
+                " LIMIT ?",
+                (scope, concept_id, -1 if limit is None else check_k(limit)),
             ).fetchall()
         return [bytes(r[0]) for r in rows]
 

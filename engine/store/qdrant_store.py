@@ -527,17 +527,26 @@ class QdrantConceptStore:
             groups = _group(self._scroll(_where(scope)))
         return sorted({_head(r)["category"] for r in groups.values()} - {""})
 
-    def example_crops(self, scope: str, concept_id: str) -> list[bytes]:
+    def example_crops(
+        self, scope: str, concept_id: str, limit: int | None = None
+    ) -> list[bytes]:
         scope = check_scope(scope)
+        limit = None if limit is None else check_k(limit)
         with self._reading(), self._calls():
+            # The order first (no crops), then only the wanted crops: one of 3,000 examples
+            # must not read 3,000 crops.
             records = self._scroll(
-                _where(scope, concept_id=check_text(concept_id, "concept id")),
-                payload=["crop", "seq"],
+                _where(scope, concept_id=check_text(concept_id, "concept id")), payload=["seq"]
             )
-        if not records:
-            raise UnknownConceptError(f"There is no concept {concept_id!r} in this chat.")
-        records.sort(key=lambda r: r.payload["seq"])
-        return [base64.b64decode(r.payload["crop"]) for r in records]
+            if not records:
+                raise UnknownConceptError(f"There is no concept {concept_id!r} in this chat.")
+            records.sort(key=lambda r: r.payload["seq"])
+            wanted = [r.id for r in records[:limit]]
+            full = self._scroll(
+                _where(scope, models.HasIdCondition(has_id=wanted)), payload=["crop"]
+            )
+        crops = {str(r.id): r.payload["crop"] for r in full}
+        return [base64.b64decode(crops[str(i)]) for i in wanted if str(i) in crops]
 
     def count(self, scope: str | None = None) -> int:
         """Example vectors in the scope, or in the whole collection."""

@@ -262,15 +262,11 @@ class RapDataset:
         self.epoch = epoch
 
     def load_image(self, path: str):
-        from PIL import Image, ImageOps
+        from engine.images import load_image_file
 
         full = Path(path).expanduser()
         full = full if full.is_absolute() else self.image_root / full
-        try:
-            with Image.open(full) as image:
-                return ImageOps.exif_transpose(image).convert("RGB")
-        except (OSError, ValueError) as error:
-            raise InvalidInputError(f"Can't read training image {full}: {error}") from None
+        return load_image_file(full)  # data sets come from outside: the upload limits apply
 
     def concepts_for(self, index: int) -> list[RapConcept]:
         rng = random.Random(f"{self.seed}:{self.epoch}:{index}")

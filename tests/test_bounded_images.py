@@ -1,0 +1,136 @@
+"""Issue 11, parts 6 and 8: every image is decoded by engine.images, with bounded work.
+
+Strips of extreme aspect are refused from their header, crops are kept within the aspect
+limit, and a crafted crop (stored from an archive) never reaches the generator unchecked.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from engine.errors import ImageError
+from engine.images import MAX_ASPECT, crop, decode_image, encode_jpeg, save_image
+from engine.store.faiss_store import FaissConceptStore
+from engine.types import Box
+from tests.badfiles import png_chunk, raw_png
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _strip_png(width: int, height: int) -> bytes:
+    """A grey strip, compressed to a few hundred bytes however long it is."""
+    buffer = io.BytesIO()
+    Image.new("L", (width, height)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("size", [(100_000, 1), (60_000, 1), (1, 49_000_000), (2001, 100)])
+def test_extreme_aspect_ratios_are_refused_from_the_header(size: tuple[int, int]) -> None:
+    data = _strip_png(*size)
+    with pytest.raises(ImageError, match="too long and thin"):
+        decode_image(data)
+
+
+def test_panoramas_within_the_limit_decode() -> None:
+    assert decode_image(_strip_png(2000, 100)).size == (2000, 100)
+    assert decode_image(_strip_png(100, 2000)).size == (100, 2000)
+
+
+@pytest.mark.parametrize(
+    "box", [Box(0, 0, 4000, 1), Box(10, 10, 11, 3000), Box(0, 2999, 4000, 3000), Box(5, 5, 6, 6)]
+)
+def test_crops_stay_within_the_aspect_limit(box: Box) -> None:
+    image = Image.new("RGB", (4000, 3000))
+    width, height = crop(image, box).size
+    assert max(width, height) <= MAX_ASPECT * min(width, height)
+    # The crop still holds the box: it was widened, never cut.
+    assert width >= min(box.width, 4000) and height >= min(box.height, 3000)
+
+
+def _png_declaring(width: int, height: int) -> bytes:
+    """A 65535² header with almost no data: the crafted crop of the issue (under 1 KB)."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", ihdr)
+        + png_chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + png_chunk(b"IEND", b"")
+    )
+
+
+def test_crafted_crop_does_not_reach_the_generator(tmp_path: Path) -> None:
+    """A stored crop declaring 65535×65535 pixels: the concept is shown without its image
+    (before: Image.open raised DecompressionBombError, an internal error on /ask)."""
+    from engine.generator.rap import example_image
+
+    with FaissConceptStore(tmp_path, "m", 4) as store:
+        bomb = _png_declaring(65535, 65535)
+        assert len(bomb) < 1000
+        mochi = store.add_concept(
+            "tg:1",
+            name="Mochi",
+            description="",
+            category="cat",
+            owner="u1",
+            embedding=np.array([1, 0, 0, 0], np.float32),
+            crop_jpeg=bomb,
+            box=Box(0, 0, 10, 10),
+        )
+        assert example_image(store, "tg:1", mochi.id) is None
+        good = encode_jpeg(Image.new("RGB", (30, 20), (200, 10, 10)))
+        store.add_example(
+            "tg:1",
+            mochi.id,
+            embedding=np.array([0, 1, 0, 0], np.float32),
+            crop_jpeg=good,
+            box=Box(0, 0, 30, 20),
+        )
+        other = store.add_concept(
+            "tg:1",
+            name="Bean",
+            description="",
+            category="cat",
+            owner="u1",
+            embedding=np.array([0, 0, 1, 0], np.float32),
+            crop_jpeg=good,
+            box=Box(0, 0, 30, 20),
+        )
+        assert example_image(store, "tg:1", other.id).size == (30, 20)
+        # Only the first crop is read (part 10): the good second one is not used instead.
+        assert store.example_crops("tg:1", mochi.id, limit=1) == [bomb]
+        assert store.example_crops("tg:1", mochi.id) == [bomb, good]
+
+
+def test_no_module_opens_images_around_engine_images() -> None:
+    """Every image opened anywhere goes through engine.images (decode_image, load_image_file,
+    save_image), so its limits apply to crops, thumbnails, data sets and CLI output too."""
+    pattern = re.compile(r"Image\.open\(|exif_transpose\(|PIL\.Image\.open")
+    offenders = []
+    for path in REPO.rglob("*.py"):
+        relative = path.relative_to(REPO)
+        if relative.parts[0] in {"tests", ".venv", "build"} or relative == Path(
+            "engine/images.py"
+        ):
+            continue
+        for number, line in enumerate(path.read_text("utf-8").splitlines(), 1):
+            if pattern.search(line) and not line.lstrip().startswith("#"):
+                offenders.append(f"{relative}:{number}: {line.strip()}")
+    assert offenders == []
+
+
+def test_save_image_writes_any_format_and_refuses_with_one_line(tmp_path: Path) -> None:
+    jpeg = encode_jpeg(Image.new("RGB", (8, 6), (0, 0, 255)))
+    save_image(jpeg, tmp_path / "out.png")
+    assert decode_image((tmp_path / "out.png").read_bytes()).size == (8, 6)
+    with pytest.raises(ImageError, match="Can't write"):
+        save_image(jpeg, tmp_path / "missing" / "out.png")
+    with pytest.raises(ImageError):
+        save_image(raw_png(1, 1, b"\x00\x00\x00"), tmp_path / "out.unknownext")
