@@ -28,7 +28,13 @@ from bots.core.messages import Reply
 from bots.discord_adapter.client import RapbotBot
 from bots.discord_adapter.cog import ABORTED, PLATFORM_HELP, interaction_is_admin
 from bots.discord_adapter.files import fit_upload
-from bots.discord_adapter.format import escape, photo_link, reply_content, split_content
+from bots.discord_adapter.format import (
+    NOT_A_DISCORD_PHOTO,
+    escape,
+    photo_link,
+    reply_content,
+    split_content,
+)
 from engine.images import ImageLimits
 from tests.badfiles import BAD_IMAGE_REASONS, BAD_IMAGES, MIB
 from tests.metric_samples import counted_once, metric, request_counts
@@ -872,8 +878,6 @@ def test_ask_followup_is_edited_as_the_answer_grows(rap_engine, dreambooth) -> N
     assert followup.content and followup.content != edits[-1].content  # it grew
 
 
-
-
 def test_refused_requests_download_nothing(tiny_engine, dreambooth) -> None:
     cat = photo_of(dreambooth, "cat")
     limited = metric("rapbot_requests_total", command="who", outcome="rate_limited")
@@ -890,10 +894,6 @@ def test_refused_requests_download_nothing(tiny_engine, dreambooth) -> None:
     # Refused before the download (CommandCore.admit): counted there, once each.
     assert metric("rapbot_requests_total", command="who", outcome="rate_limited") == limited + 2
     assert metric("rapbot_request_seconds_count", command="who") == timed + 4
-
-
-
-
 
 
 def test_requests_ended_by_their_attachment_are_counted_once(tiny_engine, dreambooth) -> None:
@@ -1001,7 +1001,36 @@ def test_search_replies_link_the_photos() -> None:
         f"2. score 0.50 — {link} (attachment 2)"
     )
     assert reply_content(Reply("Found:", photo_refs=(link,))) == f"Found:\n1. {link}"
-    assert photo_link("/photos/**cat**.jpg") == "/photos/\\*\\*cat\\*\\*.jpg"
+
+
+@pytest.mark.parametrize(
+    "ref",
+    [
+        "/photos/**cat**.jpg",
+        "https://evil.example/channels/1/2/3",
+        "https://discord.com.evil.example/channels/1/2/3",
+        "https://discord.com@evil.example/channels/1/2/3",
+        "http://discord.com/channels/1/2/3",
+        "https://discord.com/channels/1/2/3/evil",
+        "https://discord.com/channels/1/2/3) [free nitro](https://evil.example",
+        "https://discord.com/channels/1/2/3\n@everyone",
+        "https://discord.com/channels/١/2/3",  # Arabic-Indic digit
+        "https://discord.com/channels/1/2/3#x",
+        "document:AgACAgIAAxkBAAIBZ2XAAAAA",
+    ],
+)
+def test_only_discord_message_links_are_shown(ref) -> None:
+    """Security: a search source can come from an imported archive; only a message link on
+    one of Discord's hosts is shown, anything else is never put in the reply."""
+    content = reply_content(Reply("Found 1 photo:\n1. score 0.90", photo_refs=(ref,)))
+    assert content == f"Found 1 photo:\n1. score 0.90 — {NOT_A_DISCORD_PHOTO}"
+
+
+@pytest.mark.parametrize("host", ["discord.com", "ptb.discord.com", "canary.discord.com"])
+def test_message_links_of_every_discord_host_are_shown(host) -> None:
+    link = f"https://{host}/channels/@me/42/1000"
+    assert photo_link(link) == link
+    assert photo_link(f"{link}#3") == f"{link} (attachment 3)"
 
 
 def test_logs_name_no_files(tiny_engine, dreambooth, caplog) -> None:

@@ -282,6 +282,12 @@ def replies(calls: list[Call]) -> list[Call]:
     return [c for c in calls if c.method in sends]
 
 
+def fid(name: str) -> str:
+    """A file id of Telegram's real form (URL-safe base64, 20+ characters) for ``name``:
+    search results are sent back only by ids of that form."""
+    return f"AgACAgIAAxkBAAI-{name}".ljust(24, "A")
+
+
 def downloads(calls: list[Call]) -> list[str]:
     return [c.params["file_id"] for c in calls if c.method == "download"]
 
@@ -634,8 +640,6 @@ class SlowGateway:
         pass
 
 
-
-
 def test_slow_work_shows_progress_and_times_out(photos) -> None:
     timeouts = metric("rapbot_requests_total", command="who", outcome="timeout")
     timed = metric("rapbot_request_seconds_count", command="who")
@@ -653,10 +657,6 @@ def test_slow_work_shows_progress_and_times_out(photos) -> None:
     # The request cut short is still counted and timed (not lost with the cancelled handle).
     assert metric("rapbot_requests_total", command="who", outcome="timeout") == timeouts + 1
     assert metric("rapbot_request_seconds_count", command="who") == timed + 1
-
-
-
-
 
 
 def test_requests_ended_by_their_download_are_counted_once(tiny_engine, photos) -> None:
@@ -746,10 +746,12 @@ def test_long_captions_and_media_groups(tiny_engine, photos) -> None:
         assert text.method == "sendMessage" and text.text == "x " * 700
 
         before = len(tg.request.calls)
-        await send_reply(tg.app.bot, target, Reply("2 photos <found>", photo_refs=("f1", "f2")))
+        await send_reply(
+            tg.app.bot, target, Reply("2 photos <found>", photo_refs=(fid("f1"), fid("f2")))
+        )
         (group,) = tg.request.calls[before:]
         assert group.method == "sendMediaGroup" and group.reply_to == 42
-        assert [m["media"] for m in group.params["media"]] == ["f1", "f2"]
+        assert [m["media"] for m in group.params["media"]] == [fid("f1"), fid("f2")]
         assert group.params["media"][0]["caption"] == "2 photos &lt;found&gt;"
 
     with_engine(tiny_engine, scenario)
@@ -836,11 +838,11 @@ def test_posted_photos_are_indexed_and_found_again_by_file_id(tiny_engine, photo
     async def scenario(tg: Harness) -> None:
         bot = rapbot_of(tg.app)
         for name, data in photos.items():
-            tg.add_file(name, data)
+            tg.add_file(fid(name), data)
         tg.request.members[(GROUP_A, CAROL)] = "administrator"
 
         # Indexing is off until an admin turns it on: a plain photo costs no download.
-        assert await tg.say(GROUP_A, BOB, photo="dog2") == []
+        assert await tg.say(GROUP_A, BOB, photo=fid("dog2")) == []
         await bot.indexing.drain()
         assert downloads(tg.request.calls) == []
 
@@ -848,31 +850,36 @@ def test_posted_photos_are_indexed_and_found_again_by_file_id(tiny_engine, photo
         assert on.text.startswith("Photo indexing is on")
         start = len(tg.request.calls)
         # A plain photo, an album without a command, a bot's photo: no reply to any of them.
-        cat = tg.message(GROUP_A, BOB, photo="cat")
+        cat = tg.message(GROUP_A, BOB, photo=fid("cat"))
         assert not replies(await tg.send(cat))
         for i in (0, 1):
-            assert await tg.send(tg.message(GROUP_A, ALICE, photo=f"dog{i}", album="a2")) == []
-        assert await tg.say(GROUP_A, 777, is_bot=True, photo="dog2") == []
+            assert await tg.send(tg.message(GROUP_A, ALICE, photo=fid(f"dog{i}"), album="a2")) == []
+        assert await tg.say(GROUP_A, 777, is_bot=True, photo=fid("dog2")) == []
         await bot.albums.drain()
         await bot.indexing.drain()
-        assert sorted(downloads(tg.request.calls[start:])) == ["cat", "dog0", "dog1"]
+        assert sorted(downloads(tg.request.calls[start:])) == [fid("cat"), fid("dog0"), fid("dog1")]
         assert not replies(tg.request.calls[start:])
 
         # A command's photo: downloaded once, answered first, then indexed with those bytes.
         start = len(tg.request.calls)
-        who = await tg.say(GROUP_A, CAROL, photo="dog2", caption="/who")
+        who = await tg.say(GROUP_A, CAROL, photo=fid("dog2"), caption="/who")
         assert only_reply(who).method == "sendPhoto"
         await bot.indexing.drain()
-        assert downloads(tg.request.calls[start:]) == ["dog2"]
+        assert downloads(tg.request.calls[start:]) == [fid("dog2")]
 
         # /search in reply to a photo, no text: more like it, that photo first, re-sent by
         # the file id it was indexed with.
         start = len(tg.request.calls)
         found = only_reply(await tg.say(GROUP_A, ALICE, text="/search", reply_to=cat))
-        assert downloads(tg.request.calls[start:]) == ["cat"]  # the reference photo
+        assert downloads(tg.request.calls[start:]) == [fid("cat")]  # the reference photo
         assert found.method == "sendMediaGroup" and found.reply_to is not None
         media = [m["media"] for m in found.params["media"]]
-        assert media[0] == "cat" and sorted(media) == ["cat", "dog0", "dog1", "dog2"]
+        assert media[0] == fid("cat") and sorted(media) == [
+            fid("cat"),
+            fid("dog0"),
+            fid("dog1"),
+            fid("dog2"),
+        ]
         assert found.params["media"][0]["caption"].startswith("Found 4 photos, best first:")
 
         usage = only_reply(await tg.say(GROUP_A, ALICE, text="/search"))
@@ -882,7 +889,7 @@ def test_posted_photos_are_indexed_and_found_again_by_file_id(tiny_engine, photo
         off = only_reply(await tg.say(GROUP_A, CAROL, text="/index off"))
         assert off.text.endswith("the 4 photos of this chat I had indexed.")
         start = len(tg.request.calls)
-        assert await tg.say(GROUP_A, BOB, photo="cat") == []
+        assert await tg.say(GROUP_A, BOB, photo=fid("cat")) == []
         await bot.indexing.drain()
         assert downloads(tg.request.calls[start:]) == []
 
@@ -896,29 +903,29 @@ def test_one_search_result_and_image_files_are_sent_back(tiny_engine, photos) ->
 
     async def scenario(tg: Harness) -> None:
         bot = rapbot_of(tg.app)
-        tg.add_file("cat", photos["cat"])
-        tg.add_file("dogfile", photos["dog0"])
+        tg.add_file(fid("cat"), photos["cat"])
+        tg.add_file(fid("dogfile"), photos["dog0"])
         assert only_reply(await tg.say(ALICE, text="/index on")).text.startswith("Photo indexing")
-        await tg.say(ALICE, photo="cat")  # a private chat: every photo is seen
+        await tg.say(ALICE, photo=fid("cat"))  # a private chat: every photo is seen
         await bot.indexing.drain()
 
-        single = only_reply(await tg.say(ALICE, photo="cat", caption="/search"))
-        assert single.method == "sendPhoto" and single.params["photo"] == "cat"
+        single = only_reply(await tg.say(ALICE, photo=fid("cat"), caption="/search"))
+        assert single.method == "sendPhoto" and single.params["photo"] == fid("cat")
         assert single.text.startswith("Found 1 photo, best first:")
 
-        await tg.say(ALICE, document=("dogfile", "image/png"))
+        await tg.say(ALICE, document=(fid("dogfile"), "image/png"))
         await bot.indexing.drain()
         start = len(tg.request.calls)
-        await tg.say(ALICE, document=("dogfile", "image/png"), caption="/search")
+        await tg.say(ALICE, document=(fid("dogfile"), "image/png"), caption="/search")
         photo, document = replies(tg.request.calls[start:])
-        assert (photo.method, photo.params["photo"]) == ("sendPhoto", "cat")
-        assert (document.method, document.params["document"]) == ("sendDocument", "dogfile")
+        assert (photo.method, photo.params["photo"]) == ("sendPhoto", fid("cat"))
+        assert (document.method, document.params["document"]) == ("sendDocument", fid("dogfile"))
         assert document.text == "" and photo.text.startswith("Found 2 photos")
-        assert downloads(tg.request.calls[start:]) == ["dogfile"]  # once, for search and index
+        assert downloads(tg.request.calls[start:]) == [fid("dogfile")]  # once, for search and index
 
     with_engine(tiny_engine, scenario)
     hits = tiny_engine.search(f"tg:{ALICE}", "", photos["dog0"])
-    assert [h.source for h in hits] == ["document:dogfile", "cat"]
+    assert [h.source for h in hits] == ["document:" + fid("dogfile"), fid("cat")]
 
 
 def test_logs_name_no_files_and_quote_no_captions(tiny_engine, photos, caplog) -> None:
@@ -963,12 +970,12 @@ def test_search_results_that_are_urls_are_never_sent(tiny_engine, caplog) -> Non
 
     async def scenario(tg: Harness) -> None:
         target = Target(ALICE, 42)
-        refs = ("AgACAgIAAxkBAAI1", url, "document:BQACAgIAAxkB2", "document:http://x/y.jpg")
+        refs = (fid("1"), url, "document:" + fid("2"), "document:http://x/y.jpg")
         before = len(tg.request.calls)
         await send_reply(tg.app.bot, target, Reply("Found 4 photos", photo_refs=refs))
         photo, document = replies(tg.request.calls[before:])
-        assert (photo.method, photo.params["photo"]) == ("sendPhoto", "AgACAgIAAxkBAAI1")
-        assert (document.method, document.params["document"]) == ("sendDocument", "BQACAgIAAxkB2")
+        assert (photo.method, photo.params["photo"]) == ("sendPhoto", fid("1"))
+        assert (document.method, document.params["document"]) == ("sendDocument", fid("2"))
         assert url not in json.dumps([c.params for c in tg.request.calls[before:]], default=str)
 
         before = len(tg.request.calls)  # only URLs: the text alone
@@ -981,3 +988,45 @@ def test_search_results_that_are_urls_are_never_sent(tiny_engine, caplog) -> Non
     lines = [r.getMessage() for r in caplog.records if r.name.startswith("bots.")]
     assert f"skipped 2 search result(s) that are not Telegram file ids in chat={ALICE}" in lines
     assert not [line for line in lines if "evil" in line or "://" in line]
+
+
+@pytest.mark.parametrize("single", [True, False], ids=["one-photo", "media-group"])
+def test_search_results_never_name_a_local_file(tiny_engine, tmp_path, monkeypatch, single) -> None:
+    """Security: python-telegram-bot reads and uploads a string that names an existing file.
+    A crafted archive's source (``document:credentials``, or a file id whose text is also a
+    file's name in the bot's folder) must never make the bot upload a file of the host: only
+    ids of Telegram's form are sent, and by id."""
+    secret = b"api_key=SECRET-of-the-host"
+    lookalike = fid("lookalike")  # a valid id that happens to be a file's name here too
+    for name in ("credentials", "photo.jpg", lookalike):
+        (tmp_path / name).write_bytes(secret)
+    monkeypatch.chdir(tmp_path)
+    crafted = (
+        "document:credentials",
+        "credentials",
+        "document:photo.jpg",
+        str(tmp_path / "photo.jpg"),
+    )
+    refs = (
+        (lookalike, *crafted)
+        if single
+        else (lookalike, fid("2"), *crafted, "document:" + lookalike)
+    )
+
+    async def scenario(tg: Harness) -> None:
+        await send_reply(tg.app.bot, Target(ALICE, 42), Reply("Found", photo_refs=refs))
+
+    calls: list[Call] = []
+
+    async def record(tg: Harness) -> None:
+        await scenario(tg)
+        calls.extend(tg.request.calls)
+
+    with_engine(tiny_engine, record)
+    sent = replies(calls)
+    assert sent, "the reply was sent"
+    assert not [c for c in calls if c.files], "nothing was uploaded"
+    assert secret.decode() not in json.dumps([c.params for c in calls], default=str)
+    media = [item["media"] for c in sent for item in c.params.get("media", [])]
+    media += [c.params[k] for c in sent for k in ("photo", "document") if k in c.params]
+    assert lookalike in media and not set(media) & {"credentials", "photo.jpg"}

@@ -16,9 +16,14 @@ MAX_CONTENT = 2000
 NO_MENTIONS = discord.AllowedMentions.none()
 
 ERROR_PREFIX = "⚠️ "
-# How the adapter indexes a posted photo (cog.photo_sources): the message's link, "#N" for
-# its Nth attachment after the first.
-MESSAGE_LINK = "https://discord.com/channels/"
+# How the adapter indexes a posted photo (cog.photo_sources): the message's link on one of
+# Discord's hosts, "#N" for its Nth attachment after the first. Only sources of exactly this
+# form are shown as links (a source may come from an imported archive).
+MESSAGE_LINK = re.compile(
+    r"https://(?:ptb\.|canary\.)?discord\.com/channels/(?:[0-9]{1,20}|@me)/[0-9]{1,20}/[0-9]{1,20}"
+    r"(?:#([0-9]{1,2}))?"
+)
+NOT_A_DISCORD_PHOTO = "(a photo that was not posted on Discord)"
 _RESULT_LINE = re.compile(r"(\d+)\. ")  # "1. score 0.83", a search reply's result line
 
 
@@ -39,11 +44,13 @@ def reply_content(reply: Reply, note: str = "") -> str:
 
 def photo_link(ref: str) -> str:
     """A search result's source as shown: the link to the message with the photo, plus which
-    attachment it is when the source says (``#N``); anything else, escaped."""
-    url, hashmark, position = ref.partition("#")
-    if not url.startswith(MESSAGE_LINK):
-        return escape(ref)
-    return f"{url} (attachment {position})" if hashmark and position.isdigit() else url
+    attachment it is when the source says (``#N``); anything else (a URL elsewhere, markdown,
+    a file's path) is never shown, only said to be no Discord photo."""
+    match = MESSAGE_LINK.fullmatch(ref)
+    if match is None:
+        return NOT_A_DISCORD_PHOTO
+    url, position = ref.partition("#")[0], match[1]
+    return f"{url} (attachment {position})" if position else url
 
 
 def _with_links(text: str, refs: tuple[str, ...]) -> str:

@@ -8,7 +8,9 @@ anything is downloaded, again from ``getFile``, and once more on the bytes recei
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
+from typing import Literal
 
 from telegram import Bot, Message
 from telegram.error import BadRequest, TelegramError
@@ -38,6 +40,27 @@ _IMAGE_HINT = "Send a photo, or an image file (JPEG, PNG, WebP, GIF, BMP or TIFF
 # Search sources of images sent as files: Telegram refuses a document's file id as a photo,
 # so send.py sends these back as documents.
 DOCUMENT_REF = "document:"
+# A Telegram file id is URL-safe base64 of a binary record (type, dc, id, access hash...):
+# real ones are 50-100 characters, never shorter than 20. Nothing else is ever sent as one.
+_FILE_ID = re.compile(r"[A-Za-z0-9_-]{20,256}")
+
+
+@dataclass(frozen=True)
+class SentFile:
+    """A search source this adapter may send back: a checked file id and how it was posted."""
+
+    kind: Literal["photo", "document"]
+    file_id: str
+
+
+def sendable_source(source: str) -> SentFile | None:
+    """The file id of a search ``source`` the Telegram adapter made (``<file id>`` or
+    ``document:<file id>``), or None for anything else. Sources can come from an imported
+    archive, so a path, a URL or a name of a local file must never pass (see send.py)."""
+    kind: Literal["photo", "document"] = "photo"
+    if source.startswith(DOCUMENT_REF):
+        kind, source = "document", source.removeprefix(DOCUMENT_REF)
+    return SentFile(kind, source) if _FILE_ID.fullmatch(source) else None
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,9 @@ of text escaped. An annotated photo carries the text as its caption when it fits
 follows as messages of its own. Search results (``Reply.photo_refs``, Telegram file ids) go back
 as one media group (a single photo as a photo: a media group needs two); images that were
 posted as files (``document:<file id>``) as documents, in a group of their own since Telegram
-does not mix the two. A ref that is a URL (it has ``://``) is never sent: Telegram would fetch
-it, and no Telegram chat indexes one (an import checks sources; this is defence in depth). When
+does not mix the two. Only refs of that form are sent, and as media objects, never as strings:
+Telegram would fetch a URL, and python-telegram-bot uploads a string that names a local file
+(a source from a crafted archive such as ``document:credentials``). When
 Telegram refuses a rich reply, a plain-text one is tried, so the user never meets silence.
 
 /ask and /caption answers grow in place (:class:`GrowingMessage`): the first text is sent as a
@@ -27,18 +28,20 @@ from dataclasses import dataclass
 
 from telegram import (
     Bot,
+    Document,
     InputFile,
     InputMediaDocument,
     InputMediaPhoto,
     LinkPreviewOptions,
     Message,
+    PhotoSize,
     ReplyParameters,
 )
 from telegram.constants import ChatAction, ParseMode
 from telegram.error import BadRequest, Forbidden, TelegramError
 
 from bots.core.messages import Reply
-from bots.telegram_adapter.files import DOCUMENT_REF
+from bots.telegram_adapter.files import SentFile, sendable_source
 from bots.telegram_adapter.format import (
     CAPTION_LIMIT,
     MESSAGE_LIMIT,
@@ -83,7 +86,7 @@ async def send_reply(bot: Bot, target: Target, reply: Reply) -> None:
 
 async def _send_rich(bot: Bot, target: Target, reply: Reply) -> None:
     bold = [] if reply.error else [concept.name for concept in reply.concepts]
-    refs = _file_ids(target, reply.photo_refs)[:MAX_MEDIA_GROUP]
+    refs = _sendable(target, reply.photo_refs)[:MAX_MEDIA_GROUP]
     text_fits_caption = visible_length(reply.text) <= CAPTION_LIMIT
     caption = to_html(reply.text, bold) if text_fits_caption and reply.text else None
     if refs:
@@ -103,11 +106,12 @@ async def _send_rich(bot: Bot, target: Target, reply: Reply) -> None:
         await _send_text(bot, target, reply.text, bold)
 
 
-def _file_ids(target: Target, refs: tuple[str, ...]) -> list[str]:
-    """The refs Telegram may be given as file ids: never one with "://", which Telegram would
-    fetch as a URL (e.g. a source from a foreign archive); those are left out, logged by count
-    (the ref itself could be anything, so it is not logged)."""
-    kept = [ref for ref in refs if "://" not in ref]
+def _sendable(target: Target, refs: tuple[str, ...]) -> list[SentFile]:
+    """The refs that are Telegram file ids of this adapter's form (see
+    :func:`files.sendable_source`); anything else (a URL Telegram would fetch, a name of a
+    local file python-telegram-bot would upload, from a crafted archive) is left out, logged by
+    count (the ref itself could be anything, so it is not logged)."""
+    kept = [sent for sent in map(sendable_source, refs) if sent is not None]
     if len(kept) != len(refs):
         log.warning(
             "skipped %d search result(s) that are not Telegram file ids in chat=%s",
@@ -117,20 +121,27 @@ def _file_ids(target: Target, refs: tuple[str, ...]) -> list[str]:
     return kept
 
 
-async def _send_refs(bot: Bot, target: Target, refs: list[str], caption: str | None) -> None:
+def _by_file_id(sent: SentFile) -> PhotoSize | Document:
+    """The file id as a Telegram media object: python-telegram-bot sends such an object by its
+    id, whereas a plain string that names an existing local file is read and uploaded."""
+    if sent.kind == "photo":
+        return PhotoSize(sent.file_id, sent.file_id, 0, 0)
+    return Document(sent.file_id, sent.file_id)
+
+
+async def _send_refs(bot: Bot, target: Target, refs: list[SentFile], caption: str | None) -> None:
     """Photos of the chat by file id, best first: the photos, then the image files; the
     caption goes with the first message."""
-    photos = [ref for ref in refs if not ref.startswith(DOCUMENT_REF)]
-    documents = [ref.removeprefix(DOCUMENT_REF) for ref in refs if ref.startswith(DOCUMENT_REF)]
     where = {
         "reply_parameters": _reply_parameters(target),
         "message_thread_id": target.thread_id,
     }
-    for group, media_type in ((photos, InputMediaPhoto), (documents, InputMediaDocument)):
+    for kind, media_type in (("photo", InputMediaPhoto), ("document", InputMediaDocument)):
+        group = [_by_file_id(sent) for sent in refs if sent.kind == kind]
         if not group:
             continue
         styled = {"caption": caption, "parse_mode": ParseMode.HTML} if caption else {}
-        if len(group) == 1 and media_type is InputMediaPhoto:
+        if len(group) == 1 and kind == "photo":
             await bot.send_photo(target.chat_id, group[0], **styled, **where)
         elif len(group) == 1:
             await bot.send_document(target.chat_id, group[0], **styled, **where)
