@@ -19,6 +19,7 @@ from PIL import Image
 
 from engine.answers import ask_sentence, caption_sentence, rough_position, who_sentence
 from engine.categories import category_from_text
+from engine.contact_sheet import PAGE_SIZE, SheetTile, check_page, page_count, render_contact_sheet
 from engine.errors import (
     InvalidInputError,
     MissingWeightError,
@@ -35,7 +36,16 @@ from engine.settings import EngineSettings
 from engine.store import open_concept_store
 from engine.store.base import ConceptStore
 from engine.timing import StageTimer
-from engine.types import Answer, Box, Concept, Detection, Recognition, RememberResult, UnknownObject
+from engine.types import (
+    Answer,
+    Box,
+    Concept,
+    ConceptSheet,
+    Detection,
+    Recognition,
+    RememberResult,
+    UnknownObject,
+)
 from engine.validation import clean_description, clean_name, clean_scope, clean_user
 
 if TYPE_CHECKING:
@@ -484,6 +494,27 @@ class Engine:
 
     def list_concepts(self, scope: str) -> list[Concept]:
         return self.store.list_concepts(clean_scope(scope))
+
+    def concept_sheet(self, scope: str, page: int = 1) -> ConceptSheet:
+        """Page ``page`` (1-based) of the scope's concepts with their contact sheet; store only."""
+        scope = clean_scope(scope)
+        concepts = self.store.list_concepts(scope)
+        page = check_page(page, len(concepts))
+        shown = concepts[(page - 1) * PAGE_SIZE : page * PAGE_SIZE]
+        pages = page_count(len(concepts))
+        if not shown:
+            return ConceptSheet([], page, pages, 0)
+        tiles = [
+            SheetTile(c.name, c.owner, next(iter(self.store.example_crops(scope, c.id)), None))
+            for c in shown
+        ]
+        image = render_contact_sheet(tiles, page, pages, limits=self.limits)
+        return ConceptSheet(shown, page, pages, len(concepts), image)
+
+    def example_crops(self, scope: str, name: str) -> list[bytes]:
+        """The JPEG crops of the concept called ``name``, first example first; store only."""
+        concept = self.concept(scope, name)
+        return self.store.example_crops(concept.scope, concept.id)
 
     def rename(self, scope: str, name: str, new_name: str, actor: Actor) -> Concept:
         concept = self.concept(scope, name)

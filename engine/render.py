@@ -4,32 +4,39 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
+from engine.fonts import FontChain, font_chain
 from engine.images import encode_jpeg
-from engine.types import Recognition, UnknownObject
+from engine.types import Box, Recognition, UnknownObject
 
-# Distinct, readable colours for concept boxes; unknown objects are drawn in grey.
+# Distinct, readable colours for concept boxes; unknown objects are drawn in dark grey.
 PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45"]
-UNKNOWN_COLOUR = "#9e9e9e"
+UNKNOWN_COLOUR = "#505050"
+UNKNOWN_HALO = "#ffffff"
 
 
-def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow built without FreeType: fixed-size bitmap font
-        return ImageFont.load_default()
-
-
-def _label(draw: ImageDraw.ImageDraw, xy: tuple[int, int], text: str, colour: str, font) -> None:
-    left, top, right, bottom = draw.textbbox(xy, text, font=font)
-    pad = max(2, (bottom - top) // 5)
+def _label(
+    draw: ImageDraw.ImageDraw, xy: tuple[int, int], text: str, colour: str, fonts: FontChain
+) -> None:
+    height = fonts.line_height()
+    pad = max(2, height // 6)
+    max_width = max(1, draw.im.size[0] - xy[0] - 2 * pad)
+    text = fonts.fit(text, max_width)
     # Keep the label inside the photo: above the box when there is room, else inside it.
-    y = xy[1] - (bottom - top) - 2 * pad if xy[1] - (bottom - top) - 2 * pad >= 0 else xy[1]
+    y = xy[1] - height - 2 * pad if xy[1] - height - 2 * pad >= 0 else xy[1]
     x = xy[0]
-    left, top, right, bottom = draw.textbbox((x + pad, y + pad), text, font=font)
-    draw.rectangle((x, y, right + pad, bottom + pad), fill=colour)
-    draw.text((x + pad, y + pad), text, fill="white", font=font)
+    draw.rectangle((x, y, x + fonts.width(text) + 2 * pad, y + height + 2 * pad), fill=colour)
+    fonts.draw(draw, (x + pad, y + pad), text, fill="white")
+
+
+def _unknown_box(draw: ImageDraw.ImageDraw, box: Box, width: int) -> None:
+    """A dark box with a white halo: visible on light and dark photos alike, and quieter than
+    the coloured boxes of recognized concepts."""
+    draw.rectangle(box.as_list(), outline=UNKNOWN_HALO, width=width + 2)
+    inner = [box.x1 + 1, box.y1 + 1, box.x2 - 1, box.y2 - 1]
+    if inner[2] > inner[0] and inner[3] > inner[1]:
+        draw.rectangle(inner, outline=UNKNOWN_COLOUR, width=width)
 
 
 def annotate(
@@ -37,20 +44,23 @@ def annotate(
     known: Sequence[Recognition],
     unknown: Sequence[UnknownObject] = (),
 ) -> Image.Image:
-    """A copy of ``image`` with a named box per recognition and grey boxes for the rest."""
+    """A copy of ``image`` with a named box per recognition and a labelled grey box ("dog?")
+    for every detection that matched nobody."""
     out = image.convert("RGB")
     draw = ImageDraw.Draw(out)
     short_side = min(out.size)
     width = max(2, short_side // 150)
-    font = _font(max(12, short_side // 28))
+    fonts = font_chain(max(12, short_side // 28))
+    small = font_chain(max(11, short_side // 36))
     for item in unknown:
-        draw.rectangle(item.box.as_list(), outline=UNKNOWN_COLOUR, width=max(1, width // 2))
+        _unknown_box(draw, item.box, width)
+        _label(draw, (item.box.x1, item.box.y1), f"{item.label}?", UNKNOWN_COLOUR, small)
     for index, rec in enumerate(known):
         if rec.box is None:
             continue
         colour = PALETTE[index % len(PALETTE)]
         draw.rectangle(rec.box.as_list(), outline=colour, width=width)
-        _label(draw, (rec.box.x1, rec.box.y1), f"{rec.name} {rec.score:.2f}", colour, font)
+        _label(draw, (rec.box.x1, rec.box.y1), f"{rec.name} {rec.score:.2f}", colour, fonts)
     return out
 
 

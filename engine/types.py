@@ -149,3 +149,14 @@ class PhotoHit:
     photo_id: int
     score: float
     source: str
+
+
+@dataclass(frozen=True)
+class ConceptSheet:
+    """One page of a scope's concepts and their contact sheet (a JPEG; None for no concepts)."""
+
+    concepts: list[Concept]
+    page: int
+    pages: int
+    total: int
+    image: bytes | None = None
