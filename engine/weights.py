@@ -8,10 +8,15 @@ never hangs and never ends in a traceback.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import http.client
 import logging
 import os
 import re
+import sys
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -83,35 +88,146 @@ def detector_weight(ref: str, settings: EngineSettings, setting: str = "RAPBOT_D
         f"(or put it in {models_dir(settings)}/)."
     )
     if is_offline(settings):
-        raise MissingWeightError(f"Model weight '{ref}' is not available offline: {how}")
+        raise MissingWeightError(
+            f"Model weight '{ref}' is not available offline: {how} Or, {TINY_HINT}."
+        )
     return download(url, cached, how=how)
 
 
-def download(url: str, dest: Path, how: str, timeout: float = DOWNLOAD_TIMEOUT_S) -> Path:
-    """Fetch ``url`` into ``dest`` once, with a progress bar; atomic (temp file, then rename)."""
+# Approximate sizes of the files the built-in profiles download, for the estimate printed
+# before a first run's download (the server's Content-Length wins when it sends one).
+APPROX_SIZES_MB = {
+    "yolov8s-worldv2.pt": 26,  # ultralytics keeps fp16 weights: ~2 bytes a parameter
+    "yolov8x-worldv2.pt": 146,
+    "timm/vit_base_patch32_clip_224.openai": 605,  # CLIP ViT-B-32, fp32
+    "timm/vit_large_patch14_clip_336.openai": 1711,  # CLIP ViT-L-14-336, fp32
+}
+# sha256 of every file downloaded here, kept next to them: a later download of the same file
+# (after a deletion, on another machine with this folder copied) must match the first one.
+CHECKSUMS_FILE = "SHA256SUMS"
+TINY_HINT = "without a network, `--profile tiny` runs on random miniature models (no download)"
+
+
+def _human(size: int) -> str:
+    return f"{size / 1e9:.1f} GB" if size >= 1e9 else f"{size / 1e6:.0f} MB"
+
+
+def recorded_checksums(folder: Path) -> dict[str, str]:
+    """``{file name: sha256}`` recorded in ``folder``'s checksum file (sha256sum's format)."""
+    path = folder / CHECKSUMS_FILE
+    if not path.is_file():
+        return {}
+    sums = {}
+    for line in path.read_text().splitlines():
+        digest, _, name = line.partition("  ")
+        if len(digest) == 64 and name:
+            sums[name.strip()] = digest
+    return sums
+
+
+def _record_checksum(folder: Path, name: str, digest: str) -> None:
+    sums = recorded_checksums(folder)
+    sums[name] = digest
+    text = "".join(f"{d}  {n}\n" for n, d in sorted(sums.items()))
+    tmp = folder / f"{CHECKSUMS_FILE}.tmp-{os.getpid()}"
+    tmp.write_text(text)
+    os.replace(tmp, folder / CHECKSUMS_FILE)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def download(
+    url: str,
+    dest: Path,
+    how: str,
+    timeout: float = DOWNLOAD_TIMEOUT_S,
+    sha256: str | None = None,
+) -> Path:
+    """Fetch ``url`` into ``dest`` once: resumable, checksum-verified, with a progress bar.
+
+    Bytes go to ``dest.part``; an interrupted download resumes from there with an HTTP Range
+    request (a server that ignores it sends the whole file again). The finished file must match
+    ``sha256`` when given, else the checksum recorded for its name in the folder's
+    ``SHA256SUMS`` (from an earlier download); a first download records its checksum there.
+    A mismatch deletes the bad bytes and is a :class:`MissingWeightError`, as is any network
+    failure (one line, ending with how to provide the file and the offline alternative).
+    """
     from tqdm import tqdm
 
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f"{dest.name}.part-{os.getpid()}")
+    part = dest.with_name(dest.name + ".part")
+    expected = sha256 or recorded_checksums(dest.parent).get(dest.name)
     log.info("downloading %s to %s", url, dest)
     try:
-        request = urllib.request.Request(url, headers={"User-Agent": "rapbot"})
-        with urllib.request.urlopen(request, timeout=timeout) as response, open(tmp, "wb") as out:
-            total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(
-                total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=dest.name
-            ) as bar:
-                while chunk := response.read(1 << 20):
-                    out.write(chunk)
-                    bar.update(len(chunk))
-        if total is not None and tmp.stat().st_size != total:
-            raise OSError(f"got {tmp.stat().st_size} of {total} bytes")
-        os.replace(tmp, dest)
+        with open(part, "ab") as out:
+            fcntl.flock(out, fcntl.LOCK_EX)  # one writer per file, across processes
+            if dest.is_file():  # another process finished it while we waited
+                part.unlink(missing_ok=True)
+                return dest
+            have = out.seek(0, os.SEEK_END)
+            headers = {"User-Agent": "rapbot"}
+            if have:
+                headers["Range"] = f"bytes={have}-"
+            request = urllib.request.Request(url, headers=headers)
+            try:
+                response = urllib.request.urlopen(request, timeout=timeout)
+            except urllib.error.HTTPError as error:
+                if error.code != 416 or not have:  # 416: nothing left to fetch past ``have``
+                    raise
+                response = None
+            with contextlib.ExitStack() as stack:
+                if response is not None:
+                    stack.enter_context(response)
+                    if have and response.status != 206:  # Range ignored: start over
+                        out.truncate(0)
+                        have = 0
+                    remaining = int(response.headers.get("Content-Length") or 0) or None
+                    total = have + remaining if remaining is not None else None
+                    estimate = total or APPROX_SIZES_MB.get(dest.name, 0) * 10**6
+                    size = f" ({_human(estimate)})" if estimate else ""
+                    resumed = f", resuming at {_human(have)}" if have else ""
+                    print(
+                        f"rapbot: downloading {dest.name}{size} once into {dest.parent}{resumed}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    with tqdm(
+                        total=total,
+                        initial=have,
+                        unit="B",
+                        unit_scale=True,
+                        unit_divisor=1024,
+                        desc=dest.name,
+                    ) as bar:
+                        while chunk := response.read(1 << 20):
+                            out.write(chunk)
+                            bar.update(len(chunk))
+                    out.flush()
+                    if total is not None and out.tell() != total:
+                        raise OSError(f"got {out.tell()} of {total} bytes; run again to resume")
+            digest = _sha256(part)
+            if expected and digest != expected:
+                part.unlink(missing_ok=True)
+                raise MissingWeightError(
+                    f"Downloaded '{dest.name}' does not match its checksum (sha256 {digest[:12]}…,"
+                    f" expected {expected[:12]}…) and was deleted: {how}"
+                )
+            os.replace(part, dest)
+            _record_checksum(dest.parent, dest.name, digest)
     except (OSError, http.client.HTTPException, ValueError) as error:  # URLError is an OSError
+        with contextlib.suppress(OSError):
+            if part.stat().st_size == 0:  # nothing to resume from
+                part.unlink()
         reason = first_line(getattr(error, "reason", None) or error)
-        raise MissingWeightError(f"Could not download '{dest.name}' ({reason}): {how}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
+        raise MissingWeightError(
+            f"Could not download '{dest.name}' ({reason}): {how} Or, {TINY_HINT}."
+        ) from None
     return dest
 
 
@@ -144,7 +260,7 @@ def clip_checkpoint(model: str, pretrained: str, settings: EngineSettings, setti
     )
     if is_offline(settings):
         raise MissingWeightError(
-            f"CLIP weights {model} '{pretrained}' are not available offline: {how}"
+            f"CLIP weights {model} '{pretrained}' are not available offline: {how} Or, {TINY_HINT}."
         )
     return download(url, cached, how=how)
 
@@ -172,10 +288,14 @@ def _hf_file(hub: str, model: str, pretrained: str, settings: EngineSettings, se
     )
     if is_offline(settings):
         raise MissingWeightError(
-            f"CLIP weights {model} '{pretrained}' are not available offline: {how}"
+            f"CLIP weights {model} '{pretrained}' are not available offline: {how} Or, {TINY_HINT}."
         )
     last = ""
     for name in candidates:
+        estimate = APPROX_SIZES_MB.get(repo_id)
+        size = f" (~{_human(estimate * 10**6)})" if estimate else ""
+        # huggingface_hub resumes an interrupted download and checks it against the hub's etag.
+        print(f"rapbot: downloading {repo_id}/{name}{size} once into {cache_dir}", file=sys.stderr)
         try:
             return Path(
                 hf_hub_download(repo_id, name, cache_dir=cache_dir, etag_timeout=DOWNLOAD_TIMEOUT_S)
@@ -183,5 +303,5 @@ def _hf_file(hub: str, model: str, pretrained: str, settings: EngineSettings, se
         except Exception as error:  # noqa: BLE001 - network, missing file, auth: all "not available"
             last = first_line(error)
     raise MissingWeightError(
-        f"Could not download CLIP weights {model} '{pretrained}' ({last}): {how}"
+        f"Could not download CLIP weights {model} '{pretrained}' ({last}): {how} Or, {TINY_HINT}."
     )

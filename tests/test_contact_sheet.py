@@ -37,9 +37,11 @@ def _pixels(jpeg: bytes) -> np.ndarray:
 
 
 def test_installed_fonts_draw_cjk_cyrillic_and_arabic_names():
-    # .ci/run installs fonts-droid-fallback; without a CJK font names would be drawn as boxes.
+    # .ci/run installs fonts-noto-cjk; without a CJK font names would be drawn as boxes.
     missing = font_chain(16).missing("Mochi 小猫 ミミ 고양이 Кот قطة Γάτα")
-    assert missing == "", f"no installed font draws {missing!r}: apt-get install fonts-droid-fallback"
+    assert missing == "", (
+        f"no installed font draws {missing!r}: apt-get install fonts-noto-cjk"
+    )
 
 
 def test_cjk_labels_are_glyphs_not_boxes():
@@ -117,7 +119,9 @@ def test_sheet_header_names_the_page_only_when_paged():
 
 def test_engine_sheet_runs_on_the_store_alone(tiny_engine, dreambooth):
     for name, subject in [("Mochi", "cat"), ("Rex", "dog"), ("小猫", "cat2")]:
-        tiny_engine.remember("web:me", (dreambooth / subject / "00.jpg").read_bytes(), name, user="web:Ada")
+        tiny_engine.remember(
+            "web:me", (dreambooth / subject / "00.jpg").read_bytes(), name, user="web:Ada"
+        )
     tiny_engine.remember("web:other", (dreambooth / "dog2" / "00.jpg").read_bytes(), "Other")
     store_only = Engine(tiny_engine.settings, None, tiny_engine.store)
     sheet = store_only.concept_sheet("web:me")
