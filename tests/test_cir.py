@@ -242,7 +242,7 @@ def _write_cirr(root: Path, triplets: list[Triplet]) -> Path:
 
 
 def test_train_checkpoint_resume_and_cli(tiny_llava, shapes, tmp_path, capsys) -> None:
-    from bots.cli import main
+    from rapbot.cli import main
 
     root, train_set, held_out = shapes
     data = _write_cirr(tmp_path, train_set[:8])

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bots.cli import main
+from rapbot.cli import main
 
 
 @pytest.fixture
@@ -139,7 +139,7 @@ def test_persistence_across_processes(tmp_path, dreambooth) -> None:
     # A first run on a fresh machine: nothing but JSON may reach stdout.
     for name in ("YOLO_CONFIG_DIR", "YOLO_VERBOSE"):
         env.pop(name, None)
-    exe = [sys.executable, "-m", "bots.cli"]
+    exe = [sys.executable, "-m", "rapbot.cli"]
     cwd = Path(__file__).resolve().parent.parent
 
     def run(*args: str) -> subprocess.CompletedProcess:

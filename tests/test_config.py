@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from bots.cli import main
 from engine.settings import EngineSettings
+from rapbot.cli import main
 from rapbot.doctor import diagnose, exit_code
 from rapbot.settings import (
     ConfigError,

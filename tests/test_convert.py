@@ -112,7 +112,7 @@ def test_convert_refuses_what_it_cannot_convert(tmp_path) -> None:
 
 
 def test_cli_models_convert(tmp_path, capsys) -> None:
-    from bots.cli import main
+    from rapbot.cli import main
 
     write_original(tmp_path / "src", "phi3")
     code = main(["models", "convert", str(tmp_path / "src"), str(tmp_path / "dst"), "--json"])

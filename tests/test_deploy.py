@@ -304,7 +304,7 @@ def test_env_files_are_copies_of_the_example() -> None:
 
 
 def test_service_commands_are_real_rapbot_commands() -> None:
-    from bots.cli import build_parser
+    from rapbot.cli import build_parser
 
     parser = build_parser()
     parsed = {}
@@ -547,7 +547,7 @@ BOT_SMOKE = textwrap.dedent(
 
     import telegram.ext  # noqa: E402
 
-    from bots import cli  # noqa: E402
+    from rapbot import cli  # noqa: E402
     from workers.client import CeleryGateway  # noqa: E402
 
     seen = {}

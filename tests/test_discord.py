@@ -803,7 +803,7 @@ def test_shutdown_waits_then_answers_what_is_left(tiny_engine, dreambooth) -> No
 
 
 def test_serve_discord_needs_a_token(monkeypatch, capsys) -> None:
-    from bots.cli import main
+    from rapbot.cli import main
 
     monkeypatch.delenv("DISCORD_BOT_TOKEN", raising=False)
     assert main(["serve", "discord"]) == 1
@@ -819,7 +819,7 @@ def _patch_rest_api(monkeypatch, recorder: Recorder) -> None:
 
 
 def test_serve_discord_sync_registers_the_commands_and_exits(monkeypatch, capsys) -> None:
-    from bots.cli import main
+    from rapbot.cli import main
 
     recorder = Recorder()
     _patch_rest_api(monkeypatch, recorder)
@@ -834,7 +834,7 @@ def test_serve_discord_sync_registers_the_commands_and_exits(monkeypatch, capsys
 
 
 def test_serve_discord_with_a_refused_token_is_one_line(monkeypatch, capsys) -> None:
-    from bots.cli import main
+    from rapbot.cli import main
 
     async def request(self, route, **kwargs):
         response = type("Response", (), {"status": 401, "reason": "Unauthorized"})()

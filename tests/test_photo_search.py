@@ -119,7 +119,7 @@ def test_indexing_is_off_by_default_and_admins_only(tiny_engine, dreambooth) -> 
     photo = (dreambooth / "cat" / "00.jpg").read_bytes()
     assert not tiny_engine.indexing("chat")
     assert tiny_engine.index_photo("chat", photo, "alice", "m1") is None
-    assert tiny_engine.composition.count("chat") == 0
+    assert tiny_engine.photos.count("chat") == 0
     with pytest.raises(PermissionDeniedError):
         tiny_engine.set_indexing("chat", True, Actor("alice"))
     assert not tiny_engine.indexing("chat")
@@ -127,15 +127,15 @@ def test_indexing_is_off_by_default_and_admins_only(tiny_engine, dreambooth) -> 
     first = tiny_engine.index_photo("chat", photo, "alice", "m1")
     assert first is not None
     assert tiny_engine.index_photo("chat", photo, "alice", "m1") == first  # idempotent
-    assert tiny_engine.composition.count("chat") == 1
-    thumb = tiny_engine.composition.thumbnail("chat", first)
+    assert tiny_engine.photos.count("chat") == 1
+    thumb = tiny_engine.photos.thumbnail("chat", first)
     assert thumb.startswith(b"\xff\xd8") and len(thumb) < len(photo)
     # Off without deletion keeps the photos; off with deletion forgets them.
     assert tiny_engine.set_indexing("chat", False, ADMIN) == 0
-    assert tiny_engine.composition.count("chat") == 1
+    assert tiny_engine.photos.count("chat") == 1
     assert tiny_engine.index_photo("chat", photo, "alice", "m2") is None
     assert tiny_engine.set_indexing("chat", False, ADMIN, delete=True) == 1
-    assert tiny_engine.composition.count("chat") == 0
+    assert tiny_engine.photos.count("chat") == 0
 
 
 def test_index_off_while_a_photo_is_being_embedded_keeps_it_out(tiny_engine, dreambooth) -> None:
@@ -157,9 +157,9 @@ def test_index_off_while_a_photo_is_being_embedded_keeps_it_out(tiny_engine, dre
         assert tiny_engine.index_photo("chat", photo, "alice", "m1") is None
     finally:
         tiny_engine._embed_photos = embed
-    assert tiny_engine.composition.count("chat") == 0 and not tiny_engine.indexing("chat")
+    assert tiny_engine.photos.count("chat") == 0 and not tiny_engine.indexing("chat")
     assert tiny_engine.index_photo("chat", photo, "alice", "m2", force=True) is not None
-    assert tiny_engine.composition.count("chat") == 1
+    assert tiny_engine.photos.count("chat") == 1
 
 
 def test_scope_isolation_of_the_photo_index(tiny_engine, dreambooth) -> None:
@@ -218,7 +218,7 @@ def test_forget_user_removes_their_photos(tiny_engine, dreambooth) -> None:
     _index(tiny_engine, "B", others[:1], user="alice")
     _index(tiny_engine, "A", others[1:3], user="bob")
     tiny_engine.forget_user("alice")
-    assert tiny_engine.composition.count("B") == 0
+    assert tiny_engine.photos.count("B") == 0
     assert {h.source for h in tiny_engine.search("A", "a dog", k=10)} == {
         str(p) for p in others[1:3]
     }
@@ -229,7 +229,7 @@ def test_forget_user_removes_their_photos(tiny_engine, dreambooth) -> None:
 
 def test_cli_index_and_search_json(tiny_models, tmp_path, monkeypatch, capsys, dreambooth) -> None:
     import engine.models
-    from bots.cli import main
+    from rapbot.cli import main
 
     monkeypatch.setattr(engine.models, "load_models", lambda settings: tiny_models[1])
     monkeypatch.setenv("RAPBOT_DATA_DIR", str(tmp_path / "data"))

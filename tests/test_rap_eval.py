@@ -11,7 +11,6 @@ import pytest
 import torch
 from PIL import Image
 
-from bots.cli import main
 from engine.errors import InvalidInputError
 from engine.eval.rap_eval import (
     RECOGNITION_QUESTION,
@@ -25,6 +24,7 @@ from engine.eval.rap_eval import (
 )
 from engine.generator.prompt import CAPTION_QUESTION
 from engine.generator.tiny import tiny_model_path
+from rapbot.cli import main
 
 
 def write_set(root: Path) -> Path:

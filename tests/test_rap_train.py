@@ -13,7 +13,6 @@ import torch
 from PIL import Image, ImageDraw
 from safetensors import safe_open
 
-from bots.cli import main
 from engine.errors import InvalidInputError
 from engine.generator.hf import Generator
 from engine.generator.templates import LLAVA_V1_SYSTEM
@@ -28,6 +27,7 @@ from engine.train.rap_data import (
     parse_record,
 )
 from engine.train.rap_train import TrainConfig, find_checkpoint, lora_targets, train
+from rapbot.cli import main
 
 PETS = {  # name: (colour, info, a caption of its photo)
     "Mochi": ("grey", "my grey cat", "Mochi is asleep on the sofa."),

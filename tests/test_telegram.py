@@ -768,7 +768,7 @@ def test_html_formatting_helpers() -> None:
 
 
 def test_serve_needs_a_token(monkeypatch, capsys) -> None:
-    from bots.cli import main
+    from rapbot.cli import main
 
     monkeypatch.delenv("TELEGRAM_BOT_TOKEN", raising=False)
     assert main(["serve", "telegram"]) == 1

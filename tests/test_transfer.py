@@ -14,7 +14,6 @@ import pytest
 from PIL import Image
 from qdrant_client import QdrantClient
 
-from bots.cli import main
 from engine.backup import (
     CONCEPTS,
     EMBEDDINGS,
@@ -33,6 +32,7 @@ from engine.store import ConceptStore, FaissConceptStore
 from engine.store.photos import PhotoStore
 from engine.store.qdrant_store import QdrantConceptStore
 from engine.types import Box
+from rapbot.cli import main
 
 DIM = 16
 MODEL = "test:clip"
@@ -842,7 +842,7 @@ def test_photos_of_another_encoder_are_embedded_again(source, full, tmp_path) ->
 
 def test_the_engine_embeds_the_thumbnails_again(tiny_engine, full) -> None:
     """`rapbot import`'s photo embedder: Engine.embed_thumbnails (the configured encoder)."""
-    photos = tiny_engine.composition
+    photos = tiny_engine.photos
     assert photos.model_id != MODEL
     report = import_archive(
         full,
@@ -1248,15 +1248,15 @@ def test_the_engine_rebuild_completes_an_interrupted_one(tiny_engine, tmp_path) 
 
     for seed in (41, 42, 43):
         tiny_engine.index_photo("cli:1", jpeg(seed, 160), "me", f"/photos/{seed}.jpg", force=True)
-    failing = _failing_encoder(tiny_engine.composition.dim, fail_at=2)
+    failing = _failing_encoder(tiny_engine.photos.dim, fail_at=2)
     with pytest.raises(KeyboardInterrupt):
-        tiny_engine.composition.reembed(failing, batch_size=1)
+        tiny_engine.photos.reembed(failing, batch_size=1)
     with pytest.raises(StoreError, match="half re-embedded"):
         tiny_engine.search("cli:1", "", jpeg(41, 160))
     with pytest.raises(StoreError, match="half re-embedded"):
         tiny_engine.index_photo("cli:1", jpeg(44, 160), "me", "/photos/44.jpg", force=True)
     assert tiny_engine.reindex_photos() == 3  # not "already matches"
-    assert tiny_engine.composition.mismatch is None
+    assert tiny_engine.photos.mismatch is None
     assert tiny_engine.search("cli:1", "", jpeg(41, 160), k=1)[0].source == "/photos/41.jpg"
 
 

@@ -564,11 +564,11 @@ def test_worker_defaults_for_gpu_and_cpu_machines() -> None:
 
 
 def test_worker_subcommand_is_wired_into_the_cli(monkeypatch) -> None:
-    import bots.cli
+    import rapbot.cli
     import workers.main
 
     seen: dict = {}
     monkeypatch.setattr(workers.main, "run_worker", lambda **kw: seen.update(kw) or 0)
     monkeypatch.setenv("RAPBOT_PROFILE", "cpu")  # restored (removed) after the test
-    assert bots.cli.main(["worker", "--queues", "cpu", "--profile", "tiny"]) == 0
+    assert rapbot.cli.main(["worker", "--queues", "cpu", "--profile", "tiny"]) == 0
     assert seen["queues"] == "cpu" and os.environ["RAPBOT_PROFILE"] == "tiny"

@@ -2,7 +2,7 @@
 
 :class:`RedisServer` runs ``redis-server`` on a free port (no persistence) so a test can stop
 and start "the broker" without touching anyone else's Redis. :class:`WorkerProcess` runs
-``python -m bots.cli worker`` and, while ``supervise`` is on, restarts it when it dies — as
+``python -m rapbot.cli worker`` and, while ``supervise`` is on, restarts it when it dies — as
 systemd or a compose ``restart:`` policy would in production. Waits are bounded and poll a
 condition (the ready marker, a fault-log line); nothing sleeps blindly.
 """
@@ -114,7 +114,7 @@ class WorkerProcess:
             log.write(f"\n===== start {self.starts + 1} at {time.time():.1f}\n")
             log.flush()
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "bots.cli", "worker", *self.args],
+                [sys.executable, "-m", "rapbot.cli", "worker", *self.args],
                 cwd=REPO_ROOT,
                 env=self.env,
                 stdout=log,

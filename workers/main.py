@@ -109,7 +109,7 @@ def _spawn_per_gpu(plan: WorkerPlan, argv_tail: list[str], metrics_port: int = 0
     """One child ``rapbot worker --device cuda:N`` per GPU; signals are passed on to them."""
     children = [
         subprocess.Popen(
-            [sys.executable, "-m", "bots.cli", "worker", "--device", f"cuda:{n}", *argv_tail],
+            [sys.executable, "-m", "rapbot.cli", "worker", "--device", f"cuda:{n}", *argv_tail],
             env=_child_env(n, metrics_port),
         )
         for n in range(plan.gpus_to_spawn)

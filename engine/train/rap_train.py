@@ -2,7 +2,7 @@
 
 The language model's linear projections (attention and MLP) get LoRA adapters through peft;
 the vision tower stays frozen; the projector is trained only when asked. The loop runs under
-``accelerate.Accelerator``, so ``accelerate launch -m bots.cli train rap ...`` (or
+``accelerate.Accelerator``, so ``accelerate launch -m rapbot.cli train rap ...`` (or
 ``accelerate launch $(which rapbot) train rap ...``) trains on several GPUs with DDP, and a
 plain ``rapbot train rap`` on one GPU or the CPU.
 

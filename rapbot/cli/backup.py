@@ -1,0 +1,168 @@
+"""`export`, `import`: a chat's concepts and photo search history to and from one archive.
+
+The stores alone; models load only to re-embed an archive made with another model.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from engine.errors import InvalidInputError
+from rapbot.cli.common import emit, open_engine, settings_for
+
+
+def register(sub, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "export", parents=[common], help="save a chat's concepts and photo history to one file"
+    )
+    p.set_defaults(handler=run_export)
+    p.add_argument("--out", required=True, help="the archive to write (e.g. mochi-chat.zip)")
+    p.add_argument("--all", action="store_true", help="every chat (a backup of the store)")
+    p.add_argument(
+        "--no-photos",
+        action="store_true",
+        help="concepts only, without the photo search history (e.g. to share a chat's concepts)",
+    )
+
+    p = sub.add_parser(
+        "import", parents=[common], help="add the concepts and photos of an exported file"
+    )
+    p.set_defaults(handler=run_import)
+    p.add_argument("file", help="an archive written by `rapbot export`")
+    p.add_argument(
+        "--replace",
+        action="store_true",
+        help="forget the chat's concepts, and the indexed photos the archive replaces, first"
+        " (restore)",
+    )
+    p.add_argument(
+        "--with-photos",
+        action="store_true",
+        help="with --chat: import the archived chat's photo search history too (other people's"
+        " photos; left out by default)",
+    )
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from engine.backup import export_scopes
+
+    if args.all and args.chat_given:
+        raise InvalidInputError("Give either --chat CHAT or --all, not both.")
+    with open_engine(settings_for(args), load_models=False) as engine:
+        report = export_scopes(
+            engine.store,
+            None if args.all else [args.chat],
+            args.out,
+            photos=None if args.no_photos else engine.photos,
+        )
+        left_out = 0
+        if args.no_photos:  # what was not written, to say so
+            left_out = engine.photos.total(None if args.all else args.chat)
+    chats = f"{report.scopes} chat{'s' if report.scopes != 1 else ''}"
+    counts = {
+        "scopes": report.scopes,
+        "concepts": report.concepts,
+        "examples": report.examples,
+        "photos": report.photos,
+        "photos_left_out": left_out,
+    }
+    if args.no_photos:
+        text = (
+            f"Exported {report.concepts} concept(s) with {report.examples} photo(s) from"
+            f" {chats} to {report.path}; the photo search history ({left_out} photo(s)) and"
+            " the /index settings were left out (--no-photos)."
+        )
+    else:
+        text = (
+            f"Exported {report.concepts} concept(s) with {report.examples} photo(s) and"
+            f" {report.photos} photo(s) of the search history from {chats} to"
+            f" {report.path}."
+        )
+    emit(args, {"exported": counts, "path": report.path}, text)
+    return 0
+
+
+def run_import(args: argparse.Namespace) -> int:
+    from engine.backup import import_archive, read_archive
+
+    settings = settings_for(args)
+    # Check the file before opening the store or loading any model: a bad file fails at once.
+    with read_archive(args.file) as archive:
+        scopes = archive.scopes
+        scope_map = None
+        if args.chat_given:
+            if len(scopes) != 1:
+                raise InvalidInputError(
+                    f"{Path(args.file).name} holds {len(scopes)} chats; --chat needs a one-chat"
+                    " export (import it without --chat to keep each chat's own id)."
+                )
+            scope_map = {scopes[0]: args.chat}
+        # Into another chat, the photo history (other people's photos) only when asked.
+        renamed = scope_map is not None and args.chat.strip() != scopes[0]
+        with open_engine(settings, load_models=False) as engine:
+            embedder = None
+            if archive.model_id != engine.store.model_id:  # another CLIP: embed crops again
+                from engine.models import load_models
+
+                embedder = load_models(settings).embedder
+            report = import_archive(
+                archive,
+                engine.store,
+                embedder=embedder,
+                scope_map=scope_map,
+                mode="replace" if args.replace else "merge",
+                photos=engine.photos,
+                # Called only for photos of another search encoder (it loads that encoder).
+                photo_embedder=engine.embed_thumbnails,
+                include_photos=True if args.with_photos else None,
+            )
+    counts = {
+        "scopes": report.scopes,
+        "concepts": report.concepts,
+        "examples": report.examples,
+        "merged": report.merged,
+        "skipped": report.skipped,
+        "photos": report.photos,
+        "photos_skipped": report.photos_skipped,
+        "photos_left_out": report.photos_left_out,
+        "photos_skipped_foreign": report.photos_skipped_foreign,
+    }
+    text = (
+        f"Imported {report.concepts} new concept(s) and {report.examples} photo(s)"
+        f" into {report.scopes} chat(s); {report.merged} name(s) already existed,"
+        f" {report.skipped} photo(s) were already there. Search history: {report.photos}"
+        f" photo(s) added, {report.photos_skipped} already there."
+        + (
+            f" {report.photos_left_out} photo(s) of the search history were left out: they are"
+            f" other people's photos from another chat, imported into {args.chat} only with"
+            " --with-photos."
+            if report.photos_left_out
+            else ""
+        )
+        + (
+            f" {report.photos_skipped_foreign} photo(s) were skipped: their sources are not"
+            " photos of this chat's platform, so its bot could not send them back."
+            if report.photos_skipped_foreign
+            else ""
+        )
+        + (
+            f" The /index setting of {args.chat} was left as it was."
+            if renamed and archive.photo_index is not None
+            else ""
+        )
+        + (" Photos were embedded again for this model." if report.reembedded else "")
+        + (
+            " The search history was embedded again for this search encoder."
+            if report.photos_reembedded
+            else ""
+        )
+    )
+    payload = {
+        "imported": counts,
+        "reembedded": report.reembedded,
+        "photos_reembedded": report.photos_reembedded,
+        "path": str(args.file),
+    }
+    emit(args, payload, text)
+    return 0

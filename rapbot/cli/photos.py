@@ -1,0 +1,80 @@
+"""`index`, `search`: the chat's photo search history (composed image search)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from engine.errors import InvalidInputError
+from rapbot.cli.common import emit, open_engine, read_image, settings_for
+
+
+def register(sub, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("index", parents=[common], help="add photos to the chat's search history")
+    p.set_defaults(handler=run_index)
+    p.add_argument("images", nargs="*", metavar="IMAGE", help="photo files (source = the path)")
+    p.add_argument(
+        "--rebuild",
+        action="store_true",
+        help="re-embed every chat's indexed photos with the configured search encoder"
+        " (after changing RAPBOT_SEARCH_ENCODER or the profile)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="with --rebuild: re-embed even when the index already matches the encoder"
+        " (from the stored 256-pixel thumbnails, which is worse than the photos were)",
+    )
+
+    p = sub.add_parser("search", parents=[common], help="search the chat's indexed photos")
+    p.set_defaults(handler=run_search)
+    p.add_argument("text", nargs="*", metavar="TEXT", help="what to look for (or the change)")
+    p.add_argument("--ref", default=None, help="a reference photo: like this (but TEXT)")
+    p.add_argument("-k", type=int, default=10, help="how many results (default 10)")
+
+
+def run_index(args: argparse.Namespace) -> int:
+    if args.rebuild:
+        return _rebuild(args)
+    if not args.images:
+        raise InvalidInputError("Give the photos to index (or --rebuild).")
+    with open_engine(settings_for(args)) as engine:
+        # The CLI indexes the files it is given whatever the chat's /index setting: they are
+        # the user's own. Idempotent: the source is the file's absolute path.
+        added = []
+        for path in args.images:
+            data = read_image(path, engine.settings)
+            source = str(Path(path).expanduser().resolve())
+            photo_id = engine.index_photo(args.chat, data, args.user, source, force=True)
+            added.append({"photo_id": photo_id, "source": source})
+    emit(args, {"indexed": added}, f"Indexed {len(added)} photo(s).")
+    return 0
+
+
+def _rebuild(args: argparse.Namespace) -> int:
+    if args.images:
+        raise InvalidInputError("Give either photos or --rebuild, not both.")
+    with open_engine(settings_for(args)) as engine:
+        stale = engine.photos.mismatch is not None  # made by another encoder
+        count = engine.reindex_photos(force=args.force)
+    text = f"Re-embedded {count} photo(s)."
+    if count == 0 and not (stale or args.force):
+        text = (
+            "The photo index already matches the search encoder; nothing to do"
+            " (--force re-embeds anyway)."
+        )
+    emit(args, {"reindexed": count}, text)
+    return 0
+
+
+def run_search(args: argparse.Namespace) -> int:
+    settings = settings_for(args)
+    ref = read_image(args.ref, settings) if args.ref else None
+    with open_engine(settings) as engine:
+        hits = engine.search(args.chat, " ".join(args.text), ref, k=args.k)
+    results = [
+        {"photo_id": h.photo_id, "score": round(h.score, 4), "source": h.source} for h in hits
+    ]
+    text = "\n".join(f"{r['score']:.3f}  {r['source']}" for r in results)
+    emit(args, {"results": results}, text or "No photos found in this chat.")
+    return 0

@@ -1,0 +1,164 @@
+"""`train rap`, `train cir`: fine-tune the answer model (RAP) and the composed search encoder.
+
+Adding a method is a parser in :func:`register` that sets ``handler`` plus that function.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from rapbot.cli.common import emit, settings_for
+
+
+def register(sub, common: argparse.ArgumentParser) -> None:
+    train = sub.add_parser("train", parents=[common], help="fine-tune models (rap, cir)")
+    train_kinds = train.add_subparsers(dest="train_command", required=True, metavar="KIND")
+
+    t = train_kinds.add_parser(
+        "rap", parents=[common], help="LoRA fine-tuning on RAP-format data (accelerate-ready)"
+    )
+    t.set_defaults(handler=run_train_rap)
+    t.add_argument("--data", required=True, help="RAP records: a JSON list or JSON lines")
+    t.add_argument("--images", default=None, help="image root (default: the data's folder)")
+    t.add_argument(
+        "--base", required=True, help="base model: folder, hub name, tiny-llava, rap-llava..."
+    )
+    t.add_argument("--out", required=True, help="output folder: adapter and checkpoints")
+    t.add_argument("--lora-r", type=int, default=8)
+    t.add_argument("--lora-alpha", type=int, default=16)
+    t.add_argument("--lora-dropout", type=float, default=0.05)
+    t.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (cosine decay)")
+    t.add_argument("--epochs", type=int, default=1)
+    t.add_argument("--max-steps", type=int, default=0, help="optimizer steps (0: the epochs')")
+    t.add_argument("--batch-size", type=int, default=1, help="per device")
+    t.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
+    t.add_argument("--max-concepts", type=int, default=2, help="concepts per prompt (RAP's K)")
+    t.add_argument("--noise-concepts", type=int, default=1, help="random extra concepts")
+    t.add_argument("--max-length", type=int, default=None, help="longest sequence in tokens")
+    t.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPU)")
+    t.add_argument("--gradient-checkpointing", action="store_true")
+    t.add_argument("--train-projector", action="store_true", help="also train the projector")
+    t.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        default=None,
+        metavar="CHECKPOINT",
+        help="continue from the newest checkpoint in --out (or the one given)",
+    )
+    t.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps")
+    t.add_argument("--keep-checkpoints", type=int, default=2)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--workers", type=int, default=0, help="data loader processes")
+    t.add_argument("--cpu", action="store_true", help="train on the CPU even with a GPU")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    c = train_kinds.add_parser(
+        "cir", parents=[common], help="CIR-LVLM composed image search encoder (InfoNCE, LoRA)"
+    )
+    c.set_defaults(handler=run_train_cir)
+    c.add_argument("--data", required=True, help="triplets: CIRR, FashionIQ or CIRCO JSON")
+    c.add_argument("--images", default=None, help="image folder (default: the data's folder)")
+    c.add_argument("--base", required=True, help="base VLM: folder, hub name, tiny-llava...")
+    c.add_argument("--out", required=True, help="output folder: encoder and checkpoints")
+    c.add_argument("--steps", type=int, default=1000)
+    c.add_argument("--batch-size", type=int, default=16, help="in-batch negatives per step")
+    c.add_argument("--lr", type=float, default=1e-4)
+    c.add_argument("--temperature", type=float, default=0.05)
+    c.add_argument("--pool-size", type=int, default=8, help="prompts in the prompt pool")
+    c.add_argument("--prompt-len", type=int, default=4, help="tokens per soft prompt")
+    c.add_argument("--lora-r", type=int, default=8)
+    c.add_argument("--save-every", type=int, default=500)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--device", default="cpu")
+    c.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        default=None,
+        metavar="CHECKPOINT",
+        help="continue from the newest checkpoint in --out (or the one given)",
+    )
+    c.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_train_rap(args: argparse.Namespace) -> int:
+    from engine.generator.load import generator_location
+    from engine.train.rap_train import TrainConfig, train
+    from engine.weights import is_offline, models_dir
+
+    settings = settings_for(args)
+    data = Path(args.data).expanduser()
+    result = train(
+        TrainConfig(
+            data=data,
+            images=Path(args.images).expanduser() if args.images else data.parent,
+            base=generator_location(args.base, settings) or args.base,
+            out=Path(args.out).expanduser(),
+            lora_r=args.lora_r,
+            lora_alpha=args.lora_alpha,
+            lora_dropout=args.lora_dropout,
+            lr=args.lr,
+            epochs=args.epochs,
+            max_steps=args.max_steps,
+            batch_size=args.batch_size,
+            grad_accum=args.grad_accum,
+            max_concepts=args.max_concepts,
+            noise_concepts=args.noise_concepts,
+            max_length=args.max_length,
+            bf16=args.bf16,
+            gradient_checkpointing=args.gradient_checkpointing,
+            train_projector=args.train_projector,
+            resume=args.resume,
+            save_every=args.save_every,
+            keep_checkpoints=args.keep_checkpoints,
+            seed=args.seed,
+            num_workers=args.workers,
+            cpu=args.cpu,
+            progress=not args.no_progress,
+            cache_dir=models_dir(settings) / "hf",
+            local_files_only=is_offline(settings),
+        )
+    )
+    if not result.main_process:  # `accelerate launch`: one summary, not one per GPU
+        return 0
+    last = result.losses[-1] if result.losses else None
+    payload = {"step": result.step, "adapter": str(result.adapter), "loss": last}
+    text = f"Trained to step {result.step}; adapter saved in {result.adapter}"
+    emit(args, payload, text + (f" (last loss {last:.4f})" if last is not None else ""))
+    return 0
+
+
+def run_train_cir(args: argparse.Namespace) -> int:
+    from engine.cir.train import CirTrainConfig, train
+    from engine.generator.load import generator_location
+
+    settings = settings_for(args)
+    data = Path(args.data).expanduser()
+    result = train(
+        CirTrainConfig(
+            data=data,
+            images=Path(args.images).expanduser() if args.images else data.parent,
+            base=generator_location(args.base, settings) or args.base,
+            out=Path(args.out).expanduser(),
+            steps=args.steps,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            temperature=args.temperature,
+            pool_size=args.pool_size,
+            prompt_len=args.prompt_len,
+            lora_r=args.lora_r,
+            lora_alpha=2 * args.lora_r,
+            save_every=args.save_every,
+            seed=args.seed,
+            device=args.device,
+            resume=args.resume,
+            progress=not args.no_progress,
+        )
+    )
+    last = result.losses[-1] if result.losses else None
+    payload = {"step": result.step, "out": str(result.out), "loss": last}
+    text = f"Trained to step {result.step}; encoder saved in {result.out}"
+    emit(args, payload, text + (f" (last loss {last:.4f})" if last is not None else ""))
+    return 0
