@@ -182,20 +182,20 @@ def main() -> None:
         for size in sizes:
             scope = f"bench-{size}"
             vectors = _uniform(rng, size, clip.dim)
-            _fill(engine.composition, scope, vectors)
-            engine.composition.search(scope, vectors[0], 10)  # builds the index
+            _fill(engine.photos, scope, vectors)
+            engine.photos.search(scope, vectors[0], 10)  # builds the index
             store_times, engine_times = [], []
             for q in range(queries):
                 query = vectors[rng.integers(size)]
                 t0 = time.perf_counter()
-                engine.composition.search(scope, query, 10)
+                engine.photos.search(scope, query, 10)
                 store_times.append(time.perf_counter() - t0)
                 t0 = time.perf_counter()
                 engine.search(scope, next(texts), k=10)
                 engine_times.append(time.perf_counter() - t0)
                 del q
             (s50, s95), (e50, e95) = _ms(store_times), _ms(engine_times)
-            kind = engine.composition.index_kind(scope)
+            kind = engine.photos.index_kind(scope)
             print(f"{size:>8} {kind:>6} {s50:>13.2f} {s95:>7.2f} {e50:>14.2f} {e95:>7.2f}")
         engine.close()
         nprobes = [int(n) for n in args.nprobes.split(",")]

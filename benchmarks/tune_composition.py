@@ -1,13 +1,16 @@
-"""Tune the training-free composition of photo search (engine/composition.py): text weight x sum/slerp.
+"""Compare the training-free fusions of photo search (engine/composition.py): product vs sum.
 
-For every setting (text weight 0.0, 0.1 ... 1.0; weighted sum or slerp) the CIR queries of a
+For late fusion by the product of rectified cosines (``product``, the default, no weight) and
+the weighted sum at every text weight (0.0, 0.1 ... 1.0) the CIR queries of a
 CIRR- or FashionIQ-format triplet set (read by ``rapbot eval cir``'s loader,
 ``engine.cir.train.load_triplets``) are composed from one open_clip model's embeddings exactly as
-``Engine.search`` composes them (``engine.composition.compose_query``: reference photo + text), the
-gallery (every image the set names) is ranked by cosine with each query's reference left out
+``Engine.search`` composes them (``engine.composition.ComposedQuery``: reference photo + text),
+the gallery (every image the set names) is ranked by cosine with each query's reference left out
 (``engine.eval.cir_metrics.rank_gallery``, as CIRR and FashionIQ evaluation do), and
 Recall@1/5/10 are printed, then the best setting (highest mean of R@1, R@5 and R@10; ties go to
-the weight nearest 0.5). Every image and text is embedded once; the sweep itself is numpy.
+the weight nearest 0.5). The product ranks the whole gallery here (the engine reranks the union
+of each part's top ``RAPBOT_SEARCH_CANDIDATES``). Every image and text is embedded once; the
+sweep itself is numpy.
 
     python benchmarks/tune_composition.py --data cirr/val.json --images cirr/img \\
         --model ViT-L-14 --pretrained openai --device cuda
@@ -37,7 +40,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.cir.train import ImageCache, Triplet, load_triplets  # noqa: E402
-from engine.composition import compose_query  # noqa: E402
+from engine.composition import ComposedQuery, rank_product  # noqa: E402
 from engine.embedder import load_clip  # noqa: E402
 from engine.eval.cir_metrics import rank_gallery, recall_at_k  # noqa: E402
 from engine.settings import EngineSettings  # noqa: E402
@@ -122,28 +125,34 @@ def embed_set(clip, triplets: list[Triplet], images: ImageCache, batch: int = 64
 
 
 def sweep(triplets, names, gallery, texts) -> list[dict]:
-    """Recall@K (percent) for every (weight, sum|slerp) setting."""
+    """Recall@K (percent) for the product and for the sum at every weight."""
     position = {n: i for i, n in enumerate(names)}
-    refs = [gallery[position[t.reference]] for t in triplets]
+    queries = [
+        ComposedQuery("text", text, gallery[position[t.reference]])
+        for t, text in zip(triplets, texts, strict=True)
+    ]
     targets = [t.target for t in triplets]
     exclude = [t.reference for t in triplets]
-    rows = []
-    for mode in ("sum", "slerp"):
-        for weight in WEIGHTS:
-            queries = np.stack(
-                [
-                    compose_query(text, ref, (), weight, use_slerp=mode == "slerp")
-                    for text, ref in zip(texts, refs, strict=True)
-                ]
-            )
-            rankings = rank_gallery(queries, gallery, names, exclude=exclude)
-            recall = recall_at_k(rankings, targets, KS)
-            rows.append({"mode": mode, "weight": weight, **{k: 100 * recall[k] for k in KS}})
+    ids = np.arange(len(names))
+    gallery = np.ascontiguousarray(gallery, dtype=np.float32)
+    rankings = []
+    for query, ref in zip(queries, exclude, strict=True):
+        ranked = rank_product(query.parts(), ids, gallery, len(names))
+        rankings.append([names[i] for i, _ in ranked if names[i] != ref])
+    recall = recall_at_k(rankings, targets, KS)
+    rows = [{"mode": "product", "weight": None, **{k: 100 * recall[k] for k in KS}}]
+    for weight in WEIGHTS:
+        summed = np.stack([q.summed(weight) for q in queries])
+        rankings = rank_gallery(summed, gallery, names, exclude=exclude)
+        recall = recall_at_k(rankings, targets, KS)
+        rows.append({"mode": "sum", "weight": weight, **{k: 100 * recall[k] for k in KS}})
     return rows
 
 
 def best(rows: list[dict]) -> dict:
-    return max(rows, key=lambda r: (sum(r[k] for k in KS) / len(KS), -abs(r["weight"] - 0.5)))
+    return max(
+        rows, key=lambda r: (sum(r[k] for k in KS) / len(KS), -abs((r["weight"] or 0.5) - 0.5))
+    )
 
 
 def main() -> None:
@@ -183,12 +192,14 @@ def main() -> None:
     if args.json:
         print(json.dumps({"rows": rows, "best": top}, indent=2))
         return
-    print(f"{'mode':<6} {'weight':>6} {'R@1':>6} {'R@5':>6} {'R@10':>6}")
+    print(f"{'mode':<7} {'weight':>6} {'R@1':>6} {'R@5':>6} {'R@10':>6}")
     for r in rows:
-        print(f"{r['mode']:<6} {r['weight']:>6.1f} {r[1]:>6.1f} {r[5]:>6.1f} {r[10]:>6.1f}")
+        weight = "-" if r["weight"] is None else f"{r['weight']:.1f}"
+        print(f"{r['mode']:<7} {weight:>6} {r[1]:>6.1f} {r[5]:>6.1f} {r[10]:>6.1f}")
     print(
-        f"best: {top['mode']} at text weight {top['weight']:.1f}"
-        f" (R@1 {top[1]:.1f}, R@5 {top[5]:.1f}, R@10 {top[10]:.1f})"
+        f"best: {top['mode']}"
+        + ("" if top["weight"] is None else f" at text weight {top['weight']:.1f}")
+        + f" (R@1 {top[1]:.1f}, R@5 {top[5]:.1f}, R@10 {top[10]:.1f})"
     )
     if not args.pretrained:
         print("(random weights: these figures say nothing about which setting is good)")

@@ -611,12 +611,11 @@ class Engine:
     ) -> list:
         """Composed image search over the scope's photos: text, a reference photo, both
         (reference changed by the text), and names of remembered concepts in the text, which
-        bring in those concepts' examples: composed from CLIP embeddings (:mod:`engine.composition`,
-        ``text_weight`` or the ``search_text_weight`` setting, ``search_slerp``) or encoded by
-        the CIR-LVLM encoder (:mod:`engine.cir.search`). Returns :class:`engine.types.PhotoHit`
-        (photo_id, score, source), best first."""
-        from engine.composition import compose_query, concept_vectors
-
+        bring in those concepts' examples: composed from CLIP embeddings (:mod:`engine.composition`:
+        names replaced by their categories on the text side, late fusion or the weighted sum
+        per the ``search_fusion`` setting; ``text_weight`` overrides ``search_text_weight``)
+        or encoded by the CIR-LVLM encoder (:mod:`engine.cir.search`). Returns
+        :class:`engine.types.PhotoHit` (photo_id, score, source), best first."""
         scope = clean_scope(scope)
         text = clean_description(text or "", MAX_QUESTION_LENGTH)
         if not text and ref_image is None:
@@ -626,23 +625,44 @@ class Engine:
         timer = StageTimer()
         if self.settings.search_encoder == "cir-lvlm":
             return self._search_cir(scope, text, ref_image, k, timer)
+        from engine.composition import search_photos
+
+        query = self.compose_query(scope, text, ref_image, timer)
+        weight = self.settings.search_text_weight if text_weight is None else text_weight
+        with timer.stage("search"):
+            return search_photos(
+                self.photos,
+                scope,
+                query,
+                k,
+                fusion=self.settings.search_fusion,
+                text_weight=weight,
+                candidates=self.settings.search_candidates,
+            )
+
+    def compose_query(self, scope: str, text: str, ref_image: bytes | None = None, timer=None):
+        """The CLIP parts of a search (:class:`engine.composition.ComposedQuery`): the reference
+        photo, each concept the text names (its examples' mean) and the text with those names
+        replaced by their categories ("Mochi on the sofa" -> "a cat on the sofa")."""
+        from engine.composition import ComposedQuery, concept_vectors, replace_names
+
+        timer = timer or StageTimer()
         embedder = self.models.embedder
         ref = None
         if ref_image is not None:
             picture = self._decode(ref_image, timer)
             with timer.stage("embed"):
                 ref = embedder.embed_images([picture])[0]
-        text_vector, concepts = None, []
-        if text:
+        named = named_concepts(self.store, scope, text) if text else []
+        concepts = concept_vectors(self.store, scope, [c.id for c in named]) if named else []
+        words, has_words = replace_names(text, named) if text else ("", False)
+        text_vector = None
+        if has_words or (words and not concepts):  # names only: their examples say it all
             with timer.stage("embed"):
-                text_vector = embedder.embed_texts([text])[0]
-            named = named_concepts(self.store, scope, text)
-            if named:
-                concepts = concept_vectors(self.store, scope, [c.id for c in named])
-        weight = self.settings.search_text_weight if text_weight is None else text_weight
-        query = compose_query(text_vector, ref, concepts, weight, self.settings.search_slerp)
-        with timer.stage("search"):
-            return self.photos.search(scope, query, k)
+                text_vector = embedder.embed_texts([words])[0]
+        else:
+            words = ""
+        return ComposedQuery(words, text_vector, ref, tuple(concepts))
 
     def _search_cir(self, scope: str, text: str, ref_image: bytes | None, k: int, timer):
         """:meth:`search` with the CIR-LVLM encoder (see :mod:`engine.cir.search`)."""

@@ -136,14 +136,19 @@ class EngineSettings(BaseSettings):
     search_model: str = Field(
         "", description="cir-lvlm: the folder `rapbot train cir --out` wrote (loaded offline)"
     )
+    search_fusion: Literal["product", "sum"] = Field(
+        "product",
+        description="clip: how a query's parts combine: product (late fusion, every part must"
+        " match) or sum (one search with the weighted sum)",
+    )
+    search_candidates: int = Field(
+        200, ge=1, le=10_000, description="clip, product fusion: top photos per query part"
+    )
     search_text_weight: float = Field(
         0.5,
         ge=0.0,
         le=1.0,
-        description="clip: weight of the text against the photo/concept side of a query (0..1)",
-    )
-    search_slerp: bool = Field(
-        False, description="clip: spherical interpolation instead of a weighted sum (composition)"
+        description="clip, sum fusion: weight of the text against the photo/concept side (0..1)",
     )
 
     @model_validator(mode="after")

@@ -367,7 +367,7 @@ def test_engine_cir_search_reference_text_and_concepts(
 
     engine = _cir_engine(tiny_models, tmp_path, search_model=str(cir_folder))
     try:
-        assert engine.composition.model_id.startswith("cir-lvlm:") and engine.composition.dim == 64
+        assert engine.photos.model_id.startswith("cir-lvlm:") and engine.photos.dim == 64
         rex, others = _subjects(dreambooth)
         paths = rex + others
         ids = _index_all(engine, "chat", paths)
@@ -425,7 +425,8 @@ def test_cir_query_table(tiny_models, cir_folder, dreambooth) -> None:
     import numpy as np
     from PIL import Image
 
-    from engine.cir.search import cir_query, load_search_encoder, modification_text
+    from engine.cir.search import cir_query, load_search_encoder
+    from engine.composition import replace_names
     from engine.types import Concept
 
     settings = tiny_models[0].model_copy(
@@ -434,8 +435,8 @@ def test_cir_query_table(tiny_models, cir_folder, dreambooth) -> None:
     enc = load_search_encoder(settings)
     assert load_search_encoder(settings) is enc  # loaded once
     rex = Concept("c1", "s", "Rex", "", "dog", "alice", 0.0)
-    assert modification_text("rex on the sofa", [rex]) == ("the dog on the sofa", True)
-    assert modification_text("Rex!", [rex]) == ("the dog!", False)
+    assert replace_names("rex on the sofa", [rex], "the") == ("the dog on the sofa", True)
+    assert replace_names("Rex!", [rex], "the") == ("the dog!", False)
     photo = Image.open(dreambooth / "cat" / "00.jpg").convert("RGB")
     crops = [Image.open(dreambooth / "dog" / f"0{i}.jpg").convert("RGB") for i in range(2)]
 
@@ -546,25 +547,25 @@ def test_flags_and_deletions_work_without_the_encoder(
         engine = _cir_engine(tiny_models, tmp_path, search_model=folder)
         try:
             assert engine.indexing("A") and engine.indexing("B")
-            assert (engine.composition.model_id, engine.composition.dim) == recorded
+            assert (engine.photos.model_id, engine.photos.dim) == recorded
             vector = np.eye(recorded[1], dtype=np.float32)[0]
             with pytest.raises(MissingWeightError) as error:
-                engine.composition.add("A", vector, b"jpg", "bob", None, "x")
+                engine.photos.add("A", vector, b"jpg", "bob", None, "x")
             assert "\n" not in str(error.value)
             with pytest.raises(MissingWeightError):
-                engine.composition.search("A", vector, 1)
+                engine.photos.search("A", vector, 1)
             with pytest.raises(MissingWeightError):
                 engine.reindex_photos(force=True)
             with pytest.raises(MissingWeightError):
                 engine.index_photo("A", rex[0].read_bytes(), "bob", "new")
             if step == 0:  # /forget_me: alice's photos go in every chat, bob's stay
                 engine.forget_user("alice")
-                assert [engine.composition.count(s) for s in "ABC"] == [1, 0, 1]
+                assert [engine.photos.count(s) for s in "ABC"] == [1, 0, 1]
             elif step == 1:  # /index off with deletion
                 assert engine.set_indexing("C", False, admin, delete=True) == 1
-                assert not engine.indexing("C") and engine.composition.count("C") == 0
+                assert not engine.indexing("C") and engine.photos.count("C") == 0
             else:
-                assert engine.composition.delete_user("bob") == 1 and engine.composition.count("A") == 0
+                assert engine.photos.delete_user("bob") == 1 and engine.photos.count("A") == 0
         finally:
             engine.close()
     good = _cir_engine(tiny_models, tmp_path, search_model=str(cir_folder))

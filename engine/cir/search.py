@@ -23,7 +23,7 @@ reference + concepts   the reference's query (or target) vector plus the concept
 
 At most :data:`MAX_CONCEPT_EXAMPLES` crops per concept are encoded. Concept crops come from the
 concept store (``example_crops``), so this needs no second copy of the concepts' embeddings; the
-CLIP composition's ``search_text_weight`` and ``search_slerp`` do not apply here (the encoder
+CLIP composition's ``search_fusion`` and ``search_text_weight`` do not apply here (the encoder
 composes the reference and the text itself).
 
 The photo index records the encoder's identity (:func:`cir_identity`: ``cir-lvlm:<folder>-<hash
@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,8 +43,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from engine.composition import replace_names
 from engine.errors import MissingWeightError
-from engine.validation import names_in_text
 from engine.weights import first_line
 
 if TYPE_CHECKING:
@@ -195,22 +194,6 @@ def _mean(rows: np.ndarray | list[np.ndarray]) -> np.ndarray:
     return _unit(np.mean(np.asarray(rows, dtype=np.float32), axis=0))
 
 
-def modification_text(text: str, concepts: Sequence[Concept]) -> tuple[str, bool]:
-    """The text with each named concept replaced by "the <category>" (or "it"), and whether
-    anything but names is left ("Mochi on the sofa" -> ("the cat on the sofa", True))."""
-    names = [c.name for c in concepts]
-    found = set(names_in_text(text, names))
-    by_name = {c.name: c for c in concepts}
-    out, rest = text, text
-    for name in sorted(found, key=len, reverse=True):  # "Mochi Jr" before "Mochi"
-        concept = by_name[name]
-        pattern = re.compile(r"(?<!\w)" + re.escape(name) + r"(?!\w)", re.IGNORECASE)
-        words = f"the {concept.category}" if concept.category else "it"
-        out = pattern.sub(words, out)
-        rest = pattern.sub(" ", rest)
-    return " ".join(out.split()), bool(re.search(r"\w", rest))
-
-
 def cir_query(
     encoder: CirSearchEncoder,
     text: str,
@@ -222,7 +205,7 @@ def cir_query(
     skipped)."""
     concepts = [(c, list(crops)[:MAX_CONCEPT_EXAMPLES]) for c, crops in concepts if crops]
     text = text.strip()
-    modification, has_words = modification_text(text, [c for c, _ in concepts])
+    modification, has_words = replace_names(text, [c for c, _ in concepts], article="the")
     if ref is not None:
         if text:
             query = encoder.embed_queries([ref], [modification])[0]

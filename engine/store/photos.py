@@ -50,14 +50,20 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
 
 import numpy as np
 
 from engine.errors import InvalidInputError, RapbotError, StoreError
-from engine.store.base import check_embedding, check_k, check_model, check_scope, check_text
+from engine.store.base import (
+    check_embedding,
+    check_k,
+    check_model,
+    check_queries,
+    check_scope,
+    check_text,
+)
 from engine.store.faiss_store import (
     _SMALL_SEARCH_WORK,
     _omp_threads,
@@ -67,7 +73,10 @@ from engine.store.faiss_store import (
     needs_rebuild,
     scope_version,
 )
+from engine.store.photo_base import PhotoCandidates, StoredPhoto
 from engine.types import PhotoHit
+
+__all__ = ["PhotoStore", "StoredPhoto"]
 
 DB_NAME = "photos.sqlite3"
 _SQL_CHUNK = 500
@@ -98,18 +107,6 @@ _DDL = (
     "CREATE INDEX IF NOT EXISTS photos_scope ON photos (scope, id)",
     "CREATE INDEX IF NOT EXISTS photos_poster ON photos (poster)",
 )
-
-
-@dataclass(frozen=True)
-class StoredPhoto:
-    """One stored photo, as :meth:`PhotoStore.rows` reads it (backups)."""
-
-    photo_id: int
-    source: str
-    poster: str
-    posted_at: float
-    embedding: np.ndarray  # float32, of the model :meth:`PhotoStore.recorded_model` names
-    thumbnail: bytes  # the 256-pixel JPEG
 
 
 class PhotoStore:
@@ -534,32 +531,57 @@ class PhotoStore:
         self._check_vectors()
         query = check_embedding(vector, self.dim).reshape(1, self.dim)
         with self._lock:
-            entry = self._sync(scope)
-            if entry.size == 0:
-                return []
-            small = entry.search_work(1) <= _SMALL_SEARCH_WORK
-            with _omp_threads(1) if small else nullcontext():
-                scores, ids = entry.index.search(query, min(k, entry.size))
-            wanted = [int(i) for i in ids[0] if i >= 0]
-            sources: dict[int, str] = {}
-            with self._errors():
-                for start in range(0, len(wanted), _SQL_CHUNK):
-                    chunk = wanted[start : start + _SQL_CHUNK]
-                    # The scope filter keeps isolation even if an index were wrong. Its "+"
-                    # makes SQLite look rows up by id: otherwise it walks the scope's
-                    # (scope, source) index, every photo of the scope (5 ms at 100k).
-                    sources.update(
-                        self._db.execute(
-                            "SELECT id, source FROM photos WHERE +scope = ? AND id IN"
-                            f" ({','.join('?' * len(chunk))})",
-                            (scope, *chunk),
-                        ).fetchall()
-                    )
+            scores, ids = self._top(scope, query, k)
+            sources = dict(self._fetch(scope, [int(i) for i in ids[0] if i >= 0]))
         return [
             PhotoHit(int(i), float(s), sources[int(i)])
             for s, i in zip(scores[0].tolist(), ids[0].tolist(), strict=True)
             if int(i) in sources
         ]
+
+    def candidates(self, scope: str, queries: np.ndarray, m: int) -> PhotoCandidates:
+        """The union of each query row's top ``m`` photos, with their stored vectors and
+        sources (late fusion reranks them: :func:`engine.composition.search_photos`)."""
+        scope, m = check_scope(scope), max(1, int(m))
+        self._check_vectors()
+        queries = check_queries(queries, self.dim)
+        with self._lock:
+            _, ids = self._top(scope, queries, m)
+            rows = self._fetch(scope, np.unique(ids[ids >= 0]).tolist(), vectors=True)
+        if not rows:
+            return PhotoCandidates.empty(self.dim)
+        return PhotoCandidates(
+            np.asarray([r[0] for r in rows], dtype=np.int64),
+            np.frombuffer(b"".join(r[2] for r in rows), dtype="<f4").reshape(len(rows), self.dim),
+            {int(r[0]): r[1] for r in rows},
+        )
+
+    def _top(self, scope: str, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """FAISS's (scores, ids) of each query row's top ``k`` (inside the lock)."""
+        entry = self._sync(scope)
+        if entry.size == 0:
+            empty = np.zeros((len(queries), 0))
+            return empty.astype(np.float32), empty.astype(np.int64)
+        small = entry.search_work(len(queries)) <= _SMALL_SEARCH_WORK
+        with _omp_threads(1) if small else nullcontext():
+            return entry.index.search(queries, min(k, entry.size))
+
+    def _fetch(self, scope: str, ids: list[int], vectors: bool = False) -> list[tuple]:
+        """(id, source[, embedding]) of the scope's photos among ``ids`` (inside the lock)."""
+        columns = "id, source, embedding" if vectors else "id, source"
+        rows: list[tuple] = []
+        with self._errors():
+            for start in range(0, len(ids), _SQL_CHUNK):
+                chunk = ids[start : start + _SQL_CHUNK]
+                # The scope filter keeps isolation even if an index were wrong. Its "+" makes
+                # SQLite look rows up by id: otherwise it walks the scope's (scope, source)
+                # index, every photo of the scope (5 ms at 100k).
+                rows += self._db.execute(
+                    f"SELECT {columns} FROM photos WHERE +scope = ? AND id IN"
+                    f" ({','.join('?' * len(chunk))}) ORDER BY id",
+                    (scope, *chunk),
+                ).fetchall()
+        return rows
 
     def scopes(self) -> list[str]:
         """The scopes that have photos or have indexing on, sorted (what a backup holds)."""
