@@ -255,44 +255,29 @@ class CommandCore:
                 return Reply(replies.concept_list(await gateway.list_concepts(scope)))
             case c.Rename(name, new_name):
                 concept = await gateway.rename(scope, name, new_name, actor)
-                return Reply(f"Renamed {name} to {concept.name}.")
+                return Reply(replies.renamed(name, concept))
             case c.Describe(name, description):
                 concept = await gateway.describe(scope, name, description, actor)
-                return Reply(
-                    f"Updated: {concept.name} — {concept.description or 'no description'}."
-                )
+                return Reply(replies.described(concept))
             case c.Forget(name):
                 concept = await gateway.forget(scope, name, actor)
-                return Reply(f"I've forgotten {concept.name} and all photos of them.")
+                return Reply(replies.forgotten(concept))
             case c.ForgetMe():
                 removed = await gateway.forget_user(user)
-                return Reply(
-                    f"Done: I've forgotten the {removed} concept{'s' if removed != 1 else ''} "
-                    "you taught me, in every chat."
-                )
+                return Reply(replies.forgot_user(removed))
             case c.Index(enabled):
                 removed = await gateway.set_indexing(scope, enabled, actor, delete=not enabled)
                 if enabled:
-                    return Reply(
-                        "Photo indexing is on: photos posted here from now on can be found"
-                        " with /search. /index off stops it and forgets them."
-                    )
-                return Reply(
-                    "Photo indexing is off, and I've forgotten the "
-                    f"{removed} photo{'s' if removed != 1 else ''} of this chat I had indexed."
-                )
+                    return Reply(replies.INDEXING_ON)
+                return Reply(replies.indexing_off(removed))
             case c.Search(text):
                 if not text and message.image is None:
                     raise c.CommandError(f"Usage: {c.USAGE['search']}")
                 hits = await gateway.search(scope, text, message.image, k=SEARCH_K)
                 if not hits:
-                    return Reply(
-                        "I found no photos. Only photos posted while /index is on can be found."
-                    )
-                lines = [f"{i}. score {h.score:.2f}" for i, h in enumerate(hits, 1)]
+                    return Reply(replies.no_photos_found())
                 return Reply(
-                    f"Found {len(hits)} photo{'s' if len(hits) != 1 else ''}, best first:\n"
-                    + "\n".join(lines),
+                    replies.found_photos([h.score for h in hits]),
                     photo_refs=tuple(h.source for h in hits),
                 )
         raise AssertionError(f"unhandled command {command!r}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from bots.core import replies
 from engine.errors import InvalidInputError
 from rapbot.cli.common import emit, open_engine, settings_for
 
@@ -59,7 +60,6 @@ def run_export(args: argparse.Namespace) -> int:
         left_out = 0
         if args.no_photos:  # what was not written, to say so
             left_out = engine.photos.total(None if args.all else args.chat)
-    chats = f"{report.scopes} chat{'s' if report.scopes != 1 else ''}"
     counts = {
         "scopes": report.scopes,
         "concepts": report.concepts,
@@ -67,18 +67,7 @@ def run_export(args: argparse.Namespace) -> int:
         "photos": report.photos,
         "photos_left_out": left_out,
     }
-    if args.no_photos:
-        text = (
-            f"Exported {report.concepts} concept(s) with {report.examples} photo(s) from"
-            f" {chats} to {report.path}; the photo search history ({left_out} photo(s)) and"
-            " the /index settings were left out (--no-photos)."
-        )
-    else:
-        text = (
-            f"Exported {report.concepts} concept(s) with {report.examples} photo(s) and"
-            f" {report.photos} photo(s) of the search history from {chats} to"
-            f" {report.path}."
-        )
+    text = replies.exported(report, left_out if args.no_photos else None)
     emit(args, {"exported": counts, "path": report.path}, text)
     return 0
 
@@ -128,36 +117,8 @@ def run_import(args: argparse.Namespace) -> int:
         "photos_left_out": report.photos_left_out,
         "photos_skipped_foreign": report.photos_skipped_foreign,
     }
-    text = (
-        f"Imported {report.concepts} new concept(s) and {report.examples} photo(s)"
-        f" into {report.scopes} chat(s); {report.merged} name(s) already existed,"
-        f" {report.skipped} photo(s) were already there. Search history: {report.photos}"
-        f" photo(s) added, {report.photos_skipped} already there."
-        + (
-            f" {report.photos_left_out} photo(s) of the search history were left out: they are"
-            f" other people's photos from another chat, imported into {args.chat} only with"
-            " --with-photos."
-            if report.photos_left_out
-            else ""
-        )
-        + (
-            f" {report.photos_skipped_foreign} photo(s) were skipped: their sources are not"
-            " photos of this chat's platform, so its bot could not send them back."
-            if report.photos_skipped_foreign
-            else ""
-        )
-        + (
-            f" The /index setting of {args.chat} was left as it was."
-            if renamed and archive.photo_index is not None
-            else ""
-        )
-        + (" Photos were embedded again for this model." if report.reembedded else "")
-        + (
-            " The search history was embedded again for this search encoder."
-            if report.photos_reembedded
-            else ""
-        )
-    )
+    index_setting_kept = renamed and archive.photo_index is not None
+    text = replies.imported(report, args.chat, index_setting_kept)
     payload = {
         "imported": counts,
         "reembedded": report.reembedded,

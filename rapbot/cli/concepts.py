@@ -59,11 +59,8 @@ def run_remember(args: argparse.Namespace) -> int:
         result = engine.remember(
             args.chat, image, args.name, args.desc, args.user, box=args.box, category=args.category
         )
-    c = result.concept
-    verb = "Remembered" if result.created else "Added a photo to"
-    photos = f"{c.examples} photo{'s' if c.examples != 1 else ''}"
-    text = f"{verb} {c.name} ({photos}); crop {result.box.as_list()}"
-    emit(args, {"concept": concept_json(c, result.box)}, text)
+    text = replies.remembered(result, crop=result.box)
+    emit(args, {"concept": concept_json(result.concept, result.box)}, text)
     return 0
 
 
@@ -83,26 +80,26 @@ def run_concepts(args: argparse.Namespace) -> int:
 def run_rename(args: argparse.Namespace) -> int:
     with open_engine(settings_for(args)) as engine:
         c = engine.rename(args.chat, args.name, args.new_name, _actor(args))
-    emit(args, {"concept": concept_json(c)}, f"Renamed {args.name} to {c.name}.")
+    emit(args, {"concept": concept_json(c)}, replies.renamed(args.name, c))
     return 0
 
 
 def run_describe(args: argparse.Namespace) -> int:
     with open_engine(settings_for(args)) as engine:
         c = engine.describe(args.chat, args.name, args.description, _actor(args))
-    emit(args, {"concept": concept_json(c)}, f"{c.name}: {c.description}")
+    emit(args, {"concept": concept_json(c)}, replies.described(c))
     return 0
 
 
 def run_forget(args: argparse.Namespace) -> int:
     with open_engine(settings_for(args)) as engine:
         c = engine.forget(args.chat, args.name, _actor(args))
-    emit(args, {"forgotten": c.name}, f"Forgot {c.name}.")
+    emit(args, {"forgotten": c.name}, replies.forgotten(c))
     return 0
 
 
 def run_forget_user(args: argparse.Namespace) -> int:
     with open_engine(settings_for(args)) as engine:
         removed = engine.forget_user(args.target_user)
-    emit(args, {"forgotten": removed}, f"Forgot {removed} concept(s) of {args.target_user}.")
+    emit(args, {"forgotten": removed}, replies.forgot_user(removed, args.target_user))
     return 0

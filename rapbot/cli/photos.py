@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from bots.core import replies
 from engine.errors import InvalidInputError
 from rapbot.cli.common import emit, open_engine, read_image, settings_for
 
@@ -47,7 +48,7 @@ def run_index(args: argparse.Namespace) -> int:
             source = str(Path(path).expanduser().resolve())
             photo_id = engine.index_photo(args.chat, data, args.user, source, force=True)
             added.append({"photo_id": photo_id, "source": source})
-    emit(args, {"indexed": added}, f"Indexed {len(added)} photo(s).")
+    emit(args, {"indexed": added}, replies.indexed(len(added)))
     return 0
 
 
@@ -57,12 +58,7 @@ def _rebuild(args: argparse.Namespace) -> int:
     with open_engine(settings_for(args)) as engine:
         stale = engine.photos.mismatch is not None  # made by another encoder
         count = engine.reindex_photos(force=args.force)
-    text = f"Re-embedded {count} photo(s)."
-    if count == 0 and not (stale or args.force):
-        text = (
-            "The photo index already matches the search encoder; nothing to do"
-            " (--force re-embeds anyway)."
-        )
+    text = replies.reindexed(count, already_current=count == 0 and not (stale or args.force))
     emit(args, {"reindexed": count}, text)
     return 0
 
@@ -76,5 +72,9 @@ def run_search(args: argparse.Namespace) -> int:
         {"photo_id": h.photo_id, "score": round(h.score, 4), "source": h.source} for h in hits
     ]
     text = "\n".join(f"{r['score']:.3f}  {r['source']}" for r in results)
-    emit(args, {"results": results}, text or "No photos found in this chat.")
+    emit(
+        args,
+        {"results": results},
+        text or replies.no_photos_found("Index photos with `rapbot index`."),
+    )
     return 0
