@@ -42,7 +42,7 @@ def real_size(arch: str, device: str):
         Qwen2VLVideoProcessor,
     )
 
-    from engine.generator.templates import CHATML_VISION_TEMPLATE, LLAVA_V1_TEMPLATE
+    from engine.generator.templates import CHATML_VISION_TEMPLATE, VICUNA_V1_TEMPLATE
     from engine.generator.tiny import _llava_tokenizer, _qwen_tokenizer
 
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
@@ -81,7 +81,7 @@ def real_size(arch: str, device: str):
             patch_size=14,
             vision_feature_select_strategy="default",
             num_additional_image_tokens=1,
-            chat_template=LLAVA_V1_TEMPLATE,
+            chat_template=VICUNA_V1_TEMPLATE,
         )
     elif arch == "qwen2-vl-2b":
         tokenizer = _qwen_tokenizer()

@@ -20,6 +20,65 @@ from torch import nn
 IMAGE_TOKEN_INDEX = -200
 SELECT_LAYER = -2
 
+# The LLaVA repository's conversation templates as RAP's code defines them (llava/
+# conversation.py): (system, roles, separator style, sep, sep2). RAP-LLaVA trained with
+# ``--version v1`` = conv_vicuna_v1; RAP-Phi3 with ``--version phi3_instruct``.
+CONVERSATIONS = {
+    "vicuna_v1": (
+        "A chat between a curious user and an artificial intelligence assistant. "
+        "The assistant gives helpful, detailed, and polite answers to the user's questions.",
+        ("USER", "ASSISTANT"),
+        "TWO",
+        " ",
+        "</s>",
+    ),
+    "llava_v1": (
+        "A chat between a curious human and an artificial intelligence assistant. "
+        "The assistant gives helpful, detailed, and polite answers to the human's questions.",
+        ("USER", "ASSISTANT"),
+        "TWO",
+        " ",
+        "</s>",
+    ),
+    "phi3_instruct": (
+        "<|system|>\nYou are a helpful AI assistant.",
+        ("\n<|user|>\n", "\n<|assistant|>\n"),
+        "MPT",
+        "<|end|>",
+        None,
+    ),
+}
+
+
+def conversation_prompt(name: str, turns: list[str | None]) -> str:
+    """``Conversation.get_prompt()`` for alternating user/assistant turns (None: the turn the
+    model is to write), for the two separator styles the RAP checkpoints use."""
+    system, roles, style, sep, sep2 = CONVERSATIONS[name]
+    text = system + sep
+    for i, message in enumerate(turns):
+        role = roles[i % 2]
+        if style == "TWO":
+            text += f"{role}: {message}{(sep, sep2)[i % 2]}" if message else f"{role}:"
+        else:  # MPT
+            text += f"{role}{message}{sep}" if message else role
+    return text
+
+
+def tokenizer_image_token(prompt: str, tokenizer, image_index: int = IMAGE_TOKEN_INDEX) -> list:
+    """The LLaVA repository's rule: the prompt split at each "<image>", every piece tokenized
+    on its own (special tokens on), the pieces joined by one image index; when the first piece
+    starts with BOS, that BOS is kept once and every later piece loses its first token."""
+    pieces = [tokenizer(piece).input_ids for piece in prompt.split("<image>")]
+    out: list[int] = []
+    strip = 1 if pieces and pieces[0] and pieces[0][0] == tokenizer.bos_token_id else 0
+    if strip:
+        out.append(pieces[0][0])
+    for number, piece in enumerate(pieces):
+        if number:
+            out.append(image_index)
+        out.extend(piece[strip:])
+    return out
+
 
 class OriginalLlava(nn.Module):
     def __init__(self, text_config, vision_config) -> None:
@@ -63,7 +122,7 @@ class OriginalLlava(nn.Module):
         return self.lm(inputs_embeds=torch.cat(pieces)[None]).logits[0]
 
 
-def tiny_original(kind: str, seed: int = 0):
+def tiny_original(kind: str, seed: int = 0, sentencepiece: Path | None = None):
     """A random OriginalLlava and its original config.json dict; ``kind``: llama or phi3."""
     from transformers import CLIPVisionConfig, LlamaConfig, Phi3Config
 
@@ -81,7 +140,7 @@ def tiny_original(kind: str, seed: int = 0):
     )
     # LLaVA-1.5's vocabulary is exactly its tokenizer's (no spare row for <image>: the
     # converter must add one); Phi-3's has spare rows.
-    tokens = len(original_tokenizer(kind))
+    tokens = len(original_tokenizer(kind, sentencepiece))
     common = dict(
         vocab_size=tokens if kind == "llama" else tokens + 8,
         hidden_size=48,
@@ -120,9 +179,122 @@ def tiny_original(kind: str, seed: int = 0):
     return model, {**text_fields, **llava_fields}
 
 
-def original_tokenizer(kind: str):
-    """The checkpoint's own tokenizer: no <image> token (the original code never tokenizes it)."""
+_SP_WORDS = [
+    "a",
+    "chat",
+    "between",
+    "curious",
+    "user",
+    "human",
+    "and",
+    "an",
+    "artificial",
+    "intelligence",
+    "assistant",
+    "the",
+    "gives",
+    "helpful",
+    "detailed",
+    "polite",
+    "answers",
+    "to",
+    "questions",
+    "name",
+    "info",
+    "what",
+    "is",
+    "doing",
+    "where",
+    "who",
+    "here",
+    "my",
+    "grey",
+    "cat",
+    "brown",
+    "dog",
+    "sofa",
+    "photo",
+    "image",
+    "caption",
+    "give",
+    "of",
+    "in",
+    "on",
+    "with",
+    "Mochi",
+    "Bo",
+    "Rex",
+    "corgi",
+    "USER",
+    "ASSISTANT",
+    "system",
+    "end",
+    "yes",
+    "no",
+    "left",
+    "right",
+    "middle",
+]
+
+
+def sentencepiece_folder(folder: Path, kind: str = "llama") -> Path:
+    """A real SentencePiece model (BPE with byte fallback, like Llama's) trained here on a few
+    hundred lines, saved as a Llama tokenizer folder (``tokenizer.model`` and its config, the
+    way LLaVA-1.5 checkpoints ship it: ``legacy: false``, BOS added)."""
+    import random
+
+    import sentencepiece as spm
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(0)
+    lines = [
+        " ".join(rng.choice(_SP_WORDS) for _ in range(12)) + " Name: <Mochi>, Info: [1.]\n2."
+        for _ in range(300)
+    ]
+    corpus = folder / "corpus.txt"
+    corpus.write_text("\n".join(lines))
+    specials = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"] if kind == "phi3" else []
+    spm.SentencePieceTrainer.train(
+        input=str(corpus),
+        model_prefix=str(folder / "tokenizer"),
+        vocab_size=420,
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=1.0,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        user_defined_symbols=specials,
+        num_threads=1,
+        minloglevel=2,
+    )
+    corpus.unlink()
+    (folder / "tokenizer.vocab").unlink()
+    config = {
+        "tokenizer_class": "LlamaTokenizer",
+        "legacy": False,
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "pad_token": None,
+        "model_max_length": 256,
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def original_tokenizer(kind: str, sentencepiece: Path | None = None):
+    """The checkpoint's own tokenizer: no <image> token (the original code never tokenizes it);
+    the SentencePiece one in the folder ``sentencepiece`` when given."""
     from transformers import PreTrainedTokenizerFast
+
+    if sentencepiece is not None:
+        from transformers import LlamaTokenizer
+
+        return LlamaTokenizer.from_pretrained(str(sentencepiece))
 
     from engine.generator.tiny import train_bpe_tokenizer
 
@@ -135,11 +307,26 @@ def original_tokenizer(kind: str):
     )
 
 
-def write_original(folder: Path, kind: str, shards: int = 1, seed: int = 0) -> OriginalLlava:
-    """Write an original-format checkpoint (config, weights, tokenizer) into ``folder``."""
+def write_original(
+    folder: Path,
+    kind: str,
+    shards: int = 1,
+    seed: int = 0,
+    sentencepiece: bool = False,
+    auto_map: bool = False,
+) -> OriginalLlava:
+    """Write an original-format checkpoint (config, weights, tokenizer) into ``folder``: with a
+    SentencePiece ``tokenizer.model`` as LLaVA-1.5 ships, and with LLaVA-Phi-3's ``auto_map``
+    (custom code that must never run) when asked."""
     from safetensors.torch import save_file
 
-    model, config = tiny_original(kind, seed)
+    spm_folder = sentencepiece_folder(folder, kind) if sentencepiece else None
+    model, config = tiny_original(kind, seed, spm_folder)
+    if auto_map:
+        config["auto_map"] = {
+            "AutoConfig": "configuration_llava_phi3.LlavaPhi3Config",
+            "AutoModelForCausalLM": "modeling_llava_phi3.LlavaPhi3ForCausalLM",
+        }
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     weights = model.original_state_dict()
@@ -155,5 +342,6 @@ def write_original(folder: Path, kind: str, shards: int = 1, seed: int = 0) -> O
             weight_map.update(dict.fromkeys(part, name))
         index = {"metadata": {}, "weight_map": weight_map}
         (folder / "pytorch_model.bin.index.json").write_text(json.dumps(index))
-    original_tokenizer(kind).save_pretrained(folder)
+    if spm_folder is None:
+        original_tokenizer(kind).save_pretrained(folder)
     return model

@@ -21,9 +21,11 @@ from engine.generator.prompt import (
     choose_k,
     rap_prompt,
 )
-from engine.generator.templates import LLAVA_V1_SYSTEM
 from engine.generator.tiny import tiny_model_path
 from engine.types import Answer
+from tests.llava_reference import CONVERSATIONS
+
+VICUNA_V1_SYSTEM = CONVERSATIONS["vicuna_v1"][0]  # RAP-LLaVA's system prompt
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 128, 0), (0, 0, 255)
 DESIGN_PROMPT = (
@@ -147,7 +149,7 @@ def test_choose_k_follows_the_context_budget() -> None:
 def test_tiny_llava_prompt_token_by_token(llava) -> None:
     prompt = rap_prompt("What is Mochi doing?", two_concepts(), solid(RED))
     rendered = llava.render(prompt)
-    assert rendered == f"{LLAVA_V1_SYSTEM} USER: {DESIGN_PROMPT} ASSISTANT:"
+    assert rendered == f"{VICUNA_V1_SYSTEM} USER: {DESIGN_PROMPT} ASSISTANT:"
 
     inputs = llava.inputs(prompt)
     ids = inputs["input_ids"][0].tolist()
@@ -184,7 +186,7 @@ def test_tiny_llava_text_only_uses_no_query_image(llava) -> None:
     assert inputs["pixel_values"].shape[0] == 1
     text = llava.tokenizer.decode(ids[1:]).replace("<image>" * 16, "<image>")
     assert text == (
-        f"{LLAVA_V1_SYSTEM} USER: 1.<image>\n Name: <Bo>, Info: Alice's corgi\n"
+        f"{VICUNA_V1_SYSTEM} USER: 1.<image>\n Name: <Bo>, Info: Alice's corgi\n"
         "What breed is Bo? ASSISTANT:"
     )
 

@@ -15,7 +15,6 @@ from safetensors import safe_open
 
 from engine.errors import InvalidInputError
 from engine.generator.hf import Generator
-from engine.generator.templates import LLAVA_V1_SYSTEM
 from engine.generator.tiny import tiny_model_path
 from engine.train.rap_data import (
     IGNORE_INDEX,
@@ -28,6 +27,9 @@ from engine.train.rap_data import (
 )
 from engine.train.rap_train import TrainConfig, find_checkpoint, lora_targets, train
 from rapbot.cli import main
+from tests.llava_reference import CONVERSATIONS
+
+VICUNA_V1_SYSTEM = CONVERSATIONS["vicuna_v1"][0]  # RAP-LLaVA's system prompt
 
 PETS = {  # name: (colour, info, a caption of its photo)
     "Mochi": ("grey", "my grey cat", "Mochi is asleep on the sofa."),
@@ -228,7 +230,7 @@ def test_prompt_from_extra_and_labels_only_on_answers(rap_data, llava_processor)
     assert item["pixel_values"].shape[0] == 2 and int((ids == image_id).sum()) == 32
     text = tok.decode(ids).replace("<image>" * 16, "<image>")
     assert text == (
-        f"<s>{LLAVA_V1_SYSTEM} USER: <image>\n[1.<image>\n Name: <Mochi>, Info: my grey cat\n]"
+        f"<s>{VICUNA_V1_SYSTEM} USER: <image>\n[1.<image>\n Name: <Mochi>, Info: my grey cat\n]"
         "Give a caption of the image. ASSISTANT: Mochi is asleep on the sofa.</s>"
     )
     # Only the answer (and the </s> that ends it) is trained.

@@ -1,7 +1,7 @@
 """RAP's Generate step: multimodal LLMs answering with the retrieved concepts in their prompt.
 
 - :mod:`engine.generator.prompt`: the RAP prompt (pure) and K from the context budget.
-- :mod:`engine.generator.templates`: chat templates of the RAP checkpoints (llava_v1, phi3).
+- :mod:`engine.generator.templates`: chat templates of the RAP checkpoints (vicuna_v1, phi3).
 - :mod:`engine.generator.hf`: :class:`~engine.generator.hf.Generator` over transformers
   (generate, stream, LoRA adapters).
 - :mod:`engine.generator.rap`: the engine's retrieval results -> the prompt's concepts.

@@ -1,8 +1,9 @@
 """Convert an original LLaVA-repository checkpoint into transformers' LLaVA format.
 
-The released RAP checkpoints (``Hoar012/RAP-LLaVA-13b``: LLaVA-1.5-13B with the ``llava_v1``
-conversation template; ``Hoar012/RAP-Phi3-mini``: LLaVA-Phi-3-mini with ``phi3``) are in the
-format of the LLaVA repository: one causal LM config with ``mm_*`` fields, and weights named
+The released RAP checkpoints (``Hoar012/RAP-LLaVA-13b``: LLaVA-1.5-13B, trained with the
+``vicuna_v1`` conversation template; ``Hoar012/RAP-Phi3-mini``: LLaVA-Phi-3-mini with ``phi3``)
+are in the format of the LLaVA repository: one causal LM config with ``mm_*`` fields, and
+weights named
 
     model.embed_tokens / model.layers.N.* / model.norm / lm_head     the language model
     model.mm_projector.0 / .2                                        the mlp2x_gelu projector
@@ -14,9 +15,10 @@ context length), renames the weights shard by shard (never the whole model in me
 spare: the mean row, since image-token embeddings are replaced by image features anyway), and
 writes a processor whose chat template reproduces the original conversation template.
 
-Known difference: the original code tokenizes the text between images separately (a
-SentencePiece tokenizer then adds a prefix space to each piece); the transformers processor
-tokenizes the whole prompt, so the text right after an image can differ by that one token.
+Prompts for a converted model are tokenized as the LLaVA repository tokenizes them (text
+between images piece by piece, see :mod:`engine.generator.tokens`), so its token ids are the
+ones the checkpoint saw in training. Nothing in a checkpoint is executed: configs are read as
+JSON, ``trust_remote_code`` is off, and ``auto_map`` (LLaVA-Phi-3's custom classes) is dropped.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ _TEXT_TYPES = (("phi3", "phi3"), ("phi", "phi3"), ("llama", "llama"), ("vicuna",
 # Config keys of the LLaVA repository that are not the language model's.
 _LLAVA_ONLY = re.compile(
     r"^(mm_|image_|tokenizer_|tune_|freeze_|unfreeze_|use_mm_|s2|pretrain_)|"
-    r"^(architectures|model_type|_name_or_path|transformers_version|torch_dtype|dtype)$"
+    r"^(architectures|model_type|_name_or_path|transformers_version|torch_dtype|dtype|auto_map)$"
 )
 # What OpenAI's CLIP vision towers (the ones LLaVA uses) have in common, for inferring their
 # config from the weights when no config.json is at hand.
@@ -76,7 +78,7 @@ def text_model_type(config: dict) -> str:
 
 
 def default_template(config: dict) -> str:
-    return "phi3" if text_model_type(config) == "phi3" else "llava_v1"
+    return "phi3" if text_model_type(config) == "phi3" else "vicuna_v1"
 
 
 def text_config(config: dict, vocab_size: int):
@@ -247,7 +249,9 @@ def build_processor(src: Path, config: dict, vision, template: str, vision_tower
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(src))
+        # LLaVA-Phi-3-style configs name custom code in auto_map: never run it (and never
+        # stop at transformers' "run custom code?" prompt); the tokenizers are standard ones.
+        tokenizer = AutoTokenizer.from_pretrained(str(src), trust_remote_code=False)
     finally:
         hf_logging.set_verbosity(verbosity)
     added = (
@@ -309,7 +313,7 @@ def convert_checkpoint(
     config = original_config(src)
     template = template or default_template(config)
     if template not in TEMPLATES:
-        raise InvalidInputError(f"Unknown template '{template}' (llava_v1, phi3).")
+        raise InvalidInputError(f"Unknown template '{template}' ({', '.join(TEMPLATES)}).")
     if config.get("mm_projector_type", "mlp2x_gelu") != "mlp2x_gelu":
         raise InvalidInputError(
             f"Projector '{config.get('mm_projector_type')}': only mlp2x_gelu converts to "
@@ -364,7 +368,7 @@ def _chain(*iterables):
 
 
 def _stop_ids(tokenizer, template: str) -> list[int]:
-    ends = ["</s>"] if template == "llava_v1" else ["<|end|>", "<|endoftext|>"]
+    ends = ["</s>"] if template.endswith("_v1") else ["<|end|>", "<|endoftext|>"]
     vocab = tokenizer.get_vocab()
     ids = [vocab[t] for t in ends if t in vocab]
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:

@@ -24,6 +24,7 @@ from engine.generator.prompt import (
     choose_k,
     rap_prompt,
 )
+from engine.generator.tokens import llava_ids, uses_llava_tokenization
 from engine.weights import first_line
 
 if TYPE_CHECKING:
@@ -118,7 +119,12 @@ class Generator:
         target = resolve_device(device)
         torch_type = torch_dtype(target, dtype)
         quant = quantization_config(load_in_4bit, load_in_8bit, torch_type)
-        common: dict[str, Any] = {"cache_dir": cache_dir, "local_files_only": local_files_only}
+        # Never run a checkpoint's own code, nor stop at transformers' "run it?" prompt.
+        common: dict[str, Any] = {
+            "cache_dir": cache_dir,
+            "local_files_only": local_files_only,
+            "trust_remote_code": False,
+        }
         try:
             processor = AutoProcessor.from_pretrained(str(ref), **common)
             model = AutoModelForImageTextToText.from_pretrained(
@@ -282,11 +288,13 @@ class Generator:
         return self._keeps_order
 
     def inputs(self, prompt: RapPrompt):
-        """Token ids, attention mask and pixel values, on the model's device."""
+        """Token ids, attention mask and pixel values, on the model's device. LLaVA models get
+        their ids as the LLaVA repository made them in training (:mod:`engine.generator.tokens`)."""
         images = list(prompt.images) or None
-        batch = self.processor(
-            text=[self.render(prompt)], images=images, return_tensors="pt", padding=False
-        )
+        text = self.render(prompt)
+        batch = self.processor(text=[text], images=images, return_tensors="pt", padding=False)
+        if images and uses_llava_tokenization(self.processor):
+            llava_ids(batch, self.processor, text, len(images))
         return batch.to(self.device)
 
     def select_concepts(

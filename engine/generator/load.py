@@ -23,7 +23,7 @@ from engine.weights import is_offline, looks_like_path, models_dir
 
 # Converted RAP checkpoints: alias -> (folder under <data_dir>/models, source repo, template).
 RAP_CHECKPOINTS: dict[str, tuple[str, str, str]] = {
-    "rap-llava": ("RAP-LLaVA-13b-hf", "Hoar012/RAP-LLaVA-13b", "llava_v1"),
+    "rap-llava": ("RAP-LLaVA-13b-hf", "Hoar012/RAP-LLaVA-13b", "vicuna_v1"),
     "rap-phi3": ("RAP-Phi3-mini-hf", "Hoar012/RAP-Phi3-mini", "phi3"),
 }
 OFF = ("", "none", "off")

@@ -4,8 +4,12 @@ The released RAP checkpoints were trained with the original LLaVA repository's c
 templates, not with the ones that ship with the transformers ports of LLaVA, so converted
 checkpoints get templates that reproduce those prompts character for character:
 
-- ``llava_v1`` (RAP-LLaVA-13b, LLaVA-1.5, Vicuna v1): ``SYSTEM USER: <msg> ASSISTANT:``, an
-  answer ends with ``</s>``.
+- ``vicuna_v1`` (RAP-LLaVA-13b, trained with ``--version v1``, which the LLaVA repository maps
+  to ``conv_vicuna_v1``): ``SYSTEM USER: <msg> ASSISTANT:``, an answer ends with ``</s>``; the
+  system prompt speaks of a "user".
+- ``llava_v1`` (LLaVA-1.5's evaluation scripts, ``conv_llava_v1``): the same layout with a
+  system prompt that speaks of a "human". Not what RAP-LLaVA was trained with; kept for
+  LLaVA-1.5 checkpoints evaluated the way LLaVA evaluates them.
 - ``phi3`` (RAP-Phi3-mini, LLaVA-Phi-3): ``<|system|>\\nSYSTEM<|end|>\\n<|user|>\\n<msg><|end|>
   \\n<|assistant|>\\n``.
 - ``chatml_vision`` (Qwen2-VL style): ``<|im_start|>role\\n...<|im_end|>`` with
@@ -17,6 +21,10 @@ Message content is either a string or a list of ``{"type": "text", "text": ...}`
 
 from __future__ import annotations
 
+VICUNA_V1_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
 LLAVA_V1_SYSTEM = (
     "A chat between a curious human and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the human's questions."
@@ -36,22 +44,29 @@ _CONTENT = (
     "{%- endmacro -%}"
 )
 
-# conv_llava_v1 (SeparatorStyle.TWO, sep " ", sep2 "</s>"): system + " ", then "USER: m " and
-# "ASSISTANT: a</s>" alternately; the generation prompt is "ASSISTANT:".
-LLAVA_V1_TEMPLATE = (
-    _CONTENT + "{%- if messages and messages[0]['role'] == 'system' -%}"
-    "{{ render(messages[0]['content'], '') }}{%- set rest = messages[1:] -%}"
-    "{%- else -%}{{ '" + LLAVA_V1_SYSTEM.replace("'", "\\'") + "' }}"
-    "{%- set rest = messages -%}{%- endif -%}"
-    "{{ ' ' }}"
-    "{%- for message in rest -%}"
-    "{%- if message['role'] == 'user' -%}"
-    "{{ 'USER: ' + render(message['content'], '<image>') + ' ' }}"
-    "{%- else -%}{{ 'ASSISTANT: ' + render(message['content'], '') + '</s>' }}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}"
-)
+
+def _two_separator_template(system: str) -> str:
+    """SeparatorStyle.TWO (sep " ", sep2 "</s>"): system + " ", then "USER: m " and
+    "ASSISTANT: a</s>" alternately; the generation prompt is "ASSISTANT:"."""
+    return (
+        _CONTENT + "{%- if messages and messages[0]['role'] == 'system' -%}"
+        "{{ render(messages[0]['content'], '') }}{%- set rest = messages[1:] -%}"
+        "{%- else -%}{{ '" + system.replace("'", "\\'") + "' }}"
+        "{%- set rest = messages -%}{%- endif -%}"
+        "{{ ' ' }}"
+        "{%- for message in rest -%}"
+        "{%- if message['role'] == 'user' -%}"
+        "{{ 'USER: ' + render(message['content'], '<image>') + ' ' }}"
+        "{%- else -%}{{ 'ASSISTANT: ' + render(message['content'], '') + '</s>' }}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}"
+    )
+
+
+# conv_vicuna_v1 and conv_llava_v1 differ only in the system prompt.
+VICUNA_V1_TEMPLATE = _two_separator_template(VICUNA_V1_SYSTEM)
+LLAVA_V1_TEMPLATE = _two_separator_template(LLAVA_V1_SYSTEM)
 
 # conv_phi3_instruct (SeparatorStyle.MPT, sep "<|end|>"): system + sep, then role + m + sep;
 # the generation prompt is the bare assistant role.
@@ -84,6 +99,7 @@ CHATML_VISION_TEMPLATE = (
 )
 
 TEMPLATES: dict[str, str] = {
+    "vicuna_v1": VICUNA_V1_TEMPLATE,
     "llava_v1": LLAVA_V1_TEMPLATE,
     "phi3": PHI3_TEMPLATE,
     "chatml_vision": CHATML_VISION_TEMPLATE,

@@ -1,7 +1,8 @@
 """Tiny random multimodal LLMs, built offline and deterministically, saved like real checkpoints.
 
 ``tiny-llava`` is a ``LlavaForConditionalGeneration`` (a miniature CLIP vision tower, the
-2-layer GELU projector and a miniature Llama) with the ``llava_v1`` chat template of RAP-LLaVA;
+2-layer GELU projector and a miniature Llama) with the ``vicuna_v1`` chat template RAP-LLaVA was
+trained with;
 ``tiny-qwen2-vl`` is a ``Qwen2VLForConditionalGeneration`` with Qwen2-VL's ChatML template. Both
 get a byte-level BPE tokenizer trained here with ``tokenizers`` on a small built-in corpus, the
 special tokens their processors need, and the matching processor, and are written to a folder
@@ -17,10 +18,10 @@ import tempfile
 from pathlib import Path
 
 from engine.embedder import seeded
-from engine.generator.templates import CHATML_VISION_TEMPLATE, LLAVA_V1_TEMPLATE
+from engine.generator.templates import CHATML_VISION_TEMPLATE, VICUNA_V1_TEMPLATE
 
 # Bump when a builder changes, so cached folders from an older build are not reused.
-TINY_VERSION = 1
+TINY_VERSION = 2  # 2: vicuna_v1 template (RAP-LLaVA's training template)
 TINY_MODELS = ("tiny-llava", "tiny-qwen2-vl")
 
 # Enough English, chat and RAP-prompt text that common words become single tokens.
@@ -169,7 +170,7 @@ def build_tiny_llava(dest: Path, seed: int = 0) -> None:
         patch_size=8,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,  # CLIP's class token, dropped by "default"
-        chat_template=LLAVA_V1_TEMPLATE,
+        chat_template=VICUNA_V1_TEMPLATE,
     )
     _save(model, processor, dest)
 

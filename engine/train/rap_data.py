@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import InvalidInputError
+from engine.generator.tokens import llava_ids, uses_llava_tokenization
 
 IGNORE_INDEX = -100  # labels the loss skips (transformers' and torch's convention)
 _IMAGE_PLACEHOLDER = re.compile(r"<image>\n?")
@@ -200,17 +201,17 @@ def tokenize_conversation(processor, messages: list[dict], images: list) -> dict
             if full[:end] != render(messages[: i + 1], tokenize=False):
                 raise InvalidInputError("The chat template does not render turns as prefixes.")
             spans.append((start, end))
-    text_only = processor.tokenizer(full, return_offsets_mapping=True)
     batch = processor(text=[full], images=images or None, return_tensors="pt")
-    ids = batch["input_ids"][0]
-    shift = len(ids) - len(text_only["input_ids"])  # tokens the images added
-    labels = [IGNORE_INDEX] * len(ids)
-    for position, (begin, _) in enumerate(text_only["offset_mapping"]):
-        if any(start <= begin < end for start, end in spans):
-            token = text_only["input_ids"][position]
-            if int(ids[position + shift]) != token:
-                raise InvalidInputError("Tokens of the answer moved: images after an answer?")
-            labels[position + shift] = token
+    if images and uses_llava_tokenization(processor):  # LLaVA's piece-by-piece ids
+        offsets = llava_ids(batch, processor, full, len(images))
+        ids = batch["input_ids"][0]
+        labels = [
+            int(token) if span and any(a <= span[0] < b for a, b in spans) else IGNORE_INDEX
+            for token, span in zip(ids, offsets, strict=True)
+        ]
+    else:
+        ids = batch["input_ids"][0]
+        labels = _labels_after_images(processor, full, spans, ids)
     # Per-token tensors (ids, mask, Qwen's mm_token_type_ids) lose the batch axis and become
     # 1-D; image tensors stay as they are.
     out = {
@@ -221,6 +222,21 @@ def tokenize_conversation(processor, messages: list[dict], images: list) -> dict
 
     out["labels"] = torch.tensor(labels, dtype=torch.long)
     return out
+
+
+def _labels_after_images(processor, full: str, spans, ids) -> list[int]:
+    """Labels for the processor's own ids: the text's tokens found through their offsets,
+    shifted by the tokens the images added before the first answer."""
+    text_only = processor.tokenizer(full, return_offsets_mapping=True)
+    shift = len(ids) - len(text_only["input_ids"])  # tokens the images added
+    labels = [IGNORE_INDEX] * len(ids)
+    for position, (begin, _) in enumerate(text_only["offset_mapping"]):
+        if any(start <= begin < end for start, end in spans):
+            token = text_only["input_ids"][position]
+            if int(ids[position + shift]) != token:
+                raise InvalidInputError("Tokens of the answer moved: images after an answer?")
+            labels[position + shift] = token
+    return labels
 
 
 # ------------------------------------------------------------------------------ the dataset
