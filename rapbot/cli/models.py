@@ -20,9 +20,10 @@ def register(sub, common: argparse.ArgumentParser) -> None:
     c.add_argument("dst", help="folder to write the transformers checkpoint to")
     c.add_argument(
         "--template",
-        choices=["llava_v1", "phi3"],
+        choices=["vicuna_v1", "llava_v1", "phi3"],
         default=None,
-        help="conversation template (default: phi3 for Phi-3 models, else llava_v1)",
+        help="conversation template the checkpoint was trained with (default: phi3 for Phi-3 "
+        "models, else vicuna_v1, RAP-LLaVA's; llava_v1 is LLaVA-1.5's evaluation template)",
     )
     c.add_argument(
         "--vision-tower", default=None, help="local CLIP folder when the checkpoint has none"
