@@ -139,9 +139,11 @@ class Engine:
 
     @property
     def photos(self):
-        """The scopes' photo histories (:class:`engine.store.photos.PhotoStore`) in
-        ``<data_dir>/photos``, keyed by the search encoder's identity: the concept store's CLIP
-        model, or the CIR-LVLM encoder's (computed without loading it). An index made with
+        """The scopes' photo histories: :class:`engine.store.photos.PhotoStore` in
+        ``<data_dir>/photos`` (FAISS store), or :class:`engine.store.qdrant_photos.
+        QdrantPhotoStore` on the concept store's Qdrant client (shared by every worker); keyed
+        by the search encoder's identity: the concept store's CLIP model, or the CIR-LVLM
+        encoder's (computed without loading it). An index made with
         another encoder still answers flags and deletions but refuses adds and searches with a
         message to re-index (:meth:`reindex_photos`). When the CIR-LVLM encoder's identity
         cannot be computed (``RAPBOT_SEARCH_MODEL`` empty, missing or not a trained folder), the
@@ -155,11 +157,24 @@ class Engine:
     def _open_photos(self):
         from pathlib import Path
 
-        from engine.store.photos import PhotoStore
+        client = getattr(self.store, "client", None)  # a Qdrant concept store's
+        if client is not None:  # photos go where the concepts are: Qdrant, shared by workers
+            from engine.store.qdrant_photos import QdrantPhotoStore as store_class
 
-        root = Path(self.settings.data_dir).expanduser() / "photos"
+            where = {
+                "client": client,
+                "prefix": self.settings.qdrant_prefix,
+                "where": self.store.where,
+                "lock": self.store.lock,
+            }
+        else:
+            from engine.store.photos import PhotoStore as store_class
+
+            where = {"root": Path(self.settings.data_dir).expanduser() / "photos"}
         if self.settings.search_encoder != "cir-lvlm":
-            return PhotoStore(root, self.store.model_id, self.store.dim, strict=False)
+            return store_class(
+                **where, model_id=self.store.model_id, dim=self.store.dim, strict=False
+            )
         from engine.cir.search import cir_identity
 
         try:
@@ -168,8 +183,8 @@ class Engine:
             if not isinstance(error, MissingWeightError):  # an unreadable file
                 error = MissingWeightError(f"CIR-LVLM search model not readable: {error}")
             log.warning("photo index opened without its search encoder: %s", error)
-            return PhotoStore.unresolved(root, error)
-        return PhotoStore(root, model_id, dim, strict=False)
+            return store_class.unresolved(**where, error=error)
+        return store_class(**where, model_id=model_id, dim=dim, strict=False)
 
     @property
     def search_encoder(self):

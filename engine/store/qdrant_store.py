@@ -200,6 +200,12 @@ class QdrantConceptStore:
                 client.close()
             raise
 
+    @property
+    def lock(self) -> threading.RLock:
+        """The lock this store's client calls take (the photo store on the same client shares
+        it: the in-process Qdrant is not thread-safe)."""
+        return self._lock
+
     def __repr__(self) -> str:
         return f"QdrantConceptStore({self.where!r}, {self.collection!r}, dim={self.dim})"
 
