@@ -20,6 +20,7 @@ from engine.eval.rap_eval import (
     qa_question,
     report,
     run_eval,
+    score_json,
     score_predictions,
 )
 from engine.generator.prompt import CAPTION_QUESTION
@@ -178,6 +179,7 @@ def test_run_eval_and_scores_by_hand(tmp_path) -> None:
     assert rows == [
         ["scripted", "66.67", "66.67", "66.67"],  # Table 3: percent
         ["scripted", "1.000", "0.500", "0.667", "1.000", "0.000", "0.500"],  # Table 4: fractions
+        ["scripted", "1.000", "0.500", "0.667"],  # QA, lenient reading: bare letters agree
     ]
     partial = run_eval(
         eval_set, Scripted(), method="rec", tasks=["recognition"], limit=1, progress=False
@@ -256,7 +258,8 @@ def test_cli_eval_rap_on_tiny_llava(tiny_llava, tmp_path, capsys) -> None:
     assert all(isinstance(p["output"], str) for t in ("caption", "recognition") for p in saved[t])
     assert main(["--json", "eval", "rap", "--score", str(pred), str(pred)]) == 0
     results = json.loads(capsys.readouterr().out)["results"]
-    assert len(results) == 2 and set(results[0]) == {"method", "caption", "qa", "recognition"}
+    assert len(results) == 2
+    assert set(results[0]) == {"method", "caption", "qa", "qa_lenient", "recognition"}
     assert main(["eval", "rap", str(set_path)]) == 1  # neither --generator nor --engine
     assert "--generator" in capsys.readouterr().err
 
@@ -285,3 +288,36 @@ def test_cli_eval_rap_engine(tiny_models, dreambooth, tmp_path, monkeypatch, cap
         assert reopened.store.scopes() == []  # nothing of the eval chat is left
     finally:
         reopened.close()
+
+
+def test_qa_strict_by_default_lenient_as_an_option_both_reported() -> None:
+    """Table 4 reads QA answers as RAP's eval_qa.py does (the normalized letter only) unless
+    asked otherwise; the other reading is always printed under it and both are in the JSON."""
+    options = {"A": "Cat", "B": "Dog"}
+    run = {
+        "method": "m",
+        "visual_qa": [
+            {"output": "B. Dog", "options": options, "correct_answer": "B"},  # lenient only
+            {"output": "b", "options": options, "correct_answer": "B"},  # both
+        ],
+        "text_qa": [{"output": "It is a dog.", "options": options, "correct_answer": "B"}],
+    }
+    scores = score_json(run)
+    # strict: visual 1/2, text 0/1, pooled 1/3; lenient: 2/2, 1/1, 3/3
+    assert scores["qa"] == {"visual": 0.5, "text_only": 0.0, "weighted": pytest.approx(1 / 3)}
+    assert scores["qa_lenient"] == {"visual": 1.0, "text_only": 1.0, "weighted": 1.0}
+
+    def rows(text: str) -> list[list[str]]:
+        return [line.split() for line in text.splitlines() if line.startswith("m ")]
+
+    strict = report([run])
+    assert "Question answering (strict reading)" in strict and "lenient reading" in strict
+    assert rows(strict) == [
+        ["m", "0.500", "0.000", "0.333", "-", "-", "-"],
+        ["m", "1.000", "1.000", "1.000"],
+    ]
+    lenient = report([run], qa_reading="lenient")
+    assert rows(lenient) == [
+        ["m", "1.000", "1.000", "1.000", "-", "-", "-"],
+        ["m", "0.500", "0.000", "0.333"],
+    ]

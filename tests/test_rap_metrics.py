@@ -16,6 +16,7 @@ from engine.eval.rap_metrics import (
     qa_accuracy,
     qa_recognition_table,
     recognition_scores,
+    strict_correct,
 )
 
 # --------------------------------------------------------------------------------- captioning
@@ -97,6 +98,37 @@ def test_parse_option_article_and_longest_option() -> None:
     assert parse_option("a black cat", {"A": "Cat", "B": "Black cat"}) == "B"
 
 
+def test_qa_strict_reading_is_rap_eval_qa() -> None:
+    """Strict (the default): the normalized answer must equal the normalized letter, exactly as
+    RAP's eval_qa.py compares them."""
+    items = [
+        ("B", OPTIONS, "B"),  # right: "b" == "b"
+        ("(B).", OPTIONS, "B"),  # right: punctuation goes, "b" == "b"
+        ("Dog", OPTIONS, "B"),  # wrong: "dog" != "b" (the lenient reading says right)
+        ("B. Dog", OPTIONS, "B"),  # wrong: "b dog" != "b"
+        ("The answer is B", OPTIONS, "B"),  # wrong: "answer is b" != "b"
+        # upstream's quirk, kept: "a" is an article, so the letter A normalizes to ""
+        ("A", OPTIONS, "A"),  # right: "" == ""
+        ("", OPTIONS, "A"),  # right (!): an empty answer also normalizes to ""
+        ("A cat", OPTIONS, "A"),  # wrong: "cat" != ""
+    ]
+    assert [strict_correct(text, correct) for text, _, correct in items] == [
+        True,
+        True,
+        False,
+        False,
+        False,
+        True,
+        True,
+        False,
+    ]
+    # 4 right of 8 strictly; leniently all but the empty answer (no option picked) = 7 of 8
+    assert qa_accuracy(items) == AccuracyScore(0.5, 4, 8)
+    assert qa_accuracy(items, "lenient") == AccuracyScore(0.875, 7, 8)
+    with pytest.raises(ValueError):
+        qa_accuracy(items, "generous")
+
+
 def test_qa_accuracy_and_weighted() -> None:
     visual = qa_accuracy(
         [
@@ -104,11 +136,12 @@ def test_qa_accuracy_and_weighted() -> None:
             ("Dog", OPTIONS, "B"),  # right (option text)
             ("B", OPTIONS, "A"),  # wrong
             ("no idea", OPTIONS, "B"),  # unparsed → wrong
-        ]
+        ],
+        "lenient",
     )
     # 2 right of 4 → 0.5
     assert visual == AccuracyScore(0.5, 2, 4)
-    text_only = qa_accuracy([("B", OPTIONS, "b"), ("Cat", OPTIONS, "A")])
+    text_only = qa_accuracy([("B", OPTIONS, "b"), ("Cat", OPTIONS, "A")], "lenient")
     # 2 right of 2 → 1.0 (the correct letter is compared case-insensitively)
     assert text_only == AccuracyScore(1.0, 2, 2)
     # weighted pools the questions: (2 + 2) / (4 + 2) = 4/6 = 0.667, not (0.5 + 1.0) / 2 = 0.75

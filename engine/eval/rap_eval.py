@@ -43,6 +43,7 @@ from typing import Any, Protocol
 
 from engine.errors import InvalidInputError
 from engine.eval.rap_metrics import (
+    QA_READINGS,
     CaptionScore,
     QAScore,
     RecognitionScore,
@@ -50,6 +51,7 @@ from engine.eval.rap_metrics import (
     caption_table,
     qa_accuracy,
     qa_recognition_table,
+    qa_table,
     recognition_scores,
 )
 
@@ -340,8 +342,12 @@ def _answer(task: str, item: dict, eval_set: EvalSet, answerer: Answerer) -> str
 @dataclass(frozen=True)
 class Scores:
     caption: CaptionScore | None
-    qa: QAScore | None
+    qa: QAScore | None  # strict: the normalized answer is the letter (RAP's eval_qa.py)
     recognition: RecognitionScore | None
+    qa_lenient: QAScore | None = None  # the option an answer picks, in words or with a marker
+
+    def qa_read(self, reading: str) -> QAScore | None:
+        return self.qa if reading == "strict" else self.qa_lenient
 
 
 def score_predictions(predictions: dict[str, Any]) -> Scores:
@@ -352,22 +358,27 @@ def score_predictions(predictions: dict[str, Any]) -> Scores:
             ((p["output"], p["concepts"]) for p in predictions["caption"]),
             predictions.get("vocabulary", ()),
         )
-    qa = None
+    qa = {}
     if predictions.get("visual_qa") or predictions.get("text_qa"):
-        qa = QAScore(
-            *(
-                qa_accuracy(
-                    (p["output"], p["options"], p["correct_answer"]) for p in predictions.get(t, [])
+        for reading in QA_READINGS:
+            qa[reading] = QAScore(
+                *(
+                    qa_accuracy(
+                        (
+                            (p["output"], p["options"], p["correct_answer"])
+                            for p in predictions.get(task, [])
+                        ),
+                        reading,
+                    )
+                    for task in ("visual_qa", "text_qa")
                 )
-                for t in ("visual_qa", "text_qa")
             )
-        )
     recognition = None
     if predictions.get("recognition"):
         recognition = recognition_scores(
             (p["output"], p["present"]) for p in predictions["recognition"]
         )
-    return Scores(caption, qa, recognition)
+    return Scores(caption, qa.get("strict"), recognition, qa.get("lenient"))
 
 
 def score_json(predictions: dict[str, Any]) -> dict[str, Any]:
@@ -377,13 +388,13 @@ def score_json(predictions: dict[str, Any]) -> dict[str, Any]:
     if scores.caption:
         c = scores.caption
         out["caption"] = {"recall": c.recall, "precision": c.precision, "f1": c.f1}
-    if scores.qa:
-        q = scores.qa
-        out["qa"] = {
-            "visual": q.visual.accuracy if q.visual.total else None,
-            "text_only": q.text_only.accuracy if q.text_only.total else None,
-            "weighted": q.weighted,
-        }
+    for key, q in (("qa", scores.qa), ("qa_lenient", scores.qa_lenient)):
+        if q:
+            out[key] = {
+                "visual": q.visual.accuracy if q.visual.total else None,
+                "text_only": q.text_only.accuracy if q.text_only.total else None,
+                "weighted": q.weighted,
+            }
     if scores.recognition:
         r = scores.recognition
         out["recognition"] = {
@@ -394,8 +405,10 @@ def score_json(predictions: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def report(runs: Sequence[dict[str, Any]]) -> str:
-    """Table 3 (captioning) and Table 4 (QA, recognition) for one or more prediction sets."""
+def report(runs: Sequence[dict[str, Any]], qa_reading: str = "strict") -> str:
+    """Table 3 (captioning) and Table 4 (QA read ``qa_reading``, recognition) for one or more
+    prediction sets, then QA under the other reading: both are always reported, the strict one
+    (RAP's eval_qa.py) being the paper's."""
     scored = [
         (run.get("method", f"run {i + 1}"), score_predictions(run)) for i, run in enumerate(runs)
     ]
@@ -403,9 +416,17 @@ def report(runs: Sequence[dict[str, Any]]) -> str:
     captions = [(name, s.caption) for name, s in scored if s.caption]
     if captions:
         parts.append(caption_table(captions))
-    rest = [(name, s.qa, s.recognition) for name, s in scored if s.qa or s.recognition]
+    if qa_reading not in QA_READINGS:
+        raise InvalidInputError(f"Unknown QA reading {qa_reading!r}: {', '.join(QA_READINGS)}")
+    rest = [
+        (name, s.qa_read(qa_reading), s.recognition) for name, s in scored if s.qa or s.recognition
+    ]
     if rest:
-        parts.append(qa_recognition_table(rest))
+        parts.append(qa_recognition_table(rest, qa_reading))
+    other = next(r for r in QA_READINGS if r != qa_reading)
+    others = [(name, s.qa_read(other)) for name, s in scored if s.qa_read(other)]
+    if others:
+        parts.append(qa_table(others, other))
     return "\n\n".join(parts) if parts else "No answers to score."
 
 

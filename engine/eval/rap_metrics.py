@@ -139,8 +139,27 @@ def _accuracy(outcomes: Iterable[bool]) -> AccuracyScore:
     return AccuracyScore(_ratio(sum(values), len(values)), sum(values), len(values))
 
 
-def qa_accuracy(items: Iterable[tuple[str, Mapping[str, str], str]]) -> AccuracyScore:
-    """Accuracy over ``(generated answer, options, correct letter)`` triples."""
+QA_READINGS = ("strict", "lenient")
+
+
+def strict_correct(text: str, correct: str) -> bool:
+    """RAP's ``eval_qa.py``: right only when the normalized answer is the normalized letter.
+
+    Kept exactly, quirk included: "a" is an article, so the letter A normalizes to "" and an
+    answer that normalizes to "" (empty, or just "A." / "the") counts as A."""
+    return normalize_answer(text) == normalize_answer(correct)
+
+
+def qa_accuracy(
+    items: Iterable[tuple[str, Mapping[str, str], str]], reading: str = "strict"
+) -> AccuracyScore:
+    """Accuracy over ``(generated answer, options, correct letter)`` triples: ``strict`` as the
+    paper scores it (:func:`strict_correct`), ``lenient`` reading the option an answer picks
+    in words or with a marker (:func:`parse_option`)."""
+    if reading not in QA_READINGS:
+        raise ValueError(f"unknown QA reading {reading!r} ({', '.join(QA_READINGS)})")
+    if reading == "strict":
+        return _accuracy(strict_correct(text, correct) for text, _, correct in items)
     return _accuracy(
         parse_option(text, options) == correct.strip().upper() for text, options, correct in items
     )
@@ -234,11 +253,30 @@ def caption_table(rows: Sequence[tuple[str, CaptionScore]]) -> str:
     )
 
 
+def qa_table(rows: Sequence[tuple[str, QAScore]], reading: str) -> str:
+    """QA alone (visual / text-only / weighted) under one reading of the answers."""
+    return _table(
+        ["Method", "QA Visual", "QA Text-only", "QA Weighted"],
+        [
+            [
+                name,
+                _frac(qa.visual.accuracy if qa.visual.total else None),
+                _frac(qa.text_only.accuracy if qa.text_only.total else None),
+                _frac(qa.weighted),
+            ]
+            for name, qa in rows
+        ],
+        f"Question answering, {reading} reading",
+    )
+
+
 def qa_recognition_table(
     rows: Sequence[tuple[str, QAScore | None, RecognitionScore | None]],
+    reading: str = "strict",
 ) -> str:
-    """Laid out like the paper's Table 4: QA (visual / text-only / weighted) and recognition
-    (positive / negative / weighted), as fractions; ``-`` where a method has no such results."""
+    """Laid out like the paper's Table 4: QA (visual / text-only / weighted, answers read
+    ``reading``) and recognition (positive / negative / weighted), as fractions; ``-`` where a
+    method has no such results."""
     header = ["Method", "QA Visual", "QA Text-only", "QA Weighted", "Rec Positive"]
     header += ["Rec Negative", "Rec Weighted"]
     body = []
@@ -254,4 +292,6 @@ def qa_recognition_table(
                 _frac(rec.weighted if rec else None),
             ]
         )
-    return _table(header, body, "Question answering and visual recognition (Table 4)")
+    return _table(
+        header, body, f"Question answering ({reading} reading) and visual recognition (Table 4)"
+    )

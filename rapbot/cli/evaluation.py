@@ -40,6 +40,14 @@ def register(sub, common: argparse.ArgumentParser) -> None:
     e.add_argument(
         "--score", nargs="+", default=None, metavar="PRED", help="only table saved predictions"
     )
+    e.add_argument(
+        "--qa-reading",
+        choices=["strict", "lenient"],
+        default="strict",
+        help="QA in Table 4: strict (the normalized answer must be the letter, as RAP's "
+        "eval_qa.py; the paper's numbers) or lenient (the option picked in words or 'A.'); "
+        "the other reading is printed below it",
+    )
 
     ec = eval_kinds.add_parser(
         "cir", parents=[common], help="composed image search: Recall@K, Recall_subset@K, mAP@K"
@@ -107,7 +115,7 @@ def run_eval_rap(args: argparse.Namespace) -> int:
         if args.out:
             Path(args.out).expanduser().write_text(json.dumps(run, indent=1, ensure_ascii=False))
         runs = [run]
-    emit(args, {"results": [score_json(run) for run in runs]}, report(runs))
+    emit(args, {"results": [score_json(run) for run in runs]}, report(runs, args.qa_reading))
     return 0
 
 
