@@ -64,9 +64,19 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from engine.errors import ImageError, InvalidInputError, RapbotError, StoreError
+from engine.images import ImageLimits, decode_image
 from engine.store.base import ConceptStore, check_scope, name_key
 from engine.types import Box
-from engine.validation import clean_description, clean_name, clean_scope, clean_user
+from engine.validation import (
+    TextLimits,
+    clean_box,
+    clean_concept_text,
+    clean_scope,
+    clean_source,
+    clean_user,
+    name_skeletons,
+    refuse_look_alike,
+)
 
 if TYPE_CHECKING:
     from engine.store.photos import PhotoStore
@@ -91,9 +101,8 @@ _DISCORD_SOURCE = re.compile(
 )
 _THUMB = re.compile(r"thumbs/(\d{8})\.jpg")
 _JPEG_MAGIC = b"\xff\xd8\xff"
-# Generous bounds for text read from an archive (the engine's own limits are stricter); a
-# source can be a file's absolute path (`rapbot index`), hence PATH_MAX.
-_MAX_NAME, _MAX_DESCRIPTION, _MAX_CATEGORY, _MAX_SOURCE = 256, 4000, 64, 4096
+_MAX_ID = 2**63 - 1  # example and photo ids: SQLite's INTEGER
+_CHUNK = 1024 * 1024  # bytes read from a member at a time
 _EMBED_BATCH = 32
 _PHOTO_WRITE_BATCH = 500  # photos per PhotoStore.add_many transaction
 
@@ -118,11 +127,13 @@ class ArchiveError(InvalidInputError):
 class ArchiveLimits:
     """How much an untrusted archive may hold; beyond it the import is refused up front."""
 
-    max_bytes: int = 8 * 1024**3  # all members, uncompressed
+    max_bytes: int = 8 * 1024**3  # all members, really decompressed (not as declared)
     max_examples: int = 1_000_000
     max_photos: int = 1_000_000  # of the photo search history
     max_crop_bytes: int = 20 * 1024**2  # one JPEG: a crop or a thumbnail
     max_manifest_bytes: int = 1024**2
+    max_lines_bytes: int = 512 * 1024**2  # one .jsonl member (1M lines of ~500 bytes)
+    max_line_bytes: int = 64 * 1024  # one record of a .jsonl member
 
 
 @dataclass(frozen=True)
@@ -243,6 +254,7 @@ def _write_archive(
                     box=ex.box.as_list(),
                     source=ex.source,
                     created_at=ex.created_at,
+                    added_by=ex.added_by or ex.owner,
                 )
             )
         entry = {"scope": scope, "concepts": len(seen), "examples": len(examples) - first}
@@ -350,6 +362,7 @@ class ArchivedExample:
     example_id: int
     box: Box
     source: str | None
+    added_by: str  # who added the photo (archives before it was recorded: the owner)
 
 
 @dataclass(frozen=True)
@@ -379,9 +392,10 @@ class Archive:
     ``photos`` and ``photo_embeddings``.
     """
 
-    def __init__(self, path: Path, limits: ArchiveLimits) -> None:
+    def __init__(self, path: Path, limits: ArchiveLimits, text: TextLimits) -> None:
         self.path = path
         self.limits = limits
+        self.text = text  # the live limits of concept names and descriptions
         if not path.is_file():
             raise InvalidInputError(f"No such file: {path}")
         try:
@@ -417,17 +431,37 @@ class Archive:
         except _DAMAGE as error:
             raise self._error(f"is damaged ({_reason(error)})") from None
 
-    def _read(self, name: str, limit: int) -> bytes:
+    def _chunks(self, name: str, limit: int) -> Iterator[bytes]:
+        """The member's bytes as they are decompressed, a chunk at a time: what a member
+        really unpacks to is counted (against ``limit`` and the whole archive's
+        ``max_bytes``), never what its header declares, so a zip bomb is refused after at
+        most ``limit`` bytes and never held in memory."""
         info = self._members.get(name)
         if info is None:
             raise self._error(f"has no {name}")
         if info.file_size > limit:
             raise self._error(f"has a {name} of {info.file_size} bytes (at most {limit})")
+        seen = 0
         with self._zip.open(info) as member:
-            data = member.read(limit + 1)
-        if len(data) > limit:
-            raise self._error(f"has a {name} larger than it declares")
-        return data
+            while chunk := member.read(min(_CHUNK, limit + 1 - seen)):
+                seen += len(chunk)
+                self._unpacked += len(chunk)
+                if seen > limit:
+                    raise self._error(f"has a {name} larger than it declares (over {limit} bytes)")
+                if self._unpacked > self.limits.max_bytes:
+                    raise self._error(
+                        f"unpacks to more than the {self.limits.max_bytes} bytes allowed"
+                    )
+                yield chunk
+                if seen == limit:  # one more byte would be too many: check for it
+                    if member.read(1):
+                        raise self._error(
+                            f"has a {name} larger than it declares (over {limit} bytes)"
+                        )
+                    return
+
+    def _read(self, name: str, limit: int) -> bytes:
+        return b"".join(self._chunks(name, limit))
 
     # ------------------------------------------------------------------------- validation
 
@@ -437,6 +471,7 @@ class Archive:
         if len(infos) > limits.max_examples + limits.max_photos + 6:
             raise self._error(f"has {len(infos)} files, more than this import allows")
         self._members: dict[str, zipfile.ZipInfo] = {}
+        self._unpacked = 0  # bytes really decompressed so far, all members
         for info in infos:
             name = info.filename
             if not (name in _MEMBERS or _CROP.fullmatch(name) or _THUMB.fullmatch(name)):
@@ -546,13 +581,30 @@ class Archive:
             flags[cleaned] = enabled
         return ArchivedPhotoIndex(model_id, dim, count, flags)
 
+    def _raw_lines(self, name: str) -> Iterator[bytes]:
+        """The member's lines, streamed; none longer than ``max_line_bytes``."""
+        longest = self.limits.max_line_bytes
+        rest = b""
+        for chunk in self._chunks(name, self.limits.max_lines_bytes):
+            lines = (rest + chunk).split(b"\n")
+            rest = lines.pop()
+            for line in lines:
+                if len(line) > longest:
+                    raise self._error(f"has a line longer than {longest} bytes in {name}")
+                yield line
+            if len(rest) > longest:
+                raise self._error(f"has a line longer than {longest} bytes in {name}")
+        if rest:
+            yield rest
+
     def _lines(self, name: str) -> Iterator[tuple[int, dict[str, Any]]]:
-        data = self._read(name, self.limits.max_bytes)
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as error:
-            raise self._error(f"has an unreadable {name} ({_reason(error)})") from None
-        for number, line in enumerate(text.splitlines(), 1):
+        for number, raw in enumerate(self._raw_lines(name), 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise self._error(f"has an unreadable {name} ({_reason(error)})") from None
+            if not line.strip():
+                continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
@@ -564,44 +616,71 @@ class Archive:
     def _check_records(self) -> tuple[list[ArchivedConcept], list[ArchivedExample]]:
         fields: dict[tuple[str, str], dict[str, str]] = {}
         names: set[tuple[str, str]] = set()
+        looks: dict[tuple[str, str], str] = {}  # (chat, skeleton) -> name
         for number, raw in self._lines(CONCEPTS):
             where = f"line {number} of {CONCEPTS}"
             try:
                 scope = clean_scope(_text(raw, "scope"))
                 concept_id = _text(raw, "id")
-                record = {
-                    "name": clean_name(_text(raw, "name"), _MAX_NAME),
-                    "description": clean_description(_text(raw, "description"), _MAX_DESCRIPTION),
-                    "category": clean_description(_text(raw, "category"), _MAX_CATEGORY),
-                    "owner": clean_user(_text(raw, "owner")),
-                }
+                # The very checks of a chat command, with the same limits.
+                text = clean_concept_text(
+                    _text(raw, "name"),
+                    _text(raw, "description"),
+                    _text(raw, "category"),
+                    _text(raw, "owner"),
+                    self.text,
+                )
+                _number(raw.get("created_at", 0.0))
             except (InvalidInputError, KeyError, TypeError) as error:
                 raise self._error(f"has a bad concept at {where} ({_reason(error)})") from None
-            if not 1 <= len(concept_id) <= 64 or (scope, concept_id) in fields:
+            if (
+                not (1 <= len(concept_id) <= 64 and concept_id.isprintable())
+                or (
+                    scope,
+                    concept_id,
+                )
+                in fields
+            ):
                 raise self._error(f"has a bad or repeated concept id at {where}")
-            if (scope, name_key(record["name"])) in names:
-                raise self._error(f"names '{record['name']}' twice in chat '{scope}'")
-            names.add((scope, name_key(record["name"])))
-            fields[(scope, concept_id)] = record
+            if (scope, name_key(text.name)) in names:
+                raise self._error(f"names '{text.name}' twice in chat '{scope}'")
+            names.add((scope, name_key(text.name)))
+            for key in name_skeletons(text.name):
+                other = looks.setdefault((scope, key), text.name)
+                if other != text.name:
+                    raise self._error(
+                        f"has '{text.name}', which looks like '{other}', in chat '{scope}'"
+                    )
+            fields[(scope, concept_id)] = {
+                "name": text.name,
+                "description": text.description,
+                "category": text.category,
+                "owner": text.owner,
+            }
         rows: dict[tuple[str, str], list[int]] = {key: [] for key in fields}
         examples: list[ArchivedExample] = []
         for number, raw in self._lines(EXAMPLES):
             where = f"line {number} of {EXAMPLES}"
             try:
                 scope, concept_id = clean_scope(_text(raw, "scope")), _text(raw, "concept_id")
-                example_id, box = raw["example_id"], raw["box"]
-                if not _is_int(example_id) or not (
-                    isinstance(box, list) and len(box) == 4 and all(map(_is_int, box))
-                ):
-                    raise TypeError("bad example id or box")
-                source = None if raw.get("source") is None else _source(raw["source"])
+                example_id = raw["example_id"]
+                if not _is_int(example_id) or not 0 <= example_id <= _MAX_ID:
+                    raise TypeError("bad example id")
+                box = clean_box(raw["box"])
+                source = None if raw.get("source") is None else clean_source(raw["source"])
+                added_by = None if raw.get("added_by") is None else clean_user(raw["added_by"])
+                _number(raw.get("created_at", 0.0))
             except (InvalidInputError, KeyError, TypeError) as error:
                 raise self._error(f"has a bad example at {where} ({_reason(error)})") from None
             key = (scope, concept_id)
             if key not in rows:
                 raise self._error(f"has an example of an unknown concept at {where}")
             rows[key].append(len(examples))
-            examples.append(ArchivedExample(key[0], concept_id, example_id, Box(*box), source))
+            examples.append(
+                ArchivedExample(
+                    key[0], concept_id, example_id, box, source, added_by or fields[key]["owner"]
+                )
+            )
         if len(examples) > self.limits.max_examples:
             raise self._error("holds more photos than this import allows")
         if any(not r for r in rows.values()):
@@ -623,12 +702,10 @@ class Archive:
             try:
                 scope = clean_scope(_text(raw, "scope"))
                 poster = clean_user(_text(raw, "poster"))
-                source = _source(raw["source"])
-                photo_id, posted_at = raw["photo_id"], raw["posted_at"]
-                if not _is_int(photo_id) or photo_id < 0:
+                source = clean_source(raw["source"])
+                photo_id, posted_at = raw["photo_id"], _number(raw["posted_at"])
+                if not _is_int(photo_id) or not 0 <= photo_id <= _MAX_ID:
                     raise TypeError("bad photo id")
-                if not _is_number(posted_at) or not math.isfinite(posted_at):
-                    raise TypeError("bad posted_at")
             except (InvalidInputError, KeyError, TypeError, OverflowError) as error:
                 raise self._error(f"has a bad photo at {where} ({_reason(error)})") from None
             if scope not in self.photo_index.indexing:
@@ -667,8 +744,15 @@ class Archive:
         if present != expected:
             missing = sorted(expected - present)
             raise self._error(f"misses {missing[0]}" if missing else f"has {what} refers to")
+        # Decoded like any upload (engine.images): JPEG magic followed by junk, a bomb or a
+        # strip is refused here, before anything is written, not when a chat later uses it.
+        image_limits = ImageLimits(max_bytes=self.limits.max_crop_bytes)
         for row in range(n):
-            self._jpeg(name_of(row))
+            name = name_of(row)
+            try:
+                decode_image(self._jpeg(name), image_limits).close()
+            except ImageError as error:
+                raise self._error(f"has a photo {name} that can't be read ({error})") from None
 
     def _jpeg(self, name: str) -> bytes:
         with self._reading():
@@ -690,9 +774,17 @@ _MEMBERS = frozenset({MANIFEST, CONCEPTS, EXAMPLES, EMBEDDINGS, PHOTOS, PHOTO_EM
 _PHOTO_MEMBERS = frozenset({PHOTOS, PHOTO_EMBEDDINGS})
 
 
-def read_archive(path: str | os.PathLike[str], limits: ArchiveLimits | None = None) -> Archive:
-    """Open and validate an export; raises :class:`ArchiveError` with a clear message."""
-    return Archive(Path(path).expanduser(), limits or ArchiveLimits())
+def read_archive(
+    path: str | os.PathLike[str],
+    limits: ArchiveLimits | None = None,
+    text: TextLimits | None = None,
+) -> Archive:
+    """Open and validate an export; raises :class:`ArchiveError` with a clear message.
+
+    ``text``: the limits of names and descriptions, those of the live path
+    (:meth:`TextLimits.from_settings`; the default is the default settings').
+    """
+    return Archive(Path(path).expanduser(), limits or ArchiveLimits(), text or TextLimits())
 
 
 # ----------------------------------------------------------------------------- import
@@ -756,25 +848,29 @@ def import_archive(
         )
         photo_targets = {targets[s] for s in wanted}
         chats = sorted({targets[c.scope] for c in archive.concepts} | photo_targets)
-        # Everything is checked: only now are the stores touched.
-        if mode == "replace":
-            for target in chats:
-                for concept in store.list_concepts(target):
-                    store.delete(target, concept.id)
-        deferred = getattr(store, "deferred_saves", None)  # FAISS: one index write at the end
-        with deferred() if deferred else nullcontext():
+        if mode == "merge":
+            _refuse_look_alikes(archive, store, targets)
+        # Everything is checked: only now are the stores touched, in one transaction (FAISS:
+        # one SQLite transaction; Qdrant: undone on failure), so a failure at any point,
+        # the photo history's included, leaves the concepts as they were.
+        atomic = getattr(store, "atomic", None)
+        with atomic() if atomic else nullcontext():
+            if mode == "replace":
+                for target in chats:
+                    for concept in store.list_concepts(target):
+                        store.delete(target, concept.id)
             counts = _write(archive, store, vectors, targets)
-        # The photos after the concepts: a failed concept write leaves every chat's photos.
-        if photo_targets:
-            by_target: dict[str, list[tuple[int, np.ndarray]]] = {t: [] for t in photo_targets}
-            for row, vector in zip(rows, photo_vectors, strict=True):
-                by_target[targets[archive.photos[row].scope]].append((row, vector))
-            write = _replace_photos_of if mode == "replace" else _add_photos_to
-            added = sum(  # flags are keyed by archive chat, which is the target for these
-                write(archive, photos, target, picked, flags.get(target))
-                for target, picked in sorted(by_target.items())
-            )
-            counts |= {"photos": added, "photos_skipped": len(rows) - added}
+            # The photos after the concepts, one transaction per chat.
+            if photo_targets:
+                by_target: dict[str, list[tuple[int, np.ndarray]]] = {t: [] for t in photo_targets}
+                for row, vector in zip(rows, photo_vectors, strict=True):
+                    by_target[targets[archive.photos[row].scope]].append((row, vector))
+                write = _replace_photos_of if mode == "replace" else _add_photos_to
+                added = sum(  # flags are keyed by archive chat, which is the target for these
+                    write(archive, photos, target, picked, flags.get(target))
+                    for target, picked in sorted(by_target.items())
+                )
+                counts |= {"photos": added, "photos_skipped": len(rows) - added}
     return ImportReport(
         scopes=len(chats),
         reembedded=reembedded,
@@ -795,6 +891,20 @@ def source_fits(scope: str, source: str) -> bool:
     if scope.startswith("dc:"):
         return _DISCORD_SOURCE.fullmatch(source) is not None
     return bool(source.strip())
+
+
+def _refuse_look_alikes(archive: Archive, store: ConceptStore, targets: dict[str, str]) -> None:
+    """A merge must not bring ``Моchi`` (Cyrillic) into a chat that has ``Mochi``: the same
+    rule as ``/remember`` (:func:`engine.validation.refuse_look_alike`), checked up front."""
+    existing: dict[str, list[str]] = {}
+    for archived in archive.concepts:
+        target = targets[archived.scope]
+        if target not in existing:
+            existing[target] = [c.name for c in store.list_concepts(target)]
+        try:
+            refuse_look_alike(archived.name, existing[target])
+        except InvalidInputError as error:
+            raise InvalidInputError(f"{error} (chat '{target}'). Nothing was imported.") from None
 
 
 def _targets(archive: Archive, scope_map: Mapping[str, str]) -> dict[str, str]:
@@ -822,8 +932,6 @@ def _vectors_for(archive: Archive, store: ConceptStore, embedder: Any) -> tuple[
             f"The embedder is {embedder.model_id} (dim {embedder.dim}), but the store uses"
             f" {store.model_id} (dim {store.dim})."
         )
-    from engine.images import decode_image
-
     rows: list[np.ndarray] = []
     n = len(archive.examples)
     for start in range(0, n, _EMBED_BATCH):
@@ -986,6 +1094,7 @@ def _write(
                     crop_jpeg=crop,
                     box=example.box,
                     source=source,
+                    added_by=example.added_by,
                 )
             counts["examples"] += 1
     return counts
@@ -1002,11 +1111,11 @@ def _text(record: dict[str, Any], key: str) -> str:
     return value
 
 
-def _source(value: Any) -> str:
-    """A source key read from an archive (an example's or a photo's)."""
-    if not (isinstance(value, str) and value.strip() and len(value) <= _MAX_SOURCE):
-        raise TypeError("bad source")
-    return value
+def _number(value: Any) -> float:
+    """A finite time (seconds) read from an archive."""
+    if not _is_number(value) or not math.isfinite(value) or abs(value) > 1e12:
+        raise TypeError("bad time")
+    return float(value)
 
 
 def _is_int(value: Any) -> bool:

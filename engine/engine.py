@@ -23,6 +23,7 @@ from engine.contact_sheet import PAGE_SIZE, SheetTile, check_page, page_count, r
 from engine.errors import (
     InvalidInputError,
     MissingWeightError,
+    NameTakenError,
     PermissionDeniedError,
     UnknownConceptError,
 )
@@ -46,7 +47,17 @@ from engine.types import (
     RememberResult,
     UnknownObject,
 )
-from engine.validation import clean_description, clean_name, clean_scope, clean_user
+from engine.validation import (
+    TextLimits,
+    clean_category,
+    clean_description,
+    clean_name,
+    clean_scope,
+    clean_source,
+    clean_user,
+    normalise_name,
+    refuse_look_alike,
+)
 
 if TYPE_CHECKING:
     from engine.models import Models
@@ -79,6 +90,7 @@ class Engine:
         self._retriever: Retriever | None = None
         self.store = store
         self.limits = ImageLimits.from_settings(settings)
+        self.text_limits = TextLimits.from_settings(settings)  # the import path's too
         self._photos = None  # the photo history for /search, opened on first use
         self._photos_lock = threading.Lock()
         self._cir = None  # the CIR-LVLM search encoder (search_encoder=cir-lvlm), on first use
@@ -239,9 +251,10 @@ class Engine:
     def concept(self, scope: str, name: str) -> Concept:
         """The scope's concept called ``name`` (any case), or a helpful UnknownConceptError."""
         scope = clean_scope(scope)
-        found = self.store.get_by_name(scope, (name or "").strip())
-        if found is not None:
-            return found
+        for candidate in dict.fromkeys([normalise_name(name), (name or "").strip()]):
+            found = self.store.get_by_name(scope, candidate) if candidate else None
+            if found is not None:
+                return found
         known = [c.name for c in self.store.list_concepts(scope)]
         close = difflib.get_close_matches(name or "", known, n=1, cutoff=0.6)
         hint = f" Did you mean {close[0]}?" if close else ""
@@ -271,10 +284,13 @@ class Engine:
         name = clean_name(name, self.settings.max_name_length)
         description = clean_description(description, self.settings.max_description_length)
         user = clean_user(user)
-        category = clean_description(category, 64) if category else ""
+        category = clean_category(category) if category else ""
+        source = clean_source(source) if source is not None else None
         timer = StageTimer()
         picture = self._decode(image, timer)
         existing = self.store.get_by_name(scope, name)
+        if existing is None:
+            refuse_look_alike(name, [c.name for c in self.store.list_concepts(scope)])
         vocabulary = self.vocabulary(scope)
         wanted = (
             category
@@ -294,7 +310,28 @@ class Engine:
         with timer.stage("embed"):
             vector = self.models.embedder.embed_images([example])[0]
         crop_jpeg = encode_jpeg(example)
-        if existing is not None:
+        created = False
+        if existing is None:
+            try:
+                concept = self.store.add_concept(
+                    scope,
+                    name=name,
+                    description=description,
+                    category=wanted or chosen.label,
+                    owner=user,
+                    embedding=vector,
+                    crop_jpeg=crop_jpeg,
+                    box=chosen.box,
+                    source=source,
+                )
+                created = True
+            except NameTakenError:
+                # Another request created this name since we looked: this photo joins it
+                # (the store checks and inserts in one transaction, so one of them wins).
+                existing = self.store.get_by_name(scope, name)
+                if existing is None:  # created and forgotten meanwhile: let the user retry
+                    raise
+        if not created:
             concept = self.store.add_example(
                 scope,
                 existing.id,
@@ -302,21 +339,8 @@ class Engine:
                 crop_jpeg=crop_jpeg,
                 box=chosen.box,
                 source=source,
+                added_by=user,
             )
-            created = False
-        else:
-            concept = self.store.add_concept(
-                scope,
-                name=name,
-                description=description,
-                category=wanted or chosen.label,
-                owner=user,
-                embedding=vector,
-                crop_jpeg=crop_jpeg,
-                box=chosen.box,
-                source=source,
-            )
-            created = True
         log.info(
             "remember scope=%s concept=%s created=%s crop=%s (%s)",
             scope,
@@ -535,6 +559,8 @@ class Engine:
         concept = self.concept(scope, name)
         ensure_can_edit(concept, actor, "rename")
         new_name = clean_name(new_name, self.settings.max_name_length)
+        others = [c.name for c in self.store.list_concepts(concept.scope) if c.id != concept.id]
+        refuse_look_alike(new_name, others)
         return self.store.rename(concept.scope, concept.id, new_name)
 
     def describe(self, scope: str, name: str, description: str, actor: Actor) -> Concept:
@@ -591,7 +617,7 @@ class Engine:
         own files). Idempotent by ``source`` (Telegram file id, Discord message link, path).
         The flag is checked before embedding (to save the work) and again when the photo is
         written, so one posted just before ``/index off`` is not stored after it."""
-        scope, user = clean_scope(scope), clean_user(user)
+        scope, user, source = clean_scope(scope), clean_user(user), clean_source(source)
         if not force and not self.photos.indexing(scope):
             return None
         timer = StageTimer()

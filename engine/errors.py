@@ -19,6 +19,11 @@ class InvalidInputError(RapbotError):
     """A name, description, box, scope or command argument is malformed."""
 
 
+class NameTakenError(InvalidInputError):
+    """A new concept's name is already remembered in the chat (stores raise it atomically with
+    the insert, so a concurrent /remember of one new name can add its photo instead)."""
+
+
 class UnknownConceptError(RapbotError):
     """A command names a concept that this chat has not remembered."""
 

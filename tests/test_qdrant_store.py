@@ -102,7 +102,7 @@ def test_collection_shape_and_the_tenant_index(client, monkeypatch) -> None:
     assert (create["hnsw_config"].m, create["hnsw_config"].payload_m) == (0, 16)
     assert create["on_disk_payload"] is True
     indexes = {kw["field_name"]: kw["field_schema"] for name, kw in spy.calls if "index" in name}
-    assert set(indexes) == {"scope", "concept_id", "name_folded", "owner", "source"}
+    assert set(indexes) == {"scope", "concept_id", "name_folded", "owner", "source", "added_by"}
     assert indexes == PAYLOAD_INDEXES
     assert indexes["scope"].type == models.KeywordIndexType.KEYWORD
     assert indexes["scope"].is_tenant is True
@@ -204,8 +204,8 @@ def test_every_request_is_filtered_by_scope(client, monkeypatch) -> None:
             assert all(p.payload["scope"] in ("tg:1", "tg:2") for p in kwargs["points"])
             continue
         for flt in filters(name, kwargs):
-            if name == "scroll" and flt.must[0].key == "owner":
-                continue  # delete_user's lookup: the one read across scopes, by design
+            if name == "scroll" and flt.must[0].key in ("owner", "added_by"):
+                continue  # delete_user's lookups: the reads across scopes, by design
             scope = flt.must[0]
             assert scope.key == "scope" and scope.match.value in ("tg:1", "tg:2"), (name, flt)
             checked += 1

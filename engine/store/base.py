@@ -17,6 +17,7 @@ import numpy as np
 
 from engine.errors import InvalidInputError
 from engine.types import Box, Concept, ExampleHit
+from engine.validation import clean_box
 
 
 @runtime_checkable
@@ -49,7 +50,11 @@ class ConceptStore(Protocol):
         crop_jpeg: bytes,
         box: Box,
         source: str | None = None,
-    ) -> Concept: ...
+        added_by: str | None = None,
+    ) -> Concept:
+        """Add a photo to a concept; ``added_by``: who added it (None: the concept's owner),
+        so that :meth:`delete_user` removes it with the rest of that user's data."""
+        ...
 
     def get(self, scope: str, concept_id: str) -> Concept | None: ...
 
@@ -67,13 +72,14 @@ class ConceptStore(Protocol):
 
     def delete(self, scope: str, concept_id: str) -> None: ...
 
-    def delete_user(self, owner: str) -> int: ...
+    def delete_user(self, owner: str) -> int:
+        """Remove, in every scope, the concepts ``owner`` remembered and the photos they
+        added to other people's concepts; returns how many concepts went."""
+        ...
 
     def search(self, scope: str, queries: np.ndarray, k: int) -> list[list[ExampleHit]]: ...
 
-    def example_crops(
-        self, scope: str, concept_id: str, limit: int | None = None
-    ) -> list[bytes]:
+    def example_crops(self, scope: str, concept_id: str, limit: int | None = None) -> list[bytes]:
         """The concept's crops (JPEG), oldest first; ``limit``: only that many are read."""
         ...
 
@@ -111,6 +117,7 @@ class StoredExample:
     embedding: np.ndarray  # (dim,) float32
     source: str | None
     created_at: float  # when this example was added
+    added_by: str = ""  # who added it ("" from stores that did not record it: the owner)
 
 
 @dataclass(frozen=True)
@@ -124,7 +131,7 @@ class NewConcept:
     description: str = ""
     category: str = ""
     owner: str = ""
-    source: str | None = None
+    source: str | None = None  # the first photo is the owner's
 
 
 # ----------------------------------------------------------------------------- shared checks
@@ -161,9 +168,10 @@ def check_source(source: str | None) -> str | None:
 
 
 def check_box(box: Box) -> Box:
+    """A stored box: an engine.types.Box whose coordinates the database can hold."""
     if not isinstance(box, Box):
         raise InvalidInputError("The box must be an engine.types.Box.")
-    return box
+    return clean_box(box.as_list())
 
 
 def check_crop(crop_jpeg: bytes) -> bytes:

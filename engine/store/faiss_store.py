@@ -45,7 +45,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from engine.errors import InvalidInputError, StoreError, UnknownConceptError
+from engine.errors import InvalidInputError, NameTakenError, StoreError, UnknownConceptError
 from engine.store.base import (
     NewConcept,
     StoredExample,
@@ -65,7 +65,7 @@ from engine.types import Box, Concept, ExampleHit
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: examples.added_by (who added each photo), filled from the owner
 DB_NAME = "concepts.sqlite3"
 INDEX_DIR = "indexes"
 INDEX_MAGIC = b"RAPBOT-FAISS-INDEX\n"
@@ -98,6 +98,7 @@ _DDL = (
         x1 INTEGER NOT NULL, y1 INTEGER NOT NULL, x2 INTEGER NOT NULL, y2 INTEGER NOT NULL,
         source TEXT,
         created_at REAL NOT NULL,
+        added_by TEXT NOT NULL,
         embedding BLOB NOT NULL,
         crop BLOB NOT NULL
     )""",
@@ -106,6 +107,20 @@ _DDL = (
     """CREATE UNIQUE INDEX IF NOT EXISTS examples_source ON examples (scope, source)
         WHERE source IS NOT NULL""",
 )
+# After any migration (the column is new in schema 2): forget_user finds a user's photos.
+_LATE_DDL = ("CREATE INDEX IF NOT EXISTS examples_added_by ON examples (added_by)",)
+
+
+def _migrate_1_to_2(db: sqlite3.Connection) -> None:
+    """Schema 1 -> 2: who added each example, taken to be its concept's owner (the only
+    person schema 1 knew of). In the caller's transaction."""
+    db.execute("ALTER TABLE examples ADD COLUMN added_by TEXT NOT NULL DEFAULT ''")
+    db.execute(
+        "UPDATE examples SET added_by ="
+        " (SELECT owner FROM concepts WHERE concepts.id = examples.concept_id)"
+    )
+    db.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+
 
 _CONCEPT_SQL = """SELECT c.id, c.scope, c.name, c.description, c.category, c.owner, c.created_at,
     (SELECT COUNT(*) FROM examples e WHERE e.concept_id = c.id) FROM concepts c"""
@@ -339,6 +354,7 @@ class FaissConceptStore:
         self._cache: OrderedDict[str, _ScopeIndex] = OrderedDict()
         self._closed = False
         self._deferred = 0  # open deferred_saves() blocks
+        self._atomic = False  # inside atomic(): one SQLite transaction for every write
         try:
             (self.root / INDEX_DIR).mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(
@@ -371,6 +387,13 @@ class FaissConceptStore:
                     "store_id": uuid.uuid4().hex,
                 }
                 db.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", meta.items())
+            if meta.get("schema_version") == "1":
+                _migrate_1_to_2(db)
+                meta["schema_version"] = "2"
+                log.info("memory store %s migrated to schema 2 (who added each photo)", self.root)
+            if meta.get("schema_version") == str(SCHEMA_VERSION):
+                for statement in _LATE_DDL:
+                    db.execute(statement)
         if meta.get("schema_version") != str(SCHEMA_VERSION):
             raise StoreError(
                 f"The memory store in {self.root} has schema version {meta.get('schema_version')};"
@@ -416,6 +439,9 @@ class FaissConceptStore:
         """One write transaction; BEGIN IMMEDIATE takes SQLite's write lock up front."""
         with self._lock, self._sqlite_errors():
             self._check_open()
+            if self._atomic:  # part of atomic()'s transaction, which commits or rolls back
+                yield self._db
+                return
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
@@ -430,12 +456,46 @@ class FaissConceptStore:
         """One read transaction: its statements see one snapshot even while others write."""
         with self._lock, self._sqlite_errors():
             self._check_open()
+            if self._atomic:
+                yield self._db
+                return
             self._db.execute("BEGIN")
             try:
                 yield self._db
             finally:
                 if self._db.in_transaction:
                     self._db.execute("COMMIT")
+
+    @contextmanager
+    def atomic(self) -> Iterator[None]:
+        """Every write inside is one SQLite transaction: all of them are committed, or (on
+        any exception) none, and the store is as it was (imports: merge and replace). Other
+        threads of this store wait; other processes' writes wait on SQLite's lock. Index files
+        are written once, after the commit; on a rollback the cached indexes are dropped and
+        rebuilt from SQLite when next used."""
+        with self._lock:
+            self._check_open()
+            if self._atomic:
+                raise RuntimeError("atomic() blocks do not nest")
+            with self._sqlite_errors():
+                self._db.execute("BEGIN IMMEDIATE")
+            self._atomic = True
+            self._deferred += 1
+            try:
+                yield
+                self._atomic = False
+                with self._sqlite_errors():
+                    self._db.execute("COMMIT")
+            except BaseException:
+                self._atomic = False
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                self._cache.clear()  # they hold rolled-back changes; never saved (deferred)
+                raise
+            finally:
+                self._deferred -= 1
+            if not self._deferred:
+                self.flush()
 
     @contextmanager
     def _sqlite_errors(self) -> Iterator[None]:
@@ -474,11 +534,12 @@ class FaissConceptStore:
         box: Box,
         source: str | None,
         now: float,
+        added_by: str,
     ) -> int:
         cursor = db.execute(
             "INSERT INTO examples (concept_id, scope, x1, y1, x2, y2, source, created_at,"
-            " embedding, crop) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (concept_id, scope, *box.as_list(), source, now, embedding.tobytes(), crop),
+            " added_by, embedding, crop) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (concept_id, scope, *box.as_list(), source, now, added_by, embedding.tobytes(), crop),
         )
         return int(cursor.lastrowid)
 
@@ -716,7 +777,7 @@ class FaissConceptStore:
                             "SELECT 1 FROM concepts WHERE scope = ? AND name_key = ?", (scope, key)
                         ).fetchone()
                     ):
-                        raise InvalidInputError(f"'{name}' is already remembered in this chat.")
+                        raise NameTakenError(f"'{name}' is already remembered in this chat.")
                     taken.add(key)
                     concept_id = uuid.uuid4().hex
                     db.execute(
@@ -725,7 +786,7 @@ class FaissConceptStore:
                         (concept_id, scope, name, key, description, category, owner, now),
                     )
                     example_id = self._insert_example(
-                        db, scope, concept_id, vector, crop, box, source, now
+                        db, scope, concept_id, vector, crop, box, source, now, owner
                     )
                     new_ids.append(example_id)
                     new_vectors.append(vector)
@@ -753,18 +814,28 @@ class FaissConceptStore:
         crop_jpeg: bytes,
         box: Box,
         source: str | None = None,
+        added_by: str | None = None,
     ) -> Concept:
         scope = check_scope(scope)
         vector = check_embedding(embedding, self.dim)
         crop, box, source = check_crop(crop_jpeg), check_box(box), check_source(source)
+        added_by = None if added_by is None else check_text(added_by, "user")
         with self._lock:
             with self._write() as db:
                 known = self._source_owner(db, scope, source)
                 if known is not None:  # this task already ran: idempotent
                     return self._require(db, scope, known)
-                self._require(db, scope, concept_id)
+                concept = self._require(db, scope, concept_id)
                 example_id = self._insert_example(
-                    db, scope, concept_id, vector, crop, box, source, time.time()
+                    db,
+                    scope,
+                    concept_id,
+                    vector,
+                    crop,
+                    box,
+                    source,
+                    time.time(),
+                    concept.owner if added_by is None else added_by,
                 )
                 versions = bump_scope_version(db, scope)
                 concept = self._require(db, scope, concept_id)
@@ -848,12 +919,44 @@ class FaissConceptStore:
                     "SELECT id, scope FROM concepts WHERE owner = ?", (owner,)
                 ).fetchall():
                     by_scope.setdefault(scope, []).append(concept_id)
-                for scope, ids in by_scope.items():
-                    removed = self._delete_concepts(db, scope, ids)
-                    changes[scope] = (bump_scope_version(db, scope), removed)
+                # The photos they added to other people's concepts go too.
+                added: dict[str, list[tuple[int, str]]] = {}
+                for example_id, scope, concept_id in db.execute(
+                    "SELECT id, scope, concept_id FROM examples WHERE added_by = ?", (owner,)
+                ).fetchall():
+                    added.setdefault(scope, []).append((example_id, concept_id))
+                for scope in sorted(set(by_scope) | set(added)):
+                    ids = by_scope.get(scope, [])
+                    removed = [self._delete_concepts(db, scope, ids)] if ids else []
+                    theirs = [(e, c) for e, c in added.get(scope, []) if c not in ids]
+                    if theirs:
+                        removed.append(self._delete_examples(db, scope, theirs))
+                    changes[scope] = (bump_scope_version(db, scope), np.concatenate(removed))
             for scope, (versions, removed) in changes.items():
                 self._after_write(scope, versions, removed=removed)
             return sum(len(ids) for ids in by_scope.values())
+
+    def _delete_examples(
+        self, db: sqlite3.Connection, scope: str, examples: list[tuple[int, str]]
+    ) -> np.ndarray:
+        """Delete (example id, concept id) pairs of one scope, and any concept left without a
+        photo (it could never be recognised); returns the removed example ids."""
+        ids = [e for e, _ in examples]
+        for start in range(0, len(ids), _SQL_CHUNK):
+            chunk = ids[start : start + _SQL_CHUNK]
+            db.execute(
+                f"DELETE FROM examples WHERE scope = ? AND id IN ({','.join('?' * len(chunk))})",
+                (scope, *chunk),
+            )
+        emptied = [
+            c
+            for c in sorted({c for _, c in examples})
+            if db.execute("SELECT 1 FROM examples WHERE concept_id = ? LIMIT 1", (c,)).fetchone()
+            is None
+        ]
+        if emptied:
+            self._delete_concepts(db, scope, emptied)
+        return np.asarray(ids, dtype=np.int64)
 
     # ------------------------------------------------------------------------- reads
 
@@ -894,15 +997,12 @@ class FaissConceptStore:
             ).fetchall()
         return [r[0] for r in rows]
 
-    def example_crops(
-        self, scope: str, concept_id: str, limit: int | None = None
-    ) -> list[bytes]:
+    def example_crops(self, scope: str, concept_id: str, limit: int | None = None) -> list[bytes]:
         scope = check_scope(scope)
         with self._read() as db:
             self._require(db, scope, concept_id)
             rows = db.execute(
-                "SELECT crop FROM examples WHERE scope = ? AND concept_id = ? ORDER BY id"
-                " LIMIT ?",
+                "SELECT crop FROM examples WHERE scope = ? AND concept_id = ? ORDER BY id LIMIT ?",
                 (scope, concept_id, -1 if limit is None else check_k(limit)),
             ).fetchall()
         return [bytes(r[0]) for r in rows]
@@ -936,7 +1036,8 @@ class FaissConceptStore:
             chunk = ids[start : start + batch]
             with self._read() as db:
                 rows = db.execute(
-                    "SELECT id, concept_id, x1, y1, x2, y2, source, created_at, embedding, crop"
+                    "SELECT id, concept_id, x1, y1, x2, y2, source, created_at, embedding, crop,"
+                    " added_by"
                     f" FROM examples WHERE scope = ? AND id IN ({','.join('?' * len(chunk))})",
                     (scope, *chunk),
                 ).fetchall()
@@ -960,6 +1061,7 @@ class FaissConceptStore:
                     embedding=np.frombuffer(row[8], dtype=np.float32).copy(),
                     source=row[6],
                     created_at=row[7],
+                    added_by=row[10],
                 )
 
     def count(self, scope: str | None = None) -> int:

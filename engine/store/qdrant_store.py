@@ -45,7 +45,13 @@ from qdrant_client.http.exceptions import (
     UnexpectedResponse,
 )
 
-from engine.errors import InvalidInputError, RapbotError, StoreError, UnknownConceptError
+from engine.errors import (
+    InvalidInputError,
+    NameTakenError,
+    RapbotError,
+    StoreError,
+    UnknownConceptError,
+)
 from engine.store.base import (
     StoredExample,
     check_box,
@@ -80,6 +86,7 @@ PAYLOAD_INDEXES: dict[str, models.KeywordIndexParams] = {
     "name_folded": models.KeywordIndexParams(type=models.KeywordIndexType.KEYWORD),
     "owner": models.KeywordIndexParams(type=models.KeywordIndexType.KEYWORD),
     "source": models.KeywordIndexParams(type=models.KeywordIndexType.KEYWORD),
+    "added_by": models.KeywordIndexParams(type=models.KeywordIndexType.KEYWORD),
 }
 # What a concept is read from: everything but the crop (large) and the vector.
 _LIGHT = [
@@ -193,6 +200,7 @@ class QdrantConceptStore:
         # The in-process Qdrant is not thread-safe; a server is, so reads need no lock there.
         self._local = _is_local(client)
         self._last_seq = 0
+        self._undo: list[tuple[str, Any]] | None = None  # inside atomic(): how to undo
         try:
             self._ensure_collection()
         except StoreError:
@@ -257,6 +265,28 @@ class QdrantConceptStore:
                         self.client.create_payload_index(
                             self.collection, field_name=field, field_schema=schema, wait=True
                         )
+            self._fill_added_by()
+
+    def _fill_added_by(self) -> None:
+        """Migration: points written before ``added_by`` existed were added, as far as anyone
+        knows, by their concept's owner; say so, so that forget-user finds every photo by one
+        filter. Touches only such points (none after the first run)."""
+        missing = models.Filter(
+            must=[models.IsEmptyCondition(is_empty=models.PayloadField(key="added_by"))]
+        )
+        while True:
+            page, _ = self.client.scroll(
+                self.collection, scroll_filter=missing, limit=_PAGE, with_payload=["owner"]
+            )
+            if not page:
+                return
+            by_owner: dict[str, list] = {}
+            for record in page:
+                by_owner.setdefault(record.payload.get("owner", ""), []).append(record.id)
+            for owner, ids in by_owner.items():
+                self.client.set_payload(
+                    self.collection, payload={"added_by": owner}, points=ids, wait=True
+                )
 
     @contextmanager
     def _calls(self) -> Iterator[None]:
@@ -341,6 +371,7 @@ class QdrantConceptStore:
         crop: bytes,
         box: Box,
         source: str | None,
+        added_by: str,
     ) -> int:
         """Write one example point of the concept described by ``fields``; returns its id."""
         scope = fields["scope"]
@@ -351,6 +382,7 @@ class QdrantConceptStore:
             "box": box.as_list(),
             "crop": base64.b64encode(crop).decode("ascii"),
             "source": source,
+            "added_by": added_by,
             "added_at": time.time(),
             "seq": self._next_seq(),
         }
@@ -359,7 +391,54 @@ class QdrantConceptStore:
             points=[models.PointStruct(id=str(point_id), vector=vector.tolist(), payload=payload)],
             wait=True,  # later reads (and other workers) must see it
         )
+        if self._undo is not None:
+            self._undo.append(("inserted", str(point_id)))
         return payload["example_id"]
+
+    def _delete_points(self, flt: models.Filter) -> None:
+        """Delete the points ``flt`` selects; inside :meth:`atomic`, keep them to restore."""
+        if self._undo is not None:
+            self._undo.append(("deleted", self._scroll(flt, payload=True, vectors=True)))
+        self.client.delete(
+            self.collection, points_selector=models.FilterSelector(filter=flt), wait=True
+        )
+
+    @contextmanager
+    def atomic(self) -> Iterator[None]:
+        """Every write inside is undone if the block raises: points it added are deleted and
+        points it deleted are written back, so the store is as it was (imports: merge and
+        replace). Qdrant has no transactions: this is a compensation log, kept in memory, so
+        a process killed inside the block leaves what was written so far. Other writers of
+        this process wait; other processes may see the intermediate state."""
+        with self._lock:
+            if self._undo is not None:
+                raise RuntimeError("atomic() blocks do not nest")
+            self._undo = []
+            try:
+                yield
+            except BaseException:
+                undo, self._undo = self._undo, None
+                with self._calls():
+                    self._roll_back(undo)
+                raise
+            finally:
+                self._undo = None
+
+    def _roll_back(self, undo: list[tuple[str, Any]]) -> None:
+        for kind, what in reversed(undo):
+            if kind == "inserted":
+                self.client.delete(
+                    self.collection, points_selector=models.PointIdsList(points=[what]), wait=True
+                )
+            elif what:
+                self.client.upsert(
+                    self.collection,
+                    points=[
+                        models.PointStruct(id=r.id, vector=r.vector, payload=r.payload)
+                        for r in what
+                    ],
+                    wait=True,
+                )
 
     # ------------------------------------------------------------------------- writes
 
@@ -388,7 +467,7 @@ class QdrantConceptStore:
             if known is not None:  # this task already ran: idempotent
                 return _concept(self._require(scope, known))
             if self._by_name(scope, key) is not None:
-                raise InvalidInputError(f"'{name}' is already remembered in this chat.")
+                raise NameTakenError(f"'{name}' is already remembered in this chat.")
             concept_id = (
                 uuid.uuid5(_SOURCE_NS, f"concept\0{scope}\0{source}").hex
                 if source
@@ -406,18 +485,12 @@ class QdrantConceptStore:
                 "created_at": now,
                 "meta_at": now,
             }
-            self._insert(fields, vector, crop, box, source)
+            self._insert(fields, vector, crop, box, source, owner)
             # Another process may have taken the name meanwhile: the older concept keeps it.
             first = self._by_name(scope, key)
             if first is not None and first.id != concept_id:
-                self.client.delete(
-                    self.collection,
-                    points_selector=models.FilterSelector(
-                        filter=_where(scope, concept_id=concept_id)
-                    ),
-                    wait=True,
-                )
-                raise InvalidInputError(f"'{first.name}' is already remembered in this chat.")
+                self._delete_points(_where(scope, concept_id=concept_id))
+                raise NameTakenError(f"'{first.name}' is already remembered in this chat.")
             return Concept(concept_id, scope, name, description, category, owner, now, 1)
 
     def add_example(
@@ -429,10 +502,12 @@ class QdrantConceptStore:
         crop_jpeg: bytes,
         box: Box,
         source: str | None = None,
+        added_by: str | None = None,
     ) -> Concept:
         scope = check_scope(scope)
         vector = check_embedding(embedding, self.dim)
         crop, box, source = check_crop(crop_jpeg), check_box(box), check_source(source)
+        added_by = None if added_by is None else check_text(added_by, "user")
         with self._lock, self._calls():
             known = self._source_concept(scope, source)
             if known is not None:  # this task already ran: idempotent
@@ -440,7 +515,7 @@ class QdrantConceptStore:
             records = self._require(scope, concept_id)
             head = _head(records)
             fields = {k: head[k] for k in _LIGHT if k != "seq"}
-            self._insert(fields, vector, crop, box, source)
+            self._insert(fields, vector, crop, box, source, added_by or head["owner"])
             return _concept(self._require(scope, concept_id))
 
     def _set_fields(self, scope: str, concept_id: str, fields: dict[str, Any]) -> Concept:
@@ -472,11 +547,7 @@ class QdrantConceptStore:
         scope = check_scope(scope)
         with self._lock, self._calls():
             self._require(scope, concept_id)
-            self.client.delete(
-                self.collection,
-                points_selector=models.FilterSelector(filter=_where(scope, concept_id=concept_id)),
-                wait=True,
-            )
+            self._delete_points(_where(scope, concept_id=concept_id))
 
     def delete_user(self, owner: str) -> int:
         """The one operation across scopes (by design); each delete is still scope-filtered."""
@@ -492,12 +563,17 @@ class QdrantConceptStore:
                 by_scope.setdefault(record.payload["scope"], set()).add(
                     record.payload["concept_id"]
                 )
-            for scope in by_scope:
-                self.client.delete(
-                    self.collection,
-                    points_selector=models.FilterSelector(filter=_where(scope, owner=owner)),
-                    wait=True,
-                )
+            # The photos they added to other people's concepts go too.
+            added = self._scroll(
+                models.Filter(must=[_match("added_by", owner)]), payload=["scope", "concept_id"]
+            )
+            touched: dict[str, set[str]] = {}
+            for record in added:
+                touched.setdefault(record.payload["scope"], set()).add(record.payload["concept_id"])
+            for scope in sorted(set(by_scope) | set(touched)):
+                either = models.Filter(should=[_match("owner", owner), _match("added_by", owner)])
+                self._delete_points(_where(scope, either))
+            # A concept is its points: one left without any is gone with them.
             return sum(len(ids) for ids in by_scope.values())
 
     # ------------------------------------------------------------------------- reads
@@ -533,9 +609,7 @@ class QdrantConceptStore:
             groups = _group(self._scroll(_where(scope)))
         return sorted({_head(r)["category"] for r in groups.values()} - {""})
 
-    def example_crops(
-        self, scope: str, concept_id: str, limit: int | None = None
-    ) -> list[bytes]:
+    def example_crops(self, scope: str, concept_id: str, limit: int | None = None) -> list[bytes]:
         scope = check_scope(scope)
         limit = None if limit is None else check_k(limit)
         with self._reading(), self._calls():
@@ -594,7 +668,7 @@ class QdrantConceptStore:
 
     def examples(self, scope: str, batch: int = _FETCH) -> Iterator[StoredExample]:
         scope = check_scope(scope)
-        light = [*_LIGHT, "example_id", "box", "source", "added_at"]
+        light = [*_LIGHT, "example_id", "box", "source", "added_at", "added_by"]
         with self._reading(), self._calls():
             groups = _group(self._scroll(_where(scope), payload=light))
         heads = {cid: _head(records) for cid, records in groups.items()}
@@ -632,6 +706,7 @@ class QdrantConceptStore:
                     embedding=np.asarray(got.vector, dtype=np.float32),
                     source=p.get("source"),
                     created_at=p["added_at"],
+                    added_by=p.get("added_by") or head["owner"],
                 )
 
     def close(self) -> None:

@@ -74,10 +74,12 @@ def run_export(args: argparse.Namespace) -> int:
 
 def run_import(args: argparse.Namespace) -> int:
     from engine.backup import import_archive, read_archive
+    from engine.validation import TextLimits
 
     settings = settings_for(args)
-    # Check the file before opening the store or loading any model: a bad file fails at once.
-    with read_archive(args.file) as archive:
+    # Check the file before opening the store or loading any model: a bad file fails at once;
+    # names and descriptions get the very limits of a chat command.
+    with read_archive(args.file, text=TextLimits.from_settings(settings)) as archive:
         scopes = archive.scopes
         scope_map = None
         if args.chat_given:
