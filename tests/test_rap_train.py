@@ -22,10 +22,12 @@ from engine.train.rap_data import (
     RapConcept,
     RapDataset,
     choose_concepts,
+    drop_over_max_concepts,
     load_records,
     parse_record,
 )
 from engine.train.rap_train import TrainConfig, find_checkpoint, lora_targets, train
+from engine.train.recipes import resolve_options
 from rapbot.cli import main
 from tests.llava_reference import CONVERSATIONS
 
@@ -430,3 +432,79 @@ def test_cli_train_rap_smoke(rap_data, tiny_llava, tmp_path, capsys) -> None:
         == 1
     )
     assert "holds no training records" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ recipes
+
+
+def test_recipes_are_raps_training_scripts() -> None:
+    """scripts/train_rap_llava.sh and train_rap_phi3.sh of RAP's repository, value by value;
+    anything typed wins; no recipe keeps the small-run defaults."""
+    llava = resolve_options("rap-llava", {})
+    assert (llava.lora_r, llava.lora_alpha, llava.lora_dropout) == (128, 256, 0.05)
+    assert (llava.lr, llava.projector_lr, llava.train_projector) == (1e-4, 2e-5, True)
+    assert (llava.warmup_ratio, llava.weight_decay, llava.epochs) == (0.03, 0.0, 1)
+    assert (llava.batch_size, llava.grad_accum) == (8, 1)
+    assert (llava.bf16, llava.gradient_checkpointing) == (True, True)
+    assert (llava.max_concepts, llava.max_length, llava.template) == (2, 2048, "vicuna_v1")
+    assert (llava.noise_concepts, llava.drop_over_max_concepts) == (0, True)
+    phi3 = resolve_options("rap-phi3", {})
+    assert (phi3.max_concepts, phi3.max_length, phi3.template) == (3, 4096, "phi3")
+    assert (phi3.lora_r, phi3.lora_alpha, phi3.lr, phi3.projector_lr) == (128, 256, 1e-4, 2e-5)
+    typed = resolve_options("rap-llava", {"lora_r": 16, "lr": None, "bf16": None})
+    assert (typed.lora_r, typed.lr, typed.bf16) == (16, 1e-4, True)
+    small = resolve_options(None, {})
+    assert (small.lora_r, small.lora_alpha, small.lr, small.projector_lr) == (8, 16, 2e-4, None)
+    assert (small.max_concepts, small.noise_concepts, small.drop_over_max_concepts) == (2, 1, False)
+    with pytest.raises(InvalidInputError, match="Unknown recipe"):
+        resolve_options("rap-13b", {})
+
+
+def test_recipe_drops_records_with_more_concepts_than_k() -> None:
+    """RAP's prepare_dataset skips a record whose extra has more than K concepts; the small-run
+    default keeps such a record with the K concepts its conversation names."""
+
+    def record(rid: str, names: list[str]):
+        return parse_record(
+            {
+                "id": rid,
+                "conversations": [
+                    {"from": "human", "value": f"Who is <{names[-1]}>?"},
+                    {"from": "gpt", "value": "A pet."},
+                ],
+                "extra": {f"{n}.png": {"name": n} for n in names},
+            }
+        )
+
+    records = [record("one", ["A"]), record("two", ["A", "B"]), record("three", ["A", "B", "C"])]
+    assert [r.id for r in drop_over_max_concepts(records, 2)] == ["one", "two"]
+    assert [r.id for r in drop_over_max_concepts(records, 3)] == ["one", "two", "three"]
+    assert [r.id for r in drop_over_max_concepts(records, 1)] == ["one"]
+    with pytest.raises(InvalidInputError, match="more than 0"):
+        drop_over_max_concepts(records, 0)
+    # Without the rule: "three" stays, showing C (the name asked about) and one other.
+    kept = choose_concepts(records[2], [], 2, 0, random.Random(0))
+    assert len(kept) == 2 and "C" in {c.name for c in kept}
+
+
+def test_cli_train_rap_recipe(rap_data, tiny_llava, tmp_path, capsys) -> None:
+    """`--recipe rap-llava` on the tiny LLaVA: the run records the recipe's hyper-parameters,
+    the optimizer has the projector at 2e-5 beside LoRA at 1e-4, and typed options win."""
+    out = tmp_path / "recipe"
+    args = ["--json", "train", "rap", "--recipe", "rap-llava", "--data", rap_data]
+    args += ["--base", tiny_llava, "--out", out, "--max-steps", "1", "--batch-size", "2"]
+    args += ["--no-progress", "--cpu", "--lora-r", "16"]
+    assert main([str(a) for a in args]) == 0
+    assert json.loads(capsys.readouterr().out)["step"] == 1
+    config = json.loads((out / "rap_train.json").read_text())["config"]
+    assert (config["lora_r"], config["lora_alpha"], config["lr"]) == (16, 256, 1e-4)
+    assert (config["projector_lr"], config["max_concepts"], config["noise_concepts"]) == (
+        2e-5,
+        2,
+        0,
+    )
+    assert config["drop_over_max_concepts"] and config["train_projector"]
+    optimizer = torch.load(out / "checkpoint-1" / "optimizer.pt", weights_only=False)
+    assert [g["initial_lr"] for g in optimizer["param_groups"]] == [1e-4, 2e-5]
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert (adapter["r"], adapter["lora_alpha"]) == (16, 256)

@@ -24,6 +24,7 @@ so the model learns to use only the relevant ones. Noise fills the list up to
 from __future__ import annotations
 
 import json
+import logging
 import random
 import re
 from collections.abc import Iterable, Sequence
@@ -33,6 +34,8 @@ from typing import Any
 
 from engine.errors import InvalidInputError
 from engine.generator.tokens import llava_ids, uses_llava_tokenization
+
+log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # labels the loss skips (transformers' and torch's convention)
 _IMAGE_PLACEHOLDER = re.compile(r"<image>\n?")
@@ -148,6 +151,22 @@ def choose_concepts(
     chosen = own + noise
     rng.shuffle(chosen)
     return chosen
+
+
+def drop_over_max_concepts(records: Sequence[RapRecord], max_concepts: int) -> list[RapRecord]:
+    """RAP's rule for its released runs (``prepare_dataset``): a record with more concepts in
+    ``extra`` than the prompt's K is left out of training, not cut down to K."""
+    kept = [r for r in records if len(r.concepts) <= max_concepts]
+    if len(kept) < len(records):
+        log.info(
+            "dropped %d of %d records with more than %d concepts",
+            len(records) - len(kept),
+            len(records),
+            max_concepts,
+        )
+    if not kept:
+        raise InvalidInputError(f"Every training record has more than {max_concepts} concepts.")
+    return kept
 
 
 def concept_pool(records: Iterable[RapRecord]) -> list[RapConcept]:

@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import InvalidInputError
-from engine.train.rap_data import RapCollator, RapDataset, load_records
+from engine.train.rap_data import RapCollator, RapDataset, drop_over_max_concepts, load_records
+from engine.train.recipes import TrainOptions
 
 log = logging.getLogger(__name__)
 
@@ -43,28 +44,16 @@ _VISION = re.compile(r"(^|\.)(vision_tower|vision_model|visual|image_newline)(\.
 _PROJECTOR = ("multi_modal_projector", "visual.merger", "mm_projector")
 
 
-@dataclass
-class TrainConfig:
+@dataclass(kw_only=True)
+class TrainConfig(TrainOptions):
+    """A run: where the data, base model and output are, and the hyper-parameters
+    (:class:`~engine.train.recipes.TrainOptions`, a recipe's or the small-run defaults)."""
+
     data: Path
     images: Path
     base: str  # a model folder or hub name (see engine.generator.load.generator_location)
     out: Path
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.03
-    epochs: int = 1
     max_steps: int = 0  # 0: as many as the epochs take
-    batch_size: int = 1
-    grad_accum: int = 1
-    max_concepts: int = 2
-    noise_concepts: int = 1
-    max_length: int | None = None
-    bf16: bool = False
-    gradient_checkpointing: bool = False
-    train_projector: bool = False
     resume: str | None = None  # "latest" or a checkpoint folder
     save_every: int = 500
     keep_checkpoints: int = 2
@@ -136,6 +125,20 @@ def add_lora(model, config: TrainConfig):
         return get_peft_model(model, lora)
 
 
+def parameter_groups(model, config: TrainOptions) -> list[dict]:
+    """The trainable parameters as optimizer groups: the projector at ``projector_lr`` when
+    one is set (LLaVA's ``--mm_projector_lr``), everything else (LoRA) at ``lr``."""
+    projector, rest = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            is_projector = any(p in name for p in _PROJECTOR)
+            (projector if is_projector and config.projector_lr is not None else rest).append(param)
+    groups = [{"params": rest, "lr": config.lr}]
+    if projector:
+        groups.append({"params": projector, "lr": config.projector_lr})
+    return groups
+
+
 def load_base(config: TrainConfig, device, bf16: bool):
     """The base model (on ``device``) and its processor, through the generator's loader."""
     from engine.generator.hf import Generator
@@ -148,6 +151,12 @@ def load_base(config: TrainConfig, device, bf16: bool):
         local_files_only=config.local_files_only,
     )
     model, processor = generator.model, generator.processor
+    if config.template:  # the conversation template the recipe's base was trained with
+        from engine.generator.templates import TEMPLATES
+
+        if config.template not in TEMPLATES:
+            raise InvalidInputError(f"Unknown template '{config.template}'")
+        processor.chat_template = TEMPLATES[config.template]
     # No KV cache while training (checkpointing requires it); the text model has its own flag.
     for config_ in (model.config, getattr(model.config, "text_config", None)):
         if config_ is not None:
@@ -317,6 +326,8 @@ def train(config: TrainConfig) -> TrainResult:
     out.mkdir(parents=True, exist_ok=True)
 
     records = load_records(config.data)
+    if config.drop_over_max_concepts:
+        records = drop_over_max_concepts(records, config.max_concepts)
     model, processor = load_base(config, accelerator.device, bf16)
     if config.gradient_checkpointing:
         enable_checkpointing(model)
@@ -347,7 +358,9 @@ def train(config: TrainConfig) -> TrainResult:
         generator=torch.Generator().manual_seed(config.seed),
     )
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(
+        parameter_groups(model, config), lr=config.lr, weight_decay=config.weight_decay
+    )
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
 
     steps_per_epoch = math.ceil(len(loader) / config.grad_accum)

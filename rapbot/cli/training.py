@@ -25,20 +25,41 @@ def register(sub, common: argparse.ArgumentParser) -> None:
         "--base", required=True, help="base model: folder, hub name, tiny-llava, rap-llava..."
     )
     t.add_argument("--out", required=True, help="output folder: adapter and checkpoints")
-    t.add_argument("--lora-r", type=int, default=8)
-    t.add_argument("--lora-alpha", type=int, default=16)
-    t.add_argument("--lora-dropout", type=float, default=0.05)
-    t.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (cosine decay)")
-    t.add_argument("--epochs", type=int, default=1)
+    t.add_argument(
+        "--recipe",
+        choices=["rap-llava", "rap-phi3"],
+        default=None,
+        help="RAP's released training run (LoRA r 128 / alpha 256, lr 1e-4, projector at 2e-5, "
+        "K 2 / 3, records with more than K concepts dropped, its chat template); options given "
+        "here override it. Without: small-run defaults",
+    )
+    # Hyper-parameters default to None: the recipe's value, or the small-run default
+    # (engine.train.recipes.TrainOptions), unless given.
+    t.add_argument("--lora-r", type=int, default=None, help="LoRA rank (8; recipes 128)")
+    t.add_argument("--lora-alpha", type=int, default=None, help="LoRA alpha (16; recipes 256)")
+    t.add_argument("--lora-dropout", type=float, default=None, help="LoRA dropout (0.05)")
+    t.add_argument("--lr", type=float, default=None, help="peak learning rate, cosine (2e-4)")
+    t.add_argument(
+        "--projector-lr", type=float, default=None, help="projector learning rate (recipes 2e-5)"
+    )
+    t.add_argument("--epochs", type=int, default=None, help="(1)")
     t.add_argument("--max-steps", type=int, default=0, help="optimizer steps (0: the epochs')")
-    t.add_argument("--batch-size", type=int, default=1, help="per device")
-    t.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
-    t.add_argument("--max-concepts", type=int, default=2, help="concepts per prompt (RAP's K)")
-    t.add_argument("--noise-concepts", type=int, default=1, help="random extra concepts")
-    t.add_argument("--max-length", type=int, default=None, help="longest sequence in tokens")
-    t.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPU)")
-    t.add_argument("--gradient-checkpointing", action="store_true")
-    t.add_argument("--train-projector", action="store_true", help="also train the projector")
+    t.add_argument("--batch-size", type=int, default=None, help="per device (1; recipes 8)")
+    t.add_argument("--grad-accum", type=int, default=None, help="gradient accumulation (1)")
+    t.add_argument(
+        "--max-concepts", type=int, default=None, help="concepts per prompt, RAP's K (2; phi3 3)"
+    )
+    t.add_argument(
+        "--noise-concepts", type=int, default=None, help="random extra concepts (1; recipes 0)"
+    )
+    t.add_argument(
+        "--max-length", type=int, default=None, help="longest sequence in tokens (2048 / 4096)"
+    )
+    t.add_argument("--bf16", action="store_true", default=None, help="bf16 mixed precision (GPU)")
+    t.add_argument("--gradient-checkpointing", action="store_true", default=None)
+    t.add_argument(
+        "--train-projector", action="store_true", default=None, help="also train the projector"
+    )
     t.add_argument(
         "--resume",
         nargs="?",
@@ -86,30 +107,21 @@ def register(sub, common: argparse.ArgumentParser) -> None:
 def run_train_rap(args: argparse.Namespace) -> int:
     from engine.generator.load import generator_location
     from engine.train.rap_train import TrainConfig, train
+    from engine.train.recipes import TrainOptions, resolve_options
     from engine.weights import is_offline, models_dir
 
     settings = settings_for(args)
     data = Path(args.data).expanduser()
+    chosen = {f: getattr(args, f) for f in TrainOptions.__dataclass_fields__ if hasattr(args, f)}
+    options = resolve_options(args.recipe, chosen)
     result = train(
         TrainConfig(
+            **vars(options),
             data=data,
             images=Path(args.images).expanduser() if args.images else data.parent,
             base=generator_location(args.base, settings) or args.base,
             out=Path(args.out).expanduser(),
-            lora_r=args.lora_r,
-            lora_alpha=args.lora_alpha,
-            lora_dropout=args.lora_dropout,
-            lr=args.lr,
-            epochs=args.epochs,
             max_steps=args.max_steps,
-            batch_size=args.batch_size,
-            grad_accum=args.grad_accum,
-            max_concepts=args.max_concepts,
-            noise_concepts=args.noise_concepts,
-            max_length=args.max_length,
-            bf16=args.bf16,
-            gradient_checkpointing=args.gradient_checkpointing,
-            train_projector=args.train_projector,
             resume=args.resume,
             save_every=args.save_every,
             keep_checkpoints=args.keep_checkpoints,
