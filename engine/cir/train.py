@@ -28,6 +28,7 @@ import json
 import os
 import random
 import shutil
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -52,6 +53,7 @@ class Triplet:
     target: str
     subset: tuple[str, ...] | None = None  # CIRR img_set members
     positives: tuple[str, ...] = ()  # CIRCO ground truths (default: the target)
+    kind: str = "cirr"  # the benchmark its format comes from: cirr, fashioniq, circo, shoes
 
 
 def parse_record(rec: dict) -> Triplet:
@@ -62,11 +64,12 @@ def parse_record(rec: dict) -> Triplet:
             str(rec["caption"]),
             str(rec["target_hard"]),
             tuple(map(str, members)) if members else None,
+            kind="cirr",
         )
-    if "candidate" in rec:  # FashionIQ
+    if "candidate" in rec:  # FashionIQ: two captions joined as SEARLE/CLIP4Cir join them
         caps = rec.get("captions") or [rec.get("caption", "")]
-        text = " and ".join(c.strip().rstrip(".") for c in caps if c)
-        return Triplet(str(rec["candidate"]), text, str(rec["target"]))
+        text = " and ".join(c.strip(".?, ") for c in caps if c and c.strip(".?, "))
+        return Triplet(str(rec["candidate"]), text, str(rec["target"]), kind="fashioniq")
     if "reference_img_id" in rec:  # CIRCO
         gts = tuple(str(g) for g in rec.get("gt_img_ids") or [rec["target_img_id"]])
         return Triplet(
@@ -74,8 +77,24 @@ def parse_record(rec: dict) -> Triplet:
             str(rec["relative_caption"]),
             str(rec.get("target_img_id", gts[0])),
             positives=gts,
+            kind="circo",
         )
-    raise InvalidInputError(f"unknown CIR record (not CIRR, FashionIQ or CIRCO): {sorted(rec)}")
+    if "ReferenceImageName" in rec:  # Shoes (relative_captions_shoes.json)
+        return Triplet(
+            _image_stem(str(rec["ReferenceImageName"])),
+            str(rec["RelativeCaption"]).strip(),
+            _image_stem(str(rec["ImageName"])),
+            kind="shoes",
+        )
+    raise InvalidInputError(
+        f"unknown CIR record (not CIRR, FashionIQ, CIRCO or Shoes): {sorted(rec)}"
+    )
+
+
+def _image_stem(name: str) -> str:
+    """``img_womens_clogs_851.jpg`` -> ``img_womens_clogs_851`` (found again by ImageCache)."""
+    stem, dot, suffix = name.rpartition(".")
+    return stem if dot and f".{suffix.lower()}" in _EXTS else name
 
 
 def load_triplets(path: str | Path) -> list[Triplet]:
@@ -91,11 +110,14 @@ def load_triplets(path: str | Path) -> list[Triplet]:
 
 
 class ImageCache:
-    """Images by name under a folder, loaded once as RGB."""
+    """Images by name under a folder, as RGB, the ``max_items`` most recently used kept decoded
+    (training draws batches at random and evaluation walks galleries of 100k+ images: keeping
+    every decoded image would grow without bound)."""
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, max_items: int = 512) -> None:
         self.root = Path(root).expanduser()
-        self._cache: dict = {}
+        self.max_items = max(0, int(max_items))
+        self._cache: OrderedDict[str, object] = OrderedDict()
 
     def path(self, name: str) -> Path:
         candidates = [name] + ([name.zfill(12)] if name.isdigit() else [])
@@ -107,11 +129,17 @@ class ImageCache:
         raise InvalidInputError(f"image {name!r} not found under {self.root}")
 
     def __call__(self, name: str):
-        if name not in self._cache:
-            from engine.images import load_image_file
+        if name in self._cache:
+            self._cache.move_to_end(name)
+            return self._cache[name]
+        from engine.images import load_image_file
 
-            self._cache[name] = load_image_file(self.path(name))
-        return self._cache[name]
+        image = load_image_file(self.path(name))
+        if self.max_items:
+            self._cache[name] = image
+            if len(self._cache) > self.max_items:
+                self._cache.popitem(last=False)
+        return image
 
 
 @dataclass
@@ -155,13 +183,14 @@ def encoder_kwargs(config: CirTrainConfig) -> dict:
 
 def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
     """The items of optimizer step ``step``: a stream of seeded per-epoch permutations."""
-    out = []
+    out, perms = [], {}
     start = step * batch_size
     for pos in range(start, start + min(batch_size, n)):
         epoch, i = divmod(pos, n)
-        perm = list(range(n))
-        random.Random(seed * 1_000_003 + epoch).shuffle(perm)
-        out.append(perm[i])
+        if epoch not in perms:  # one shuffle per epoch touched, not one per item
+            perms[epoch] = list(range(n))
+            random.Random(seed * 1_000_003 + epoch).shuffle(perms[epoch])
+        out.append(perms[epoch][i])
     return out
 
 
@@ -342,15 +371,27 @@ def train(config: CirTrainConfig, encoder: CirLvlmEncoder | None = None) -> CirT
     return CirTrainResult(step, out, losses)
 
 
-@torch.no_grad()
-def embed(encoder, triplets: list[Triplet], images: ImageCache, batch_size: int = 32):
-    """(query embeddings, gallery embeddings, gallery names); the gallery is every image named."""
-    encoder.eval()
-    names: list[str] = []
+def gallery_names(triplets: list[Triplet]) -> list[str]:
+    """Every image the triplets name (the gallery when none is given: CIRR and Shoes only)."""
+    names: dict[str, None] = {}
     for t in triplets:
         for n in (t.reference, t.target, *(t.subset or ()), *t.positives):
-            if n not in names:
-                names.append(n)
+            names.setdefault(n, None)
+    return list(names)
+
+
+@torch.no_grad()
+def embed(
+    encoder,
+    triplets: list[Triplet],
+    images: ImageCache,
+    batch_size: int = 32,
+    gallery: list[str] | None = None,
+):
+    """(query embeddings, gallery embeddings, gallery names); the gallery is ``gallery`` or
+    every image the triplets name. Images are loaded one batch at a time (not kept)."""
+    encoder.eval()
+    names = list(gallery) if gallery is not None else gallery_names(triplets)
     qs, gs = [], []
     for i in range(0, len(triplets), batch_size):
         chunk = triplets[i : i + batch_size]
@@ -360,25 +401,64 @@ def embed(encoder, triplets: list[Triplet], images: ImageCache, batch_size: int 
             ).embeddings.cpu()
         )
     for i in range(0, len(names), batch_size):
-        gs.append(
-            encoder.encode_targets([images(n) for n in names[i : i + batch_size]]).embeddings.cpu()
-        )
+        batch = [images(n) for n in names[i : i + batch_size]]
+        gs.append(encoder.encode_targets(batch).embeddings.cpu())
     return torch.cat(qs), torch.cat(gs), names
 
 
-def evaluate(encoder, triplets: list[Triplet], images: ImageCache, batch_size: int = 32) -> dict:
-    """Recall@K, Recall_subset@K (when subsets are given) and mAP@K, in percent."""
-    from engine.eval.cir_metrics import map_at_k, rank_gallery, recall_at_k, subset_recall_at_k
+def evaluate(
+    encoder,
+    triplets: list[Triplet],
+    images: ImageCache,
+    batch_size: int = 32,
+    gallery: list[str] | None = None,
+) -> dict:
+    """The benchmark's metrics in percent under its official protocol
+    (:mod:`engine.eval.cir_protocol`): ``gallery`` is the split's image names (required for
+    FashionIQ and CIRCO); the reference is left out of its own ranking for CIRR only."""
+    from engine.eval import cir_protocol
+    from engine.eval.cir_metrics import rank_gallery
 
-    q, g, names = embed(encoder, triplets, images, batch_size)
-    rankings = rank_gallery(q, g, names, exclude=[t.reference for t in triplets])
-    targets = [t.target for t in triplets]
-    result = {f"R@{k}": 100 * v for k, v in recall_at_k(rankings, targets).items()}
-    if all(t.subset for t in triplets):
-        subs = subset_recall_at_k(
-            rankings, targets, [t.reference for t in triplets], [t.subset for t in triplets]
-        )
-        result.update({f"Rsubset@{k}": 100 * v for k, v in subs.items()})
-    gts = [t.positives or (t.target,) for t in triplets]
-    result.update({f"mAP@{k}": 100 * v for k, v in map_at_k(rankings, gts).items()})
-    return result
+    kinds = {t.kind for t in triplets}
+    if len(kinds) != 1:
+        raise InvalidInputError(f"one benchmark's triplets at a time, not {sorted(kinds)}")
+    kind = kinds.pop()
+    cir_protocol.check_gallery(kind, gallery, triplets)
+    q, g, names = embed(encoder, triplets, images, batch_size, gallery)
+    exclude = [t.reference for t in triplets] if cir_protocol.excludes_reference(kind) else None
+    rankings = rank_gallery(q, g, names, exclude=exclude)
+    return cir_protocol.score(kind, rankings, triplets)
+
+
+def evaluate_files(
+    encoder,
+    sets: list[str | Path],
+    galleries: list[str] | None = None,
+    images: str | Path | None = None,
+    batch_size: int = 32,
+) -> dict[str, dict[str, float]]:
+    """``rapbot eval cir``: each triplet file scored under its benchmark's protocol, keyed by
+    the file's name (FashionIQ: its category), with ``galleries`` one per file or one for all;
+    several FashionIQ categories add their ``average``."""
+    from engine.eval import cir_protocol
+
+    galleries = list(galleries or [])
+    if galleries and len(galleries) not in (1, len(sets)):
+        raise InvalidInputError("Give one --gallery for all sets or one per set.")
+    results: dict[str, dict[str, float]] = {}
+    kinds = set()
+    for i, path in enumerate(sets):
+        path = Path(path).expanduser()
+        triplets = load_triplets(path)
+        kinds.add(triplets[0].kind)
+        spec = galleries[i if len(galleries) > 1 else 0] if galleries else None
+        gallery = cir_protocol.read_gallery(spec) if spec else None
+        root = ImageCache(Path(images).expanduser() if images else path.parent)
+        scores = evaluate(encoder, triplets, root, batch_size, gallery)
+        key = path.name
+        if triplets[0].kind == "fashioniq":
+            key = cir_protocol.fashioniq_category(path)
+        results[key] = scores
+    if kinds == {"fashioniq"} and len(results) > 1:
+        results["average"] = cir_protocol.average_categories(results)
+    return results

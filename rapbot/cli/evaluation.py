@@ -53,7 +53,16 @@ def register(sub, common: argparse.ArgumentParser) -> None:
         "cir", parents=[common], help="composed image search: Recall@K, Recall_subset@K, mAP@K"
     )
     ec.set_defaults(handler=run_eval_cir)
-    ec.add_argument("set", help="triplets: CIRR, FashionIQ or CIRCO JSON")
+    ec.add_argument(
+        "set", nargs="+", help="triplets: CIRR, FashionIQ (one file per category), CIRCO, Shoes"
+    )
+    ec.add_argument(
+        "--gallery",
+        nargs="+",
+        default=None,
+        help="the images ranked: a split file, folder or comma-separated list, one for all sets"
+        " or one per set (required for FashionIQ and CIRCO)",
+    )
     ec.add_argument("--images", default=None, help="image folder (default: the set's folder)")
     ec.add_argument("--encoder", required=True, help="a `rapbot train cir` output folder")
     ec.add_argument("--device", default="cpu")
@@ -120,10 +129,13 @@ def run_eval_rap(args: argparse.Namespace) -> int:
 
 
 def run_eval_cir(args: argparse.Namespace) -> int:
-    from engine.cir.train import ImageCache, evaluate, load_encoder, load_triplets
+    from engine.cir.train import evaluate_files, load_encoder
 
-    data = Path(args.set).expanduser()
-    images = ImageCache(Path(args.images).expanduser() if args.images else data.parent)
-    scores = evaluate(load_encoder(args.encoder, device=args.device), load_triplets(data), images)
-    emit(args, scores, "  ".join(f"{k} {v:.2f}" for k, v in scores.items()))
+    encoder = load_encoder(args.encoder, device=args.device)
+    results = evaluate_files(encoder, args.set, args.gallery, args.images)
+    lines = [
+        f"{name}: " + "  ".join(f"{k} {v:.2f}" for k, v in scores.items())
+        for name, scores in results.items()
+    ]
+    emit(args, results, "\n".join(lines))
     return 0
