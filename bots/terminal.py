@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import TextIO
 
 from bots.core.commands import is_command
-from bots.core.handler import CommandCore
-from bots.core.messages import IncomingMessage, Reply
+from bots.core.messages import Reply
+from bots.core.request import ChatRequest, CollectingPort, Sender
+from bots.core.serve import CommandCore
 from engine.errors import RapbotError
 from engine.images import ImageLimits, read_image_file
 
@@ -84,23 +85,24 @@ class TerminalChat:
                 self.say(f"! {error}")
                 return True
         if photo is not None:  # a photo posted in the chat: kept for /search if /index is on
-            posted = IncomingMessage(scope=self.scope, user_id=self.user, text="", image=photo)
-            await self.core.index_photo(posted, str(Path(photo_path).expanduser().resolve()))
+            source = str(Path(photo_path).expanduser().resolve())
+            await self.core.index_photo(self.scope, self.user, photo, source=source)
         if not text:
             self.last_photo = photo
             self.say("(photo posted: the next command that needs a photo uses it)")
             return True
         if not is_command(text):
             text = f"/ask {text}"  # plain messages are questions to the bot, as mentions are
-        message = IncomingMessage(
-            scope=self.scope,
-            user_id=self.user,
-            text=text,
-            image=photo if photo is not None else self.last_photo,
+        photo = photo if photo is not None else self.last_photo
+        request = ChatRequest(
+            self.scope,
+            Sender(self.user),
+            text,
+            photos=(photo,) if photo is not None else (),
             is_admin=self.is_admin,
-            message_id=None,
         )
-        reply = await self.core.handle(message)
+        reply = await self.core.serve(request, CollectingPort())
+        assert reply is not None  # only bots' requests go unanswered
         self.say(("! " if reply.error else "") + reply.text)
         for ref in reply.photo_refs:  # search results: the posted photos' paths
             self.say(f"  {ref}")

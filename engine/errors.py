@@ -6,9 +6,17 @@ Every subclass of :class:`RapbotError` carries a message written for the person 
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 
 class RapbotError(Exception):
-    """Base class: the message is safe and meant to be shown to the user."""
+    """Base class: the message is safe and meant to be shown to the user.
+
+    ``outcome`` is whose failure it is, as metrics count it: ``user_error`` (the user can fix
+    it: a bad photo, an unknown name...) or ``internal_error`` (the service's: an outage, a
+    broken store), though the user gets the message either way."""
+
+    outcome: ClassVar[str] = "user_error"
 
 
 class ImageError(RapbotError):
@@ -35,18 +43,28 @@ class PermissionDeniedError(RapbotError):
 class MissingWeightError(RapbotError):
     """A model weight file is not available locally and cannot be downloaded."""
 
+    outcome = "internal_error"
+
 
 class StoreError(RapbotError):
     """The concept store cannot be opened or used (wrong embedding model, corruption...)."""
+
+    outcome = "internal_error"
 
 
 class EngineUnavailableError(RapbotError):
     """Distributed mode: the broker, the result backend or every worker is down or too busy."""
 
+    outcome = "internal_error"
+
 
 class PhotoExpiredError(RapbotError):
     """Distributed mode: a photo's blob expired (or vanished) before a worker fetched it."""
 
+    outcome = "internal_error"
+
 
 class RepeatedCrashError(RapbotError):
     """Distributed mode: a request crashed its worker on every delivery up to the retry cap."""
+
+    outcome = "internal_error"

@@ -3,12 +3,10 @@
 Recorded as things happen:
 
 * ``rapbot_requests_total{command, outcome}`` and ``rapbot_request_seconds{command}``: every
-  chat command the command core answers (``bots.core.handler.CommandCore.handle``), refuses
-  before a download (``CommandCore.admit``: ``rate_limited``, ``busy``) or sees cancelled by
-  the adapter's time limit (``timeout``, timed up to the cancellation), and those an adapter
-  ends itself after admission, before ``handle`` (``CommandCore.observe_unhandled``: a photo
-  download refused, failed or cut short); ``command`` is the command's name (``who``,
-  ``ask``, ``forget_me``...; ``unknown`` when the text does not parse), ``outcome`` one of
+  chat request the command core serves (``bots.core.serve.CommandCore.serve``: refused by
+  the rate limits or the in-flight bound, answered, failed, or cut short by its time limit),
+  counted once; ``command`` is the command's declared word (``who``, ``ask``,
+  ``forget_me``...; ``unknown`` when the text does not parse), ``outcome`` one of
   :data:`REQUEST_OUTCOMES`.
 * ``rapbot_stage_seconds{stage}``: the engine's per-stage timings (decode, detect, embed,
   search, render, prompt, generate) of every answer the core receives, local or over Celery.
@@ -64,18 +62,6 @@ REGISTRY = CollectorRegistry()
 # timeout: the adapter gave up on the request (its time limit, or a shutdown cancelled it).
 REQUEST_OUTCOMES = ("ok", "user_error", "internal_error", "rate_limited", "busy", "timeout")
 TASK_OUTCOMES = ("ok", "user_error", "internal_error", "timeout", "gave_up")
-# RapbotErrors that are the service's failure, not the user's (an outage, a broken store...):
-# counted as internal_error although the user gets their message.
-SERVICE_ERRORS = frozenset(
-    {
-        "MissingWeightError",
-        "StoreError",
-        "EngineUnavailableError",
-        "PhotoExpiredError",
-        "RepeatedCrashError",
-    }
-)
-
 STORE_COUNTS_TTL_S = 60.0  # how long a scrape reuses the last store counts
 
 _REQUEST_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0)
@@ -123,21 +109,16 @@ _STAGE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 
 
 def command_name(command: object | None) -> str:
-    """The metric label of a parsed command: ``Who()`` → ``who``, ``ForgetMe()`` →
-    ``forget_me``; ``unknown`` for None (the text did not parse)."""
-    if command is None:
-        return "unknown"
-    return re.sub(r"(?<!^)(?=[A-Z])", "_", type(command).__name__).lower()
+    """The metric label of a parsed command: its declared ``command`` word (``ForgetMe()`` →
+    ``forget_me``); ``unknown`` for None (the text did not parse)."""
+    return "unknown" if command is None else str(command.command)
 
 
 def error_outcome(error: BaseException) -> str:
-    """``user_error`` for an error the user caused (a bad photo, an unknown name, a refused
-    permission...), ``internal_error`` for the service's own (see :data:`SERVICE_ERRORS`) and
-    anything that is not a RapbotError."""
-    if not isinstance(error, RapbotError):
-        return "internal_error"
-    names = {cls.__name__ for cls in type(error).__mro__}
-    return "internal_error" if names & SERVICE_ERRORS else "user_error"
+    """The outcome a RapbotError declares (``user_error`` for one the user caused,
+    ``internal_error`` for the service's own: see ``RapbotError.outcome``);
+    ``internal_error`` for anything that is not a RapbotError."""
+    return error.outcome if isinstance(error, RapbotError) else "internal_error"
 
 
 def observe_request(command: str, outcome: str, seconds: float) -> None:

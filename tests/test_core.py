@@ -9,9 +9,10 @@ import pytest
 
 from bots.core import commands as c
 from bots.core.gateway import LocalGateway, PhotoIndexing
-from bots.core.handler import CommandCore
 from bots.core.limits import InFlightLimiter, Limits, RateLimiter
-from bots.core.messages import IncomingMessage
+from bots.core.messages import Reply
+from bots.core.request import ChatRequest, CollectingPort, Sender
+from bots.core.serve import CommandCore
 from engine.errors import EngineUnavailableError
 from engine.permissions import Actor
 
@@ -45,8 +46,27 @@ def test_in_flight_limiter_is_per_key() -> None:
     assert limiter.try_enter("a")
 
 
-def message(text: str, user: str = "alice", scope: str = "tg:1", **kw) -> IncomingMessage:
-    return IncomingMessage(scope=scope, user_id=user, text=text, **kw)
+def request(
+    text: str,
+    user: str = "alice",
+    scope: str = "tg:1",
+    *,
+    image: bytes | None = None,
+    images: tuple[bytes, ...] = (),
+    from_bot: bool = False,
+    **kw,
+) -> ChatRequest:
+    """A request as an adapter makes it; photos are their bytes (the port's references)."""
+    photos = tuple(p for p in (image, *images) if p is not None)
+    return ChatRequest(scope, Sender(user, is_bot=from_bot), text, photos=photos, **kw)
+
+
+async def handle(core: CommandCore, text: str, *, port=None, **kw) -> Reply | None:
+    """``core.serve`` of a request, through ``port`` (a CollectingPort by default)."""
+    port = port if port is not None else CollectingPort()
+    reply = await core.serve(request(text, **kw), port)
+    assert port.replies == ([] if reply is None else [reply])  # the port got the reply, once
+    return reply
 
 
 def test_core_limits_users_and_ignores_bots(tiny_engine) -> None:
@@ -54,10 +74,10 @@ def test_core_limits_users_and_ignores_bots(tiny_engine) -> None:
         core = CommandCore(
             LocalGateway(tiny_engine), limits=Limits(user_burst=2, user_per_minute=1)
         )
-        replies = [await core.handle(message("/concepts")) for _ in range(3)]
-        replies.append(await core.handle(message("/concepts", user="bob")))
-        replies.append(await core.handle(message("/concepts", from_bot=True)))
-        replies.append(await core.handle(message("/help")))  # help is never limited
+        replies = [await handle(core, "/concepts") for _ in range(3)]
+        replies.append(await handle(core, "/concepts", user="bob"))
+        replies.append(await handle(core, "/concepts", from_bot=True))
+        replies.append(await handle(core, "/help", user="carol"))
         return replies
 
     first, second, third, bob, from_bot, help_ = asyncio.run(scenario())
@@ -68,15 +88,29 @@ def test_core_limits_users_and_ignores_bots(tiny_engine) -> None:
     assert not help_.error and "/remember NAME" in help_.text
 
 
+@pytest.mark.parametrize("text", ["/help", "/frobnicate", "/rename", "/remember", "/index maybe"])
+def test_help_usage_mistakes_and_unknown_commands_count_against_the_limits(text) -> None:
+    """Every request costs a token: a flood of /help or of malformed commands is limited
+    like any other (it is answered, and answering costs the platform's send budget)."""
+
+    async def scenario() -> list:
+        core = CommandCore(ListingGateway(), limits=Limits(user_burst=2, user_per_minute=1))
+        return [await handle(core, text) for _ in range(3)]
+
+    first, second, third = asyncio.run(scenario())
+    assert not first.text.startswith("Slow down") and not second.text.startswith("Slow down")
+    assert third.error and third.text.startswith("Slow down a little: you are")
+
+
 def test_core_bounds_work_in_flight_per_chat(tiny_engine, dreambooth) -> None:
     photo = (dreambooth / "cat" / "00.jpg").read_bytes()
 
     async def scenario() -> list:
         core = CommandCore(LocalGateway(tiny_engine), limits=Limits(in_flight_per_chat=1))
         return await asyncio.gather(
-            core.handle(message("/who", image=photo)),
-            core.handle(message("/who", image=photo, user="bob")),
-            core.handle(message("/who", image=photo, scope="tg:2")),
+            handle(core, "/who", image=photo),
+            handle(core, "/who", image=photo, user="bob"),
+            handle(core, "/who", image=photo, scope="tg:2"),
         )
 
     first, same_chat, other_chat = asyncio.run(scenario())
@@ -90,16 +124,9 @@ def test_album_remember_adds_every_photo(tiny_engine, dreambooth) -> None:
 
     async def scenario():
         core = CommandCore(LocalGateway(tiny_engine))
-        reply = await core.handle(
-            message(
-                "/remember Rex | my dog", image=photos[0], images=tuple(photos[1:]), message_id="m1"
-            )
-        )
-        again = await core.handle(  # a redelivered update changes nothing
-            message(
-                "/remember Rex | my dog", image=photos[0], images=tuple(photos[1:]), message_id="m1"
-            )
-        )
+        album = {"image": photos[0], "images": tuple(photos[1:]), "message_id": "m1"}
+        reply = await handle(core, "/remember Rex | my dog", **album)
+        again = await handle(core, "/remember Rex | my dog", **album)  # redelivered: no change
         return reply, again
 
     reply, again = asyncio.run(scenario())
@@ -145,19 +172,15 @@ def test_core_streams_a_growing_answer(rap_engine, dreambooth) -> None:
     async def scenario() -> tuple[list[str], list, list[str]]:
         gateway = LocalGateway(rap_engine)
         core = CommandCore(gateway, stream_interval=0)
-        partials: list[str] = []
-
-        async def on_partial(text: str) -> None:
-            partials.append(text)
-
-        ask = await core.handle(
-            message("/ask What is Mochi doing?", image=cat), on_partial=on_partial
-        )
+        port = CollectingPort(streaming=True)
+        partials = port.partials
+        ask = await handle(core, "/ask What is Mochi doing?", image=cat, port=port)
         asked = list(partials)
-        caption = await core.handle(message("/caption", image=cat), on_partial=on_partial)
-        captioned = partials[len(asked) :]
-        partials.clear()
-        other = await core.handle(message("/concepts"), on_partial=on_partial)  # not streamed
+        caption = await handle(core, "/caption", image=cat, port=(port := CollectingPort(True)))
+        captioned = port.partials
+        port = CollectingPort(streaming=True)
+        other = await handle(core, "/concepts", port=port)  # not streamed
+        partials = port.partials
         gateway._executor.shutdown(wait=True)
         return asked, [ask, caption, other], captioned, list(partials)
 
@@ -176,14 +199,12 @@ def test_core_streams_a_growing_answer(rap_engine, dreambooth) -> None:
 def test_whole_answers_show_no_partial_and_errors_are_replies(tiny_engine) -> None:
     async def scenario() -> tuple:
         core = CommandCore(LocalGateway(tiny_engine), stream_interval=0)
-        partials: list[str] = []
-
-        async def on_partial(text: str) -> None:
-            partials.append(text)
-
+        port = CollectingPort(streaming=True)
+        partials = port.partials
         # No generator: the recognition-only answer comes in one piece, so no partial.
-        answer = await core.handle(message("/ask Who is Mochi?"), on_partial=on_partial)
-        no_photo = await core.handle(message("/caption"), on_partial=on_partial)
+        answer = await handle(core, "/ask Who is Mochi?", port=port)
+        port.replies.clear()
+        no_photo = await handle(core, "/caption", port=port)
         core.gateway._executor.shutdown(wait=True)
         return answer, no_photo, partials
 
@@ -192,23 +213,55 @@ def test_whole_answers_show_no_partial_and_errors_are_replies(tiny_engine) -> No
     assert no_photo.error and "photo" in no_photo.text.lower()
 
 
-def test_admit_counts_a_request_once(tiny_engine) -> None:
+class DownloadCountingPort(CollectingPort):
+    def __init__(self) -> None:
+        super().__init__()
+        self.downloads = 0
+
+    async def download(self, photo):
+        self.downloads += 1
+        return await super().download(photo)
+
+
+def test_refused_requests_download_nothing_and_count_once(tiny_engine, dreambooth) -> None:
+    """Admission comes before any download: a refused request costs no download, and an
+    admitted one spends its token once (the core is the only place that counts it)."""
+    cat = (dreambooth / "cat" / "00.jpg").read_bytes()
+
     async def scenario() -> list:
         core = CommandCore(
             LocalGateway(tiny_engine), limits=Limits(user_burst=1, user_per_minute=1)
         )
-        results = [core.admit("tg:1", "alice", "/concepts")]
-        results.append(await core.handle(message("/concepts"), admitted=True))
-        results.append(core.admit("tg:1", "alice", "/concepts"))  # the one token is spent
-        results.append(core.admit("tg:1", "alice", "/help"))  # help is never limited
-        results.append(core.admit("tg:1", "alice", "/rename"))  # usage: handle() answers it
+        ports = [DownloadCountingPort() for _ in range(2)]
+        results = [await handle(core, "/who", image=cat, port=port) for port in ports]
         core.gateway._executor.shutdown(wait=True)
-        return results
+        return results, [port.downloads for port in ports]
 
-    first, handled, second, help_, usage = asyncio.run(scenario())
-    assert first is None and not handled.error
-    assert second.error and second.text.startswith("Slow down a little: you are")
-    assert help_ is None and usage is None
+    (who, refused), downloads = asyncio.run(scenario())
+    assert not who.error and who.image is not None
+    assert refused.error and refused.text.startswith("Slow down a little: you are")
+    assert downloads == [1, 0]
+
+
+def test_slash_options_arrive_parsed_and_are_taken_as_typed(tiny_engine, dreambooth):
+    """A platform with typed options (Discord) hands the core a parsed command: no text to
+    re-parse, so '|' in a description stays in it and a name is judged by the engine's own
+    naming rule, the same words on every platform."""
+    cat = (dreambooth / "cat" / "00.jpg").read_bytes()
+
+    async def scenario() -> list:
+        core = CommandCore(LocalGateway(tiny_engine))
+        remembered = await handle(core, c.Remember("Tom", "cat | mouse"), image=cat)
+        described = await handle(core, c.Describe("Tom", "/help | not a command"))
+        piped = await handle(core, c.Rename("Tom", "Tom | Jerry"))
+        core.gateway._executor.shutdown(wait=True)
+        return [remembered, described, piped]
+
+    remembered, described, piped = asyncio.run(scenario())
+    assert remembered.text == "Got it: I'll remember Tom (cat | mouse)."
+    assert described.text == "Updated: Tom — /help | not a command."
+    assert piped.error and piped.text.startswith("Names can use letters, digits")
+    assert [c.name for c in tiny_engine.list_concepts("tg:1")] == ["Tom"]
 
 
 # --------------------------------------------------------------------------- photo search
@@ -223,25 +276,40 @@ def test_search_by_a_photo_alone_and_without_anything(tiny_engine, dreambooth) -
     async def scenario() -> tuple:
         core = CommandCore(LocalGateway(tiny_engine))
         indexed = [
-            await core.index_photo(message("", image=cat), "cat-id"),
-            *[await core.index_photo(message("", image=d), f"dog-{i}") for i, d in enumerate(dogs)],
+            await core.index_photo("tg:1", "bob", cat, source="cat-id"),
+            *[
+                await core.index_photo("tg:1", "bob", d, source=f"dog-{i}")
+                for i, d in enumerate(dogs)
+            ],
         ]
-        from_bot = await core.index_photo(message("", image=cat, from_bot=True), "bot-id")
-        elsewhere = await core.index_photo(message("", image=cat, scope="tg:2"), "cat-2")
-        like = await core.handle(message("/search", image=cat))
-        nothing = await core.handle(message("/search"))
-        blank = await core.handle(message("/search   "))
+        port = CollectingPort()
+        from_bot = core.index_later("tg:1", Sender("b", is_bot=True), cat, "bot", port.download)
+        await core.indexing.drain()
+        elsewhere = await core.index_photo("tg:2", "bob", cat, source="cat-2")
+        like = await handle(core, "/search", image=cat)
+        nothing = await handle(core, "/search")
+        blank = await handle(core, "/search   ")
         core.gateway._executor.shutdown(wait=True)
         return indexed, from_bot, elsewhere, like, nothing, blank
 
     indexed, from_bot, elsewhere, like, nothing, blank = asyncio.run(scenario())
     assert all(isinstance(i, int) for i in indexed) and len(set(indexed)) == 3
-    assert from_bot is None and elsewhere is None  # a bot's photo; a chat that does not index
+    assert from_bot is False and elsewhere is None  # a bot's photo; a chat that does not index
     assert not like.error and like.photo_refs[0] == "cat-id"
     assert set(like.photo_refs) == {"cat-id", "dog-0", "dog-1"}
     assert like.text.startswith("Found 3 photos, best first:\n1. score 1.00")
     for reply in (nothing, blank):
         assert reply.error and reply.text == f"Usage: {c.USAGE['search']}"
+
+
+class ListingGateway:
+    """Lists no concepts; nothing else (commands that need more fail as they would)."""
+
+    async def list_concepts(self, scope):
+        return []
+
+    async def close(self) -> None:
+        pass
 
 
 class FlagGateway:
@@ -363,3 +431,24 @@ def test_photos_a_command_downloaded_are_indexed_without_a_second_download(caplo
     (line,) = [r.getMessage() for r in caplog.records if "not indexed" in r.getMessage()]
     assert line == "photo not indexed scope=tg:1 photo=bad-2: ImageError"
     assert "alice" not in caplog.text and "holiday" not in caplog.text
+
+
+def test_rate_limiter_memory_stays_bounded_and_keeps_busy_keys_limited() -> None:
+    """200,000 distinct users (a big deployment over a day): idle buckets are forgotten,
+    the count never exceeds ``max_keys``, and a user who keeps asking keeps their bucket
+    (no fresh burst from being forgotten): over 200 s they get the burst plus the refill."""
+    clock = FakeClock()
+    limiter = RateLimiter(per_minute=6, burst=2, clock=clock, max_keys=1000)
+    allowed, most = 0, 0
+    for i in range(200_000):
+        clock.now += 0.001
+        limiter.acquire(f"user-{i}")
+        if i % 50 == 0:
+            allowed += limiter.acquire("flooder") == 0.0
+        most = max(most, len(limiter))
+    assert most <= 1000
+    assert allowed <= 2 + 200 * 6 / 60 + 1  # burst + 0.1 token/s; forgotten, it would be ~4,000
+    clock.now += 60  # everyone is idle again: the next prune forgets them all
+    for i in range(1001):
+        limiter.acquire(f"late-{i}")
+    assert len(limiter) <= 1000 and "user-199999" not in limiter._buckets

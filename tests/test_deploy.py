@@ -366,7 +366,9 @@ def _compose_schema_validator():
 def test_compose_files_follow_the_compose_specification(path: Path) -> None:
     validator = _compose_schema_validator()
     document = yaml.safe_load(path.read_text())
-    problems = [f"{'/'.join(map(str, e.path))}: {e.message}" for e in validator.iter_errors(document)]
+    problems = [
+        f"{'/'.join(map(str, e.path))}: {e.message}" for e in validator.iter_errors(document)
+    ]
     assert not problems, problems
 
 
@@ -568,7 +570,7 @@ BOT_SMOKE = textwrap.dedent(
 
     telegram.ext.Application.run_polling = run_polling
 
-    from bots.discord_adapter.client import RapbotBot  # noqa: E402
+    from bots.discord_adapter.app import RapbotBot  # noqa: E402
 
 
     async def start(bot, token, *, reconnect=True):  # instead of connecting to Discord

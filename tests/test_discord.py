@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,11 +23,10 @@ from discord.http import Route
 from discord.webhook.async_ import AsyncWebhookAdapter, async_context
 
 from bots.core.gateway import LocalGateway
-from bots.core.handler import CommandCore
 from bots.core.limits import Limits
 from bots.core.messages import Reply
-from bots.discord_adapter.client import RapbotBot
-from bots.discord_adapter.cog import ABORTED, PLATFORM_HELP, interaction_is_admin
+from bots.core.serve import CommandCore
+from bots.discord_adapter.app import RapbotBot
 from bots.discord_adapter.files import fit_upload
 from bots.discord_adapter.format import (
     NOT_A_DISCORD_PHOTO,
@@ -35,6 +35,7 @@ from bots.discord_adapter.format import (
     reply_content,
     split_content,
 )
+from bots.discord_adapter.handlers import ABORTED, PLATFORM_HELP, interaction_is_admin
 from engine.images import ImageLimits
 from tests.badfiles import BAD_IMAGE_REASONS, BAD_IMAGES, MIB
 from tests.metric_samples import counted_once, metric, request_counts
@@ -516,7 +517,7 @@ def test_remember_then_who_returns_the_annotated_photo(tiny_engine, dreambooth) 
     assert "• Mochi — my grey cat (1 photo)" in assert_deferred_then_followup(concepts).content
     assert len(cdn) == 2  # each photo fetched once, through Attachment.read()
     [concept] = tiny_engine.list_concepts(f"dc:{CHANNEL_A}")
-    assert concept.owner == ALICE["id"]
+    assert concept.owner == f"dc:{ALICE['id']}"  # namespaced as on Telegram
 
 
 def test_who_is_this_context_menu(tiny_engine, dreambooth) -> None:
@@ -745,10 +746,11 @@ def test_rate_limited_users_get_a_friendly_reply(tiny_engine) -> None:
         first = await h.command("concepts")
         second = await h.command("concepts")
         other = await h.command("concepts", author=BOB)
-        helped = await h.command("help")
-        return first, second, other, helped
+        helped = await h.command("help", author=CAROL)
+        flooded = await h.command("help")  # /help costs a token like any request
+        return first, second, other, helped, flooded
 
-    first, second, other, helped = run(
+    first, second, other, helped, flooded = run(
         tiny_engine, scenario, limits=Limits(user_burst=1, user_per_minute=1)
     )
     assert not assert_deferred_then_followup(first).content.startswith("⚠️")
@@ -756,6 +758,8 @@ def test_rate_limited_users_get_a_friendly_reply(tiny_engine) -> None:
     assert not assert_deferred_then_followup(other).content.startswith("⚠️")
     help_text = assert_deferred_then_followup(helped, ephemeral=True).content
     assert "Who is this?" in help_text and "/remember NAME" in help_text
+    limited = assert_deferred_then_followup(flooded, ephemeral=True).content
+    assert limited.startswith("⚠️ Slow down a little: you are")
 
 
 def test_long_replies_are_split() -> None:
@@ -868,7 +872,7 @@ def test_ask_followup_is_edited_as_the_answer_grows(rap_engine, dreambooth) -> N
         return await h.command("ask", question=question)
 
     calls = run(rap_engine, scenario)
-    expected = rap_engine.ask(f"dc:{CHANNEL_A}", None, question, str(ALICE["id"]))
+    expected = rap_engine.ask(f"dc:{CHANNEL_A}", None, question, f"dc:{ALICE['id']}")
     defer, followup, *edits = calls
     assert defer.payload["type"] == 5
     assert followup.method == "POST" and followup.path.startswith(f"/webhooks/{APP_ID}/")
@@ -929,8 +933,9 @@ def test_requests_ended_by_their_attachment_are_counted_once(tiny_engine, dreamb
             assert counted_once(before, "who", "ok")
 
             before = request_counts("who")  # a shutdown cuts a download short: timeout
-            h.recorder.cdn_stalled = True
-            h.bot._connection.parsers["INTERACTION_CREATE"](h.command_payload("who", photo=cat))
+            h.recorder.cdn_stalled = True  # (Bob: Alice has spent her burst of 5 requests)
+            payload = h.command_payload("who", photo=cat, author=BOB)
+            h.bot._connection.parsers["INTERACTION_CREATE"](payload)
             await asyncio.wait_for(h.recorder.cdn_waiting.wait(), 30)
             assert await h.bot.shutdown(timeout=0.05) == 1
             await settle()
@@ -1058,3 +1063,20 @@ def test_logs_name_no_files(tiny_engine, dreambooth, caplog) -> None:
     ]  # the mention's own failed download is not tried again for indexing
     assert f"attachment download failed id={asked_id}: NotFound (status 404)" in ours
     assert not [line for line in ours if secret in line]
+
+
+def test_splitting_never_cuts_an_escape_at_any_position() -> None:
+    """Every cut position of an escaped line: each piece shows, on its own, exactly its part
+    of the text (no piece ends in half an escape, so no stray backslash and no markdown
+    that comes alive in the next message)."""
+
+    def shown(content: str) -> str:  # what Discord displays of escaped markdown
+        return re.sub(r"\\(.)", r"\1", content, flags=re.S)
+
+    text = escape("Mochi*the_cat \\ ~~sofa~~ `code` |spoiler| > quote \\\\ @everyone " * 3)
+    assert len(text) > 200
+    for limit in range(2, len(text) + 1):
+        pieces = split_content(text, limit)
+        assert all(len(piece) <= limit for piece in pieces)
+        assert "".join(pieces) == text
+        assert "".join(shown(piece) for piece in pieces) == shown(text), limit

@@ -20,16 +20,17 @@ from types import SimpleNamespace
 import pytest
 
 from bots.core.gateway import LocalGateway
-from bots.core.handler import CommandCore
 from bots.core.limits import Limits
-from bots.core.messages import IncomingMessage
-from engine.errors import StoreError, UnknownConceptError
+from bots.core.request import CollectingPort
+from bots.core.serve import TIMEOUT_TEXT, CommandCore
+from engine.errors import EngineUnavailableError, ImageError, StoreError, UnknownConceptError
 from engine.permissions import Actor
 from engine.types import Answer
 from rapbot import logs, metrics
 from rapbot.metrics import metrics_text
 from tests.conftest import REPO_ROOT
 from tests.metric_samples import metric as value
+from tests.test_core import DownloadCountingPort, handle, request
 
 REDIS_URL = "redis://127.0.0.1:6379/15"  # a database of its own; keys named per test run
 
@@ -38,10 +39,6 @@ def store_items(kind: str) -> float:
     """``rapbot_store_items{kind}`` counted now (a scrape reuses counts up to a minute old)."""
     metrics.expire_store_counts()
     return value("rapbot_store_items", kind=kind)
-
-
-def message(text: str, user: str = "alice", scope: str = "tg:1", **kw) -> IncomingMessage:
-    return IncomingMessage(scope=scope, user_id=user, text=text, **kw)
 
 
 class RecordingGateway(LocalGateway):
@@ -87,7 +84,7 @@ def test_who_request_counts_times_its_stages_and_engine_metrics(tiny_engine, dre
     before_examples = store_items("examples")
 
     async def scenario():
-        remembered = await core.handle(message("/remember Mochi | my grey cat", image=cat))
+        remembered = await handle(core, "/remember Mochi | my grey cat", image=cat)
         stages_before = {
             stage: (
                 value("rapbot_stage_seconds_count", stage=stage),
@@ -95,7 +92,7 @@ def test_who_request_counts_times_its_stages_and_engine_metrics(tiny_engine, dre
             )
             for stage in ("decode", "detect", "embed", "search", "render")
         }
-        who = await core.handle(message("/who", image=cat, user="bob"))
+        who = await handle(core, "/who", image=cat, user="bob")
         gateway._executor.shutdown(wait=True)
         return remembered, stages_before, who
 
@@ -138,12 +135,12 @@ def test_errors_limits_and_unknown_commands_have_their_outcomes(tiny_engine) -> 
 
     async def scenario() -> list:
         replies = [
-            await core.handle(message("/who", user="u1")),
-            await core.handle(message("/frobnicate", user="u2")),
-            await core.handle(message("/forget Nobody", user="u3")),
-            await core.handle(message("/concepts", user="u4")),
-            await core.handle(message("/concepts", user="u4")),  # its one token is spent
-            await core.handle(message("/concepts", user="u5", from_bot=True)),  # not counted
+            await handle(core, "/who", user="u1"),
+            await handle(core, "/frobnicate", user="u2"),
+            await handle(core, "/forget Nobody", user="u3"),
+            await handle(core, "/concepts", user="u4"),
+            await handle(core, "/concepts", user="u4"),  # its one token is spent
+            await handle(core, "/concepts", user="u5", from_bot=True),  # not counted
         ]
         core.gateway._executor.shutdown(wait=True)
         return replies
@@ -168,9 +165,9 @@ class GatedGateway:
         return []
 
 
-def test_admit_refusals_are_counted_under_the_command_name() -> None:
-    """As the adapters do it: admit() before the download, then handle(admitted=True); a
-    refusal by admit() is the request's outcome, counted once, under the command's name."""
+def test_refusals_are_counted_under_the_command_name() -> None:
+    """Admission is part of serve(): a refused request (rate limit, busy chat) is counted
+    once, under its command's name, and downloads nothing."""
     keys = [
         ("concepts", "ok"),
         ("concepts", "rate_limited"),
@@ -195,28 +192,24 @@ def test_admit_refusals_are_counted_under_the_command_name() -> None:
         core = CommandCore(
             gateway, limits=Limits(user_burst=1, user_per_minute=1, in_flight_per_chat=1)
         )
-        results = [core.admit("tg:1", "u1", "/concepts")]
         gateway.release.set()
-        results.append(await core.handle(message("/concepts", user="u1"), admitted=True))
-        results.append(core.admit("tg:1", "u1", "/concepts"))  # its one token is spent
+        results = [await handle(core, "/concepts", user="u1")]
+        results.append(await handle(core, "/concepts", user="u1"))  # its one token is spent
         # The chat's one in-flight slot is taken by a request still being answered.
         gateway.entered.clear()
         gateway.release.clear()
-        slow = asyncio.create_task(
-            core.handle(message("/concepts", user="u2", scope="tg:2"), admitted=True)
-        )
+        slow = asyncio.create_task(handle(core, "/concepts", user="u2", scope="tg:2"))
         await gateway.entered.wait()
-        results.append(core.admit("tg:2", "u3", "/who"))  # busy
-        results.append(core.admit("tg:2", "u4", "/help"))  # help is never refused by admit
+        port = DownloadCountingPort()
+        results.append(await handle(core, "/who", user="u3", scope="tg:2", image=b"x", port=port))
         gateway.release.set()
         results.append(await slow)
-        return results
+        return results, port.downloads
 
-    first, handled, limited, busy, help_admitted, slow = asyncio.run(scenario())
-    assert first is None and not handled.error and not slow.error
+    (handled, limited, busy, slow), downloads = asyncio.run(scenario())
+    assert not handled.error and not slow.error
     assert limited.error and limited.text.startswith("Slow down a little")
-    assert busy.error and "still working" in busy.text
-    assert help_admitted is None
+    assert busy.error and "still working" in busy.text and downloads == 0
     assert value("rapbot_requests_total", command="concepts", outcome="ok") == (
         before[("concepts", "ok")] + 2
     )
@@ -231,49 +224,64 @@ def test_admit_refusals_are_counted_under_the_command_name() -> None:
         assert value("rapbot_requests_total", command=key[0], outcome=key[1]) == count
 
 
-def test_a_request_cancelled_by_the_adapters_time_limit_is_a_timeout() -> None:
-    """Telegram bounds handle() with asyncio.wait_for: the cancelled request is still counted
-    (outcome timeout) and timed up to the cancellation."""
+def test_a_request_over_its_time_limit_is_a_timeout() -> None:
+    """serve() bounds each request (the adapter's time limit): the request is answered,
+    counted once with outcome timeout and timed; its in-flight slot is given back; a request
+    the adapter cancels itself (a shutdown) is counted the same way."""
     timeout = {"command": "concepts", "outcome": "timeout"}
     before = value("rapbot_requests_total", **timeout)
     count_before = value("rapbot_request_seconds_count", command="concepts")
     sum_before = value("rapbot_request_seconds_sum", command="concepts")
     ok_before = value("rapbot_requests_total", command="concepts", outcome="ok")
 
-    async def scenario() -> None:
-        core = CommandCore(GatedGateway(), limits=Limits(in_flight_per_chat=1))
-        assert core.admit("tg:1", "u1", "/concepts") is None
-        with pytest.raises(asyncio.TimeoutError):
-            await asyncio.wait_for(core.handle(message("/concepts"), admitted=True), 0.2)
-        # The in-flight slot was given back: the chat is not stuck "busy".
-        assert core.admit("tg:1", "u2", "/concepts") is None
+    async def scenario() -> list:
+        core = CommandCore(GatedGateway(), limits=Limits(in_flight_per_chat=1), time_limit_s=0.2)
+        first = await handle(core, "/concepts")
+        second = await handle(core, "/concepts", user="u2")  # the slot was given back
+        core.time_limit_s = None
+        with pytest.raises(asyncio.TimeoutError):  # the adapter's own cancellation
+            await asyncio.wait_for(core.serve(request("/concepts"), CollectingPort()), 0.2)
+        return [first, second]
 
-    asyncio.run(scenario())
-    assert value("rapbot_requests_total", **timeout) == before + 1
-    assert value("rapbot_request_seconds_count", command="concepts") == count_before + 1
-    assert value("rapbot_request_seconds_sum", command="concepts") >= sum_before + 0.2
+    replies = asyncio.run(scenario())
+    assert [r.text for r in replies] == [TIMEOUT_TEXT, TIMEOUT_TEXT]
+    assert value("rapbot_requests_total", **timeout) == before + 3
+    assert value("rapbot_request_seconds_count", command="concepts") == count_before + 3
+    assert value("rapbot_request_seconds_sum", command="concepts") >= sum_before + 0.6
     assert value("rapbot_requests_total", command="concepts", outcome="ok") == ok_before
     assert "timeout" in metrics.REQUEST_OUTCOMES
 
 
-def test_requests_the_adapter_ends_before_handle_are_named_as_handle_names_them() -> None:
-    """observe_unhandled: the adapter's count of an admitted request that never reached
-    handle() (its photo's download failed or was cut short), under the command's name."""
-    core = CommandCore(GatedGateway())
+class FailingDownloads(CollectingPort):
+    """A port whose downloads fail as a platform's do: the user's file, the platform, a hang."""
+
+    def __init__(self, failure: BaseException | None) -> None:
+        super().__init__()
+        self.failure = failure
+
+    async def download(self, photo):
+        if self.failure is None:
+            await asyncio.sleep(60)
+        raise self.failure
+
+
+def test_requests_ended_by_their_download_are_counted_under_their_command() -> None:
+    """A request whose photo cannot be had is counted once, under its command's name, with
+    the outcome the error declares (the user's file, or the platform's failure)."""
     cases = [
-        ("/remember Mochi | my cat", "remember", "user_error"),
-        ("/forget_me", "forget_me", "internal_error"),
-        ("/who@rapbot_test_bot", "who", "timeout"),
-        ("/frobnicate", "unknown", "user_error"),  # as handle() counts what does not parse
+        ("/remember Mochi | my cat", "remember", "user_error", ImageError("not an image")),
+        ("/who", "who", "internal_error", EngineUnavailableError("Telegram is down")),
+        ("/who@rapbot_test_bot", "who", "timeout", None),
+        ("/frobnicate", "unknown", "user_error", ImageError("never downloaded")),
     ]
-    for text, name, outcome in cases:
+    for text, name, outcome, failure in cases:
+        core = CommandCore(GatedGateway(), time_limit_s=0.2)
         before = value("rapbot_requests_total", command=name, outcome=outcome)
         timed = value("rapbot_request_seconds_count", command=name)
-        core.observe_unhandled(text, outcome, 0.5)
+        reply = asyncio.run(handle(core, text, image=b"x", port=FailingDownloads(failure)))
+        assert reply.error
         assert value("rapbot_requests_total", command=name, outcome=outcome) == before + 1
         assert value("rapbot_request_seconds_count", command=name) == timed + 1
-    with pytest.raises(ValueError, match="unknown request outcome"):
-        core.observe_unhandled("/who", "download_failed", 0.1)
 
 
 def test_outcomes_of_errors_and_command_names() -> None:
@@ -294,10 +302,8 @@ def test_streamed_answers_feed_the_stage_histogram(tiny_engine, dreambooth) -> N
     ask_before = value("rapbot_requests_total", command="ask", outcome="ok")
 
     async def scenario():
-        async def on_partial(text: str) -> None:
-            pass
-
-        reply = await core.handle(message("/ask who is this?", image=cat), on_partial=on_partial)
+        port = CollectingPort(streaming=True)
+        reply = await handle(core, "/ask who is this?", image=cat, port=port)
         core.gateway._executor.shutdown(wait=True)
         return reply
 
@@ -452,7 +458,7 @@ def test_redis_urls_for_the_queue_depth_and_the_broker_settings() -> None:
 
 def test_metrics_modules_import_without_torch() -> None:
     code = (
-        "import sys, rapbot.metrics, rapbot.observability, bots.core.handler\n"
+        "import sys, rapbot.metrics, rapbot.observability, bots.core.serve\n"
         "assert 'torch' not in sys.modules, 'torch imported'\n"
         "print(rapbot.metrics.metrics_text().count('# TYPE'))"
     )
@@ -618,7 +624,7 @@ class LoggingEngine:
 def test_engine_thread_logs_carry_the_requests_scope_and_command(json_logs) -> None:
     async def scenario():
         core = CommandCore(LocalGateway(LoggingEngine()))
-        reply = await core.handle(message("/concepts", scope="tg:77"))
+        reply = await handle(core, "/concepts", scope="tg:77")
         core.gateway._executor.shutdown(wait=True)
         return reply
 

@@ -363,8 +363,8 @@ def test_cli_index_and_search_json(tiny_models, tmp_path, monkeypatch, capsys, d
 
 def test_core_index_and_search_commands(tiny_engine, dreambooth) -> None:
     from bots.core.gateway import LocalGateway
-    from bots.core.handler import CommandCore
-    from bots.core.messages import IncomingMessage
+    from bots.core.request import ChatRequest, CollectingPort, Sender
+    from bots.core.serve import CommandCore
 
     rex, others = _photos(dreambooth)
 
@@ -372,17 +372,19 @@ def test_core_index_and_search_commands(tiny_engine, dreambooth) -> None:
         core = CommandCore(LocalGateway(tiny_engine))
 
         def say(text, user="bob", admin=False, image=None):
-            return core.handle(IncomingMessage("tg:1", user, text, image=image, is_admin=admin))
+            photos = (image,) if image is not None else ()
+            request = ChatRequest("tg:1", Sender(user), text, photos=photos, is_admin=admin)
+            return core.serve(request, CollectingPort())
 
         refused = await say("/index on")
         assert refused.error and "admin" in refused.text
-        photo = IncomingMessage("tg:1", "bob", "", image=rex[0].read_bytes())
-        assert await core.index_photo(photo, "file-id-0") is None  # indexing is off
+        photo = rex[0].read_bytes()
+        assert await core.index_photo("tg:1", "bob", photo, source="file-id-0") is None  # off
         on = await say("/index on", user="boss", admin=True)
         assert not on.error and "on" in on.text
         for i, path in enumerate(rex + others[:2]):
-            message = IncomingMessage("tg:1", "bob", "", image=path.read_bytes())
-            assert await core.index_photo(message, f"file-id-{i}") is not None
+            posted = path.read_bytes()
+            assert await core.index_photo("tg:1", "bob", posted, source=f"file-id-{i}") is not None
         found = await say("/search a dog")
         assert not found.error and len(found.photo_refs) == 4
         assert set(found.photo_refs) == {f"file-id-{i}" for i in range(4)}

@@ -22,12 +22,11 @@ from telegram import Update
 from telegram.request import BaseRequest, RequestData
 
 from bots.core.gateway import LocalGateway
-from bots.core.handler import INTERNAL_ERROR
 from bots.core.limits import Limits
 from bots.core.messages import Reply
+from bots.core.serve import INTERNAL_ERROR, TIMEOUT_TEXT
 from bots.telegram_adapter import build_application, rapbot_of
 from bots.telegram_adapter.format import split_text, to_html
-from bots.telegram_adapter.handlers import TIMEOUT_TEXT
 from bots.telegram_adapter.send import Target, send_reply
 from engine.images import ImageLimits
 from tests.badfiles import BAD_IMAGE_REASONS, BAD_IMAGES
@@ -624,7 +623,7 @@ def test_telegram_errors_still_get_a_reply(tiny_engine, photos) -> None:
         async def bug(*args: Any) -> None:
             raise RuntimeError("a bug in the adapter")
 
-        rapbot_of(tg.app)._answer = bug  # PTB's error handler still answers the user
+        rapbot_of(tg.app).serve = bug  # PTB's error handler still answers the user
         assert only_reply(await tg.say(ALICE, text="/concepts")).text == INTERNAL_ERROR
 
     with_engine(tiny_engine, scenario)
@@ -957,7 +956,7 @@ def test_logs_name_no_files_and_quote_no_captions(tiny_engine, photos, caplog) -
         r.getMessage() for r in caplog.records if r.name.startswith(("bots.", "engine.", "rapbot."))
     ]
     assert [line for line in ours if "not indexed" in line] == [
-        f"photo not indexed scope=tg:{GROUP_A} photo=cat: ImageError",
+        f"photo not indexed scope=tg:{GROUP_A} photo=cat: TelegramDownloadError",
         f"photo not indexed scope=tg:{GROUP_A} photo=cat: TimeoutError",
     ]
     assert not [line for line in ours if secret in line]

@@ -6,8 +6,8 @@ import asyncio
 import io
 
 from bots.core.gateway import LocalGateway
-from bots.core.handler import CommandCore
 from bots.core.limits import Limits
+from bots.core.serve import CommandCore
 from bots.terminal import TerminalChat, split_attachment
 
 

@@ -534,7 +534,7 @@ def test_bots_using_the_celery_gateway_do_not_import_torch() -> None:
 
     code = (
         "import sys; from bots.core.gateway import make_gateway; g = make_gateway('celery'); "
-        "import bots.core.handler; print('torch' in sys.modules, 'engine.engine' in sys.modules)"
+        "import bots.core.serve; print('torch' in sys.modules, 'engine.engine' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.split() == ["False", "False"], out.stderr

@@ -270,9 +270,9 @@ def test_poison_photo_ends_in_a_clear_error_after_the_retry_cap(cluster) -> None
 
 def test_command_core_answers_through_the_celery_gateway(cluster) -> None:
     """The chat path end to end: the same command core the adapters use, over Celery."""
-    from bots.core.handler import CommandCore
     from bots.core.limits import Limits
-    from bots.core.messages import IncomingMessage
+    from bots.core.request import ChatRequest, CollectingPort, Sender
+    from bots.core.serve import CommandCore
 
     cat = photo(SCOPE_SUBJECTS[2])
 
@@ -288,10 +288,14 @@ def test_command_core_answers_through_the_celery_gateway(cluster) -> None:
                 ("/concepts", None),
                 ("/forget Mochi", None),
             ]:
-                message = IncomingMessage(
-                    "tg:core", "alice", text, image=image, message_id="m-1" if image else None
+                request = ChatRequest(
+                    "tg:core",
+                    Sender("alice"),
+                    text,
+                    photos=(image,) if image else (),
+                    message_id="m-1" if image else None,
                 )
-                said.append(await core.handle(message))
+                said.append(await core.serve(request, CollectingPort()))
             return said
         finally:
             await g.close()

@@ -1,7 +1,24 @@
-"""The platform-neutral command core shared by every chat adapter."""
+"""The platform-neutral chat core shared by every adapter.
 
-from bots.core.commands import Command, parse_command
-from bots.core.handler import CommandCore
-from bots.core.messages import IncomingMessage, Reply
+A new chat surface builds a :class:`ChatRequest` and implements a :class:`ChatPort` (see
+:mod:`bots.core.request`), then calls ``CommandCore.serve(request, port)`` (:mod:`bots.core.serve`).
+"""
 
-__all__ = ["Command", "CommandCore", "IncomingMessage", "Reply", "parse_command"]
+from bots.core.commands import BaseCommand, Command, parse_command
+from bots.core.messages import Reply
+from bots.core.request import BasePort, ChatPort, ChatRequest, CollectingPort, Sender, user_id
+from bots.core.serve import CommandCore
+
+__all__ = [
+    "BaseCommand",
+    "BasePort",
+    "ChatPort",
+    "ChatRequest",
+    "CollectingPort",
+    "Command",
+    "CommandCore",
+    "Reply",
+    "Sender",
+    "parse_command",
+    "user_id",
+]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import ClassVar
 
 from engine.errors import InvalidInputError
 
@@ -11,67 +13,104 @@ class CommandError(InvalidInputError):
     """A malformed command; the message says how to write it."""
 
 
+class BaseCommand:
+    """What the core, the adapters and the metrics need to know about a kind of command,
+    declared on it: its ``command`` word (also its metrics label), whether it looks at a photo,
+    whether its answer grows as it is generated, and whether a chat admin may act on other
+    people's data with it (adapters may ask the platform for admin rights only then)."""
+
+    command: ClassVar[str]
+    takes_photo: ClassVar[bool] = False
+    streamed: ClassVar[bool] = False
+    admin_matters: ClassVar[bool] = False
+
+
 @dataclass(frozen=True)
-class Remember:
+class Remember(BaseCommand):
+    command = "remember"
+    takes_photo = True
+
     name: str
     description: str = ""
 
 
 @dataclass(frozen=True)
-class Who:
-    pass
+class Who(BaseCommand):
+    command = "who"
+    takes_photo = True
 
 
 @dataclass(frozen=True)
-class Ask:
+class Ask(BaseCommand):
+    command = "ask"
+    takes_photo = True
+    streamed = True
+
     question: str
 
 
 @dataclass(frozen=True)
-class Caption:
-    pass
+class Caption(BaseCommand):
+    command = "caption"
+    takes_photo = True
+    streamed = True
 
 
 @dataclass(frozen=True)
-class Concepts:
-    pass
+class Concepts(BaseCommand):
+    command = "concepts"
 
 
 @dataclass(frozen=True)
-class Rename:
+class Rename(BaseCommand):
+    command = "rename"
+    admin_matters = True
+
     name: str
     new_name: str
 
 
 @dataclass(frozen=True)
-class Describe:
+class Describe(BaseCommand):
+    command = "describe"
+    admin_matters = True
+
     name: str
-    description: str
+    description: str = ""
 
 
 @dataclass(frozen=True)
-class Forget:
+class Forget(BaseCommand):
+    command = "forget"
+    admin_matters = True
+
     name: str
 
 
 @dataclass(frozen=True)
-class ForgetMe:
-    pass
+class ForgetMe(BaseCommand):
+    command = "forget_me"
 
 
 @dataclass(frozen=True)
-class Search:
-    text: str
+class Search(BaseCommand):
+    command = "search"
+    takes_photo = True
+
+    text: str = ""
 
 
 @dataclass(frozen=True)
-class Index:
+class Index(BaseCommand):
+    command = "index"
+    admin_matters = True
+
     enabled: bool
 
 
 @dataclass(frozen=True)
-class Help:
-    pass
+class Help(BaseCommand):
+    command = "help"
 
 
 Command = (
@@ -114,6 +153,21 @@ _ALIASES = {
     "who_is_this": "who",
     "list": "concepts",
 }
+
+
+def checked(command: BaseCommand) -> BaseCommand:
+    """A command built from a platform's typed options rather than parsed, held to the
+    parser's rules: text fields stripped, and those without a default not blank (else
+    CommandError with the usage, as a typed command would get)."""
+    values = {}
+    for field in dataclasses.fields(command):  # type: ignore[arg-type]
+        value = getattr(command, field.name)
+        if isinstance(value, str):
+            value = value.strip()
+            if not value and field.default is dataclasses.MISSING:
+                raise CommandError(f"Usage: {USAGE[command.command]}")
+        values[field.name] = value
+    return dataclasses.replace(command, **values)  # type: ignore[type-var]
 
 
 def is_command(text: str) -> bool:

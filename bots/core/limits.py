@@ -20,32 +20,46 @@ class _Bucket:
 
 @dataclass
 class RateLimiter:
-    """A token bucket per key: ``burst`` requests at once, refilled at ``per_minute``."""
+    """A token bucket per key: ``burst`` requests at once, refilled at ``per_minute``.
+
+    Memory stays bounded however many keys are seen (every user of every chat is one): the
+    buckets are kept in last-use order, and once there are more than ``max_keys`` the idle
+    ones (full again, so forgetting them changes nothing) are dropped; if most are still busy,
+    the least recently used are dropped too, down to half of ``max_keys`` (a flood of that
+    many distinct users within one refill time; a dropped user gets a fresh burst)."""
 
     per_minute: float
     burst: int
     clock: Callable[[], float] = time.monotonic
+    max_keys: int = 10_000
     _buckets: dict[str, _Bucket] = field(default_factory=dict)
 
     def acquire(self, key: str) -> float:
         """0.0 when the request may go ahead (and is counted), else seconds until it may."""
         now = self.clock()
-        bucket = self._buckets.get(key)
-        if bucket is None:
-            bucket = self._buckets[key] = _Bucket(float(self.burst), now)
         rate = self.per_minute / 60.0
+        bucket = self._buckets.pop(key, None)  # re-inserted last: the dict is in last-use order
+        if bucket is None:
+            bucket = _Bucket(float(self.burst), now)
         bucket.tokens = min(float(self.burst), bucket.tokens + (now - bucket.updated) * rate)
         bucket.updated = now
+        self._buckets[key] = bucket
+        if len(self._buckets) > self.max_keys:
+            self._prune(now, rate)
         if bucket.tokens >= 1.0:
             bucket.tokens -= 1.0
             return 0.0
-        if len(self._buckets) > 10_000:  # forget idle keys so memory stays bounded
-            self._forget_full(now, rate)
         return (1.0 - bucket.tokens) / rate if rate > 0 else float("inf")
 
-    def _forget_full(self, now: float, rate: float) -> None:
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def _prune(self, now: float, rate: float) -> None:
         for key, bucket in list(self._buckets.items()):
             if bucket.tokens + (now - bucket.updated) * rate >= self.burst:
+                del self._buckets[key]  # idle: as good as new
+        if len(self._buckets) > self.max_keys * 3 // 4:  # amortised: half the room is free
+            for key in list(self._buckets)[: len(self._buckets) - self.max_keys // 2]:
                 del self._buckets[key]
 
 

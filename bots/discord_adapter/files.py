@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
 import aiohttp
@@ -36,6 +37,24 @@ class AttachmentError(RapbotError):
 
 class AttachmentDownloadError(AttachmentError):
     """Discord would not give us the attachment's bytes (our side or theirs, not the user's)."""
+
+    outcome = "internal_error"
+
+
+@dataclass(frozen=True)
+class Photo:
+    """An image attachment as the core's photo reference: equal, hashed and logged by its id
+    (``str(attachment)`` is its URL, which ends in the name the user gave the file)."""
+
+    id: int
+    attachment: discord.Attachment = field(compare=False)
+
+    @classmethod
+    def of(cls, attachment: discord.Attachment) -> Photo:
+        return cls(attachment.id, attachment)
+
+    def __str__(self) -> str:
+        return str(self.id)
 
 
 def _megabytes(n: int, exact: bool = False) -> str:

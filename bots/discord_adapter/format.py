@@ -76,8 +76,8 @@ def split_content(text: str, limit: int = MAX_CONTENT) -> list[str]:
     pieces: list[str] = []
     current = ""
     for line in text.split("\n"):
-        while len(line) > limit:  # a single overlong line: cut it, but never after a backslash
-            cut = limit - 1 if line[limit - 1] == "\\" else limit
+        while len(line) > limit:  # a single overlong line: cut it between escapes
+            cut = _escape_boundary(line, limit)
             if current:
                 pieces.append(current)
                 current = ""
@@ -92,3 +92,15 @@ def split_content(text: str, limit: int = MAX_CONTENT) -> list[str]:
     if current:
         pieces.append(current)
     return pieces
+
+
+def _escape_boundary(line: str, limit: int) -> int:
+    """The longest prefix length of ``line``, at most ``limit``, that ends on an escape
+    boundary: a backslash and the character it escapes (``\\*``, ``\\\\``) stay together,
+    or each piece would show a stray backslash or unescaped markdown."""
+    position = 0
+    while True:
+        step = 2 if line[position] == "\\" and position + 1 < len(line) else 1
+        if position + step > limit:
+            return max(position, 1)
+        position += step

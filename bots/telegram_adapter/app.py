@@ -18,8 +18,8 @@ from telegram.request import BaseRequest
 
 from bots.core.commands import USAGE
 from bots.core.gateway import EngineGateway, make_gateway
-from bots.core.handler import CommandCore
 from bots.core.limits import Limits
+from bots.core.serve import CommandCore
 from bots.telegram_adapter.handlers import PLATFORM_NOTES, TelegramBot
 from engine.errors import RapbotError
 from engine.images import ImageLimits
@@ -55,11 +55,14 @@ def build_application(
     """
     bot = TelegramBot(
         CommandCore(
-            gateway, platform_help=PLATFORM_NOTES, limits=limits, stream_interval=stream_interval
+            gateway,
+            platform_help=PLATFORM_NOTES,
+            limits=limits,
+            stream_interval=stream_interval,
+            time_limit_s=timeout_s,
         ),
         image_limits=image_limits,
         album_window_s=album_window_s,
-        timeout_s=timeout_s,
     )
 
     async def post_init(app: Application) -> None:

@@ -25,6 +25,14 @@ TELEGRAM_DOWNLOAD_LIMIT = 20 * 1024 * 1024
 DOWNLOAD_TIMEOUT_S = 60.0
 
 DOWNLOAD_FAILED = "I couldn't download that photo from Telegram. Please send it again."
+
+
+class TelegramDownloadError(ImageError):
+    """Telegram would not give us the file's bytes: the platform's failure, not the user's."""
+
+    outcome = "internal_error"
+
+
 # Media kinds we refuse by what they are, checked before ``document`` (a GIF is both).
 _UNSUPPORTED_MEDIA = (
     ("animation", "animations or GIFs"),
@@ -70,6 +78,9 @@ class Attachment:
     file_id: str
     file_size: int | None
     what: str  # "photo" or "image file", for messages
+
+    def __str__(self) -> str:  # how logs name it: by id, never by anything the user wrote
+        return self.file_id
 
     @property
     def search_source(self) -> str:
@@ -131,10 +142,10 @@ async def download(bot: Bot, attachment: Attachment, limits: ImageLimits) -> byt
         if "too big" in str(error).lower():  # Telegram's own 20 MB limit
             raise _too_large(attachment, None, limit) from None
         log.warning("download refused file_id=%s: %s", attachment.file_id, error)
-        raise ImageError(DOWNLOAD_FAILED) from None
+        raise TelegramDownloadError(DOWNLOAD_FAILED) from None
     except TelegramError as error:
         log.warning("download failed file_id=%s: %s", attachment.file_id, error)
-        raise ImageError(DOWNLOAD_FAILED) from None
+        raise TelegramDownloadError(DOWNLOAD_FAILED) from None
     if len(data) > limit:
         raise _too_large(attachment, len(data), limit)
     return bytes(data)

@@ -1,9 +1,10 @@
-"""Telegram messages → the command core → replies.
+"""Telegram messages → :class:`ChatRequest` for the core (which answers through a
+:class:`send.TelegramPort`).
 
 Every entry point (a text command, a command in a photo's caption, an album, a mention of the
-bot, a private message) comes down to :meth:`TelegramBot.serve`: decide the command text, fetch
-the photo the command is about, ask Telegram whether the sender is an admin when it matters,
-let the core answer, and send the answer back as a reply to the user's message.
+bot, a private message) comes down to :meth:`TelegramBot.serve`: decide the command text and
+the photos it may be about, and hand them to ``CommandCore.serve``; the port downloads, asks
+Telegram whether the sender is an admin when it matters, and replies to the user's message.
 
 Every photo (or image file) the bot sees in a chat, with a command or without, album items
 included, then goes to the chat's search history when the chat's indexing is on
@@ -15,31 +16,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
-import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from telegram import Bot, Chat, Message, MessageEntity, Update
-from telegram.constants import ChatAction
 from telegram.ext import BaseHandler, CommandHandler, ContextTypes, MessageHandler, filters
 
 from bots.core import commands as c
-from bots.core.gateway import INDEX_DRAIN_S, Downloaded, PhotoIndexing
-from bots.core.handler import INTERNAL_ERROR, CommandCore
-from bots.core.messages import IncomingMessage, Reply
+from bots.core.gateway import INDEX_DRAIN_S, Downloaded
+from bots.core.messages import Reply
+from bots.core.request import ChatRequest, Sender, user_id
+from bots.core.serve import INTERNAL_ERROR, CommandCore
 from bots.telegram_adapter.admins import AdminCache
 from bots.telegram_adapter.albums import AlbumCollector
-from bots.telegram_adapter.files import DOWNLOAD_FAILED, attachment_of, download, photo_for
+from bots.telegram_adapter.files import Attachment, attachment_of, download, photo_for
 from bots.telegram_adapter.send import (
     CHAT_ACTION_EVERY_S,
-    GrowingMessage,
     Target,
-    chat_action,
+    TelegramPort,
     send_reply,
 )
-from engine.errors import ImageError, RapbotError
+from engine.errors import ImageError
 from engine.images import ImageLimits
 
 log = logging.getLogger(__name__)
@@ -55,25 +53,25 @@ PLATFORM_NOTES = (
     "the bot's owner turns privacy mode off in @BotFather (/setprivacy → Disable) and adds me "
     "to the group again."
 )
-TIMEOUT_TEXT = "That took too long, sorry. Please try again in a minute."
-
 # Telegram command names (a-z, 0-9, _): the core's commands, plus /start which opens every chat.
 COMMANDS = (*c.USAGE, "start")
-IMAGE_COMMANDS = (c.Remember, c.Who, c.Ask, c.Caption, c.Search)  # take a photo
-STREAMED_COMMANDS = (c.Ask, c.Caption)  # answers that grow in place (see send.GrowingMessage)
-ADMIN_COMMANDS = (c.Rename, c.Describe, c.Forget, c.Index)  # admins may act on others' data
 _MENTIONS = (MessageEntity.MENTION, MessageEntity.TEXT_MENTION)
 
 
 @dataclass(frozen=True)
-class Sender:
-    """Who sent a message, as the engine knows users (``tg:<id>``, never clashing with Discord)."""
+class TelegramSender:
+    """Who sent a message: the core's :class:`Sender` and what Telegram adds to it."""
 
-    user_id: str
-    name: str
+    sender: Sender
     telegram_id: int | None  # for getChatMember; None when a chat speaks as itself
     anonymous_admin: bool  # a group admin posting as the group
-    is_bot: bool
+
+    @property
+    def is_admin(self) -> bool | None:
+        """Known up front (an anonymous admin, a chat speaking as itself), or None: ask."""
+        if self.anonymous_admin or self.telegram_id is None:
+            return self.anonymous_admin
+        return None
 
 
 def scope_of(message: Message) -> str:
@@ -81,37 +79,16 @@ def scope_of(message: Message) -> str:
     return f"tg:{message.chat_id}"
 
 
-def sender_of(message: Message) -> Sender | None:
+def sender_of(message: Message) -> TelegramSender | None:
     chat = message.sender_chat
     if chat is not None:  # anonymous admins post as the group itself; channels as the channel
-        return Sender(f"tg:{chat.id}", chat.title or "", None, chat.id == message.chat_id, False)
+        posted_as = Sender(user_id("tg", chat.id), chat.title or "")
+        return TelegramSender(posted_as, None, chat.id == message.chat_id)
     user = message.from_user
     if user is None:
         return None
-    return Sender(f"tg:{user.id}", user.full_name, user.id, False, user.is_bot)
-
-
-def incoming(
-    message: Message,
-    sender: Sender,
-    text: str = "",
-    photos: Sequence[bytes] = (),
-    *,
-    is_admin: bool = False,
-) -> IncomingMessage:
-    """The core's view of ``message`` from ``sender``: the command ``text`` (empty for a photo
-    to index) and ``photos`` (the first is the one the command is about; an album adds more)."""
-    scope = scope_of(message)
-    return IncomingMessage(
-        scope=scope,
-        user_id=sender.user_id,
-        text=text,
-        image=photos[0] if photos else None,
-        images=tuple(photos[1:]),
-        is_admin=is_admin,
-        user_name=sender.name,
-        message_id=f"{scope}:{message.message_id}",
-        from_bot=sender.is_bot,
+    return TelegramSender(
+        Sender(user_id("tg", user.id), user.full_name, user.is_bot), user.id, False
     )
 
 
@@ -187,19 +164,25 @@ class TelegramBot:
         core: CommandCore,
         image_limits: ImageLimits = ImageLimits(),
         album_window_s: float = 1.5,
-        timeout_s: float = 120.0,
         chat_action_every_s: float = CHAT_ACTION_EVERY_S,
         admins: AdminCache | None = None,
-        indexing: PhotoIndexing | None = None,
     ) -> None:
         self.core = core
-        self.indexing = indexing or PhotoIndexing(core.gateway)
+        self.indexing = core.indexing
         self.image_limits = image_limits
-        self.timeout_s = timeout_s  # bounds every request, and so a graceful shutdown
         self.chat_action_every_s = chat_action_every_s
         self.admins = admins or AdminCache()
         self.albums = AlbumCollector(self._on_album, album_window_s)
         self._bot: Bot | None = None  # set by the first update; albums are answered later
+
+    @property
+    def timeout_s(self) -> float | None:
+        """The time limit of every request (the core's), and so of a graceful shutdown."""
+        return self.core.time_limit_s
+
+    @timeout_s.setter
+    def timeout_s(self, seconds: float | None) -> None:
+        self.core.time_limit_s = seconds
 
     def handlers(self) -> list[BaseHandler]:
         """The handlers, in the order PTB tries them (the first match in a group wins)."""
@@ -277,111 +260,41 @@ class TelegramBot:
     ) -> None:
         """Answer the command ``text`` given by ``message`` (one item of ``album``, if any).
 
-        ``downloaded`` receives the photos fetched for the command (file id → bytes, None for
-        a failed download), so indexing them afterwards downloads nothing again."""
+        ``downloaded`` receives the photos fetched for the command (see
+        ``CommandCore.index_later``), so indexing them afterwards downloads nothing again."""
         sender = sender_of(message)
-        if sender is None or sender.is_bot or message.is_automatic_forward:
+        if sender is None or sender.sender.is_bot or message.is_automatic_forward:
             return  # other bots are never answered: two bots must not talk in a loop
+        photos: tuple[Attachment, ...] = ()
+        photo_error: ImageError | None = None
         try:
-            command: c.Command | None = c.parse_command(text)
-        except c.CommandError:
-            command = None  # the core answers with the usage
-        target = Target.of(message)
-        # Rate limits before any download; the core then doesn't count this request again.
-        refusal = self.core.admit(scope_of(message), sender.user_id, text)
-        if refusal is not None:
-            await send_reply(bot, target, refusal)
-            return
-        growing = GrowingMessage(bot, target) if isinstance(command, STREAMED_COMMANDS) else None
-        action = ChatAction.UPLOAD_PHOTO if isinstance(command, c.Who) else ChatAction.TYPING
-        showing = (
-            chat_action(bot, target, action, self.chat_action_every_s)
-            if isinstance(command, IMAGE_COMMANDS)
-            else contextlib.nullcontext()
+            own = photo_for(message)
+        except ImageError as error:  # a video, a sticker, a PDF: said if a photo is wanted
+            own, photo_error = None, error
+        photos = (own,) if own is not None else ()
+        for item in album:  # /remember on an album: every photo of it is an example
+            with contextlib.suppress(ImageError):  # a video in a mixed album: not an example
+                attachment = attachment_of(item)
+                if attachment is not None and attachment not in photos:
+                    photos += (attachment,)
+        request = ChatRequest(
+            scope=scope_of(message),
+            sender=sender.sender,
+            command=text,
+            photos=photos,
+            photo_error=photo_error,
+            is_admin=sender.is_admin,
+            message_id=f"{scope_of(message)}:{message.message_id}",
         )
-        async with showing:
-            try:
-                reply = await asyncio.wait_for(
-                    self._answer(bot, message, sender, text, command, album, growing, downloaded),
-                    self.timeout_s,
-                )
-            except asyncio.TimeoutError:
-                log.warning("request timed out scope=%s", scope_of(message))
-                reply = Reply(TIMEOUT_TEXT, error=True)
-        if isinstance(command, c.Index):
-            self.indexing.forget(scope_of(message))  # on or off, it shows at once
-        if reply is not None and growing is not None:
-            await growing.finish(reply)
-        elif reply is not None:
-            await send_reply(bot, target, reply)
-
-    async def _answer(
-        self,
-        bot: Bot,
-        message: Message,
-        sender: Sender,
-        text: str,
-        command: c.Command | None,
-        album: Sequence[Message],
-        growing: GrowingMessage | None = None,
-        downloaded: Downloaded | None = None,
-    ) -> Reply | None:
-        # Until core.handle() takes over, this request's metrics are ours (counted once).
-        started = time.perf_counter()
-        try:
-            photos = await self._photos(bot, message, command, album, downloaded)
-            is_admin = sender.anonymous_admin
-            if (
-                isinstance(command, ADMIN_COMMANDS)
-                and not is_admin
-                and sender.telegram_id is not None
-            ):
-                is_admin = await self.admins.is_admin(bot, message.chat, sender.telegram_id)
-        except RapbotError as error:  # too large, not an image, download failed...
-            outcome = _download_outcome(error)
-            self.core.observe_unhandled(text, outcome, time.perf_counter() - started)
-            return Reply(str(error), error=True)
-        except asyncio.CancelledError:  # serve's time limit (or a shutdown) during the download
-            self.core.observe_unhandled(text, "timeout", time.perf_counter() - started)
-            raise
-        except Exception:  # a bug: on_error answers the user
-            self.core.observe_unhandled(text, "internal_error", time.perf_counter() - started)
-            raise
-        return await self.core.handle(
-            incoming(message, sender, text, photos, is_admin=is_admin),
-            admitted=True,
-            on_partial=growing.show if growing is not None else None,
+        port = TelegramPort(
+            bot,
+            message,
+            sender.telegram_id,
+            self.image_limits,
+            self.admins,
+            self.chat_action_every_s,
         )
-
-    async def _photos(
-        self,
-        bot: Bot,
-        message: Message,
-        command: c.Command | None,
-        album: Sequence[Message],
-        downloaded: Downloaded | None = None,
-    ) -> list[bytes]:
-        """The photos the command needs: none, the one it is about, or a whole album
-        (each also recorded in ``downloaded``)."""
-        if not isinstance(command, IMAGE_COMMANDS):
-            return []  # no download for commands that don't look at photos
-        attachments = []
-        if album and isinstance(command, c.Remember):
-            for item in album:
-                with contextlib.suppress(ImageError):  # a video in a mixed album: not an example
-                    attachment = attachment_of(item)
-                    if attachment is not None:
-                        attachments.append(attachment)
-        if not attachments:
-            attachment = photo_for(message)
-            attachments = [attachment] if attachment is not None else []
-        fetches = (
-            PhotoIndexing.fetch(
-                downloaded, a.file_id, functools.partial(download, bot, a, self.image_limits)
-            )
-            for a in attachments
-        )
-        return list(await asyncio.gather(*fetches))
+        await self.core.serve(request, port, downloaded)
 
     # ------------------------------------------------------------------ search history
 
@@ -389,8 +302,8 @@ class TelegramBot:
         """Index the message's own photo in the background when the chat's indexing is on,
         with the bytes a command downloaded if any (a failed download is not retried)."""
         sender = sender_of(message)
-        if sender is None or sender.is_bot:
-            return  # bots' photos are not part of a chat's history
+        if sender is None:
+            return
         try:
             attachment = attachment_of(message)
         except ImageError:
@@ -398,21 +311,17 @@ class TelegramBot:
         if attachment is None:
             return
 
-        def fetch() -> Awaitable[bytes]:  # the size limits of every download apply
-            return asyncio.wait_for(download(bot, attachment, self.image_limits), self.timeout_s)
+        async def fetch(photo: Attachment) -> bytes:  # the size limits of every download apply
+            return await asyncio.wait_for(download(bot, photo, self.image_limits), self.timeout_s)
 
-        index = functools.partial(self._index, message, sender, attachment.search_source)
-        self.indexing.submit_photo(scope_of(message), attachment.file_id, downloaded, fetch, index)
-
-    async def _index(self, message: Message, sender: Sender, source: str, data: bytes) -> None:
-        await self.core.index_photo(incoming(message, sender, photos=(data,)), source)
-
-
-def _download_outcome(error: RapbotError) -> str:
-    """The metrics outcome of a photo that could not be had: ``internal_error`` when
-    Telegram's download failed, ``user_error`` when the user's file is refused (too large,
-    not an image)."""
-    return "internal_error" if str(error) == DOWNLOAD_FAILED else "user_error"
+        self.core.index_later(
+            scope_of(message),
+            sender.sender,
+            attachment,
+            attachment.search_source,
+            fetch,
+            downloaded,
+        )
 
 
 class _InAlbum(filters.MessageFilter):

@@ -1,4 +1,8 @@
-"""Sending the core's replies to Telegram, and "typing…" while the engine works.
+"""The Telegram side of a request (:class:`TelegramPort`): replies, "typing…", downloads.
+
+The port is the core's :class:`bots.core.request.ChatPort` for one message: it downloads the
+photos the command looks at (files.py), asks Telegram whether the sender is a chat admin when
+a command needs to know (admins.py), shows "typing…" and sends the core's reply.
 
 A reply answers the user's message (``reply_parameters``), in HTML parse mode with every piece
 of text escaped. An annotated photo carries the text as its caption when it fits; longer text
@@ -24,6 +28,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 
 from telegram import (
@@ -40,8 +45,10 @@ from telegram import (
 from telegram.constants import ChatAction, ParseMode
 from telegram.error import BadRequest, Forbidden, TelegramError
 
+from bots.core.commands import BaseCommand, Who
 from bots.core.messages import Reply
-from bots.telegram_adapter.files import SentFile, sendable_source
+from bots.telegram_adapter.admins import AdminCache
+from bots.telegram_adapter.files import Attachment, SentFile, download, sendable_source
 from bots.telegram_adapter.format import (
     CAPTION_LIMIT,
     MESSAGE_LIMIT,
@@ -49,6 +56,7 @@ from bots.telegram_adapter.format import (
     to_html,
     visible_length,
 )
+from engine.images import ImageLimits
 
 log = logging.getLogger(__name__)
 
@@ -301,3 +309,40 @@ class GrowingMessage:
         except TelegramError as error:
             log.warning("final answer refused in chat=%s (%s)", target.chat_id, error)
             await _send_plain_fallback(self.bot, target, reply)
+
+
+class TelegramPort:
+    """The core's port for one Telegram message (see :mod:`bots.core.request`)."""
+
+    def __init__(
+        self,
+        bot: Bot,
+        message: Message,
+        telegram_id: int | None,
+        image_limits: ImageLimits,
+        admins: AdminCache,
+        chat_action_every_s: float = CHAT_ACTION_EVERY_S,
+    ) -> None:
+        self.bot, self.message, self.telegram_id = bot, message, telegram_id
+        self.image_limits, self.admins = image_limits, admins
+        self.chat_action_every_s = chat_action_every_s
+        self.target = Target.of(message)
+        self.growing = GrowingMessage(bot, self.target)
+        self.show_partial = self.growing.show
+
+    async def download(self, photo: Attachment) -> bytes:
+        return await download(self.bot, photo, self.image_limits)
+
+    async def send(self, reply: Reply) -> None:
+        await self.growing.finish(reply)  # an ordinary reply when nothing was shown yet
+
+    def working(self, command: BaseCommand) -> AbstractAsyncContextManager[None]:
+        if not command.takes_photo:
+            return contextlib.nullcontext()  # quick answers: no indicator
+        action = ChatAction.UPLOAD_PHOTO if isinstance(command, Who) else ChatAction.TYPING
+        return chat_action(self.bot, self.target, action, self.chat_action_every_s)
+
+    async def is_admin(self) -> bool:
+        if self.telegram_id is None:
+            return False
+        return await self.admins.is_admin(self.bot, self.message.chat, self.telegram_id)

@@ -17,8 +17,8 @@ def register(sub, common: argparse.ArgumentParser) -> None:
 
 def run_chat(args: argparse.Namespace) -> int:
     from bots.core.gateway import LocalGateway
-    from bots.core.handler import CommandCore
     from bots.core.limits import Limits
+    from bots.core.serve import CommandCore
     from bots.terminal import TerminalChat
     from engine.engine import Engine
     from engine.images import ImageLimits
