@@ -3,21 +3,24 @@
 Layout, in ``<data_dir>/photos`` (separate from the concept store)::
 
     photos.sqlite3     photos (scope, source, poster, posted_at, embedding, thumbnail),
-                       scopes (version, whether indexing is on), meta (model identity)
+                       scopes (version, whether indexing is on), meta (model identity),
+                       deletions (the deletion log)
+    indexes/*.faiss    trained IVF indexes of large chats (a header + the FAISS index)
 
 Like the concept store, SQLite holds the truth and an index is a cache: every change bumps the
 scope's version in the same transaction, and a search first compares the cached index's version
-with SQLite's, rebuilding (or patching, for this process's own writes) when they differ. Photo ids
-are AUTOINCREMENT and never reused. A scope's index is built by the concept store's
+with SQLite's. Photo ids are AUTOINCREMENT and never reused and deletions are logged with the
+version that made them (``deletions``), so an index behind SQLite (another process wrote) is
+caught up by id: rows above its highest id added, logged ids removed; only a re-embed (the
+meta's ``generation``) or a log pruned past the index's version rebuilds it. Builds run outside
+the store-wide lock (one per scope at a time), and at most ``max_cached_scopes`` chats stay
+cached (least recently used evicted). A scope's index is built by the concept store's
 :func:`engine.store.faiss_store.build_index`: exact (``IndexIDMap2`` over ``IndexFlatIP``) below
-``ivf_threshold`` photos (default 100,000) and an ``IndexIVFFlat`` (``nprobe`` of ~4 sqrt(n) lists
-probed) above it, rebuilt when the scope doubles since training or shrinks below half the
-threshold; both score by inner product, i.e. cosine for the unit vectors stored here (see
-``benchmarks/bench_photo_search.py`` for flat vs IVF at 100k). Indexes are rebuilt from SQLite
-when a process starts rather than written to files; for IVF that includes its k-means, ~10 s
-for a 100k-photo scope on two busy cores, paid by the scope's first search in a process. Hence
-the threshold is higher than the concept store's: a flat search of 100k photos takes ~7 ms,
-which no user notices, while a k-means at every worker start for each large chat would be.
+``ivf_threshold`` photos (default 100,000) and an ``IndexIVFFlat`` (``nprobe`` of ~4 sqrt(n)
+lists probed) above it, rebuilt when the scope doubles since training or shrinks below half the
+threshold; both score by inner product, i.e. cosine for the unit vectors stored here. A trained
+IVF index is written to ``indexes/`` (when built, evicted or closed), so a new process loads it
+and catches up instead of paying its k-means again (~10 s for 100k photos on two busy cores).
 Everything is strictly per scope except :meth:`PhotoStore.delete_user` (and
 :meth:`PhotoStore.scopes`, which lists them for backups: :mod:`engine.backup` reads a scope
 with :meth:`PhotoStore.rows` and adds it back with :meth:`PhotoStore.add_many`, or with
@@ -45,14 +48,18 @@ indexing off (and deletes the scope's photos) is not written afterwards.
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
 
+import faiss
 import numpy as np
 
 from engine.errors import InvalidInputError, RapbotError, StoreError
@@ -66,19 +73,27 @@ from engine.store.base import (
 )
 from engine.store.faiss_store import (
     _SMALL_SEARCH_WORK,
+    INDEX_DIR,
     _omp_threads,
     _ScopeIndex,
     build_index,
     bump_scope_version,
+    index_path,
     needs_rebuild,
+    read_index_file,
     scope_version,
+    write_index_file,
 )
 from engine.store.photo_base import PhotoCandidates, StoredPhoto
 from engine.types import PhotoHit
 
 __all__ = ["PhotoStore", "StoredPhoto"]
 
+log = logging.getLogger(__name__)
+
 DB_NAME = "photos.sqlite3"
+GENERATION = "generation"  # meta key: bumped by every re-embed (all vectors change)
+DELETION_LOG_KEEP = 50_000  # deletion-log rows kept per scope before the oldest are pruned
 _SQL_CHUNK = 500
 REEMBEDDING = "reembedding"  # meta key: a re-embed started (value: the new model's id)
 HALF_REEMBEDDED = (
@@ -106,7 +121,52 @@ _DDL = (
     )""",
     "CREATE INDEX IF NOT EXISTS photos_scope ON photos (scope, id)",
     "CREATE INDEX IF NOT EXISTS photos_poster ON photos (poster)",
+    # Deleted photo ids with the scope version that deleted them: other processes catch up
+    # by id instead of rebuilding; a cache older than the scope's floor (log pruned) rebuilds.
+    """CREATE TABLE IF NOT EXISTS deletions (
+        scope TEXT NOT NULL, id INTEGER NOT NULL, version INTEGER NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS deletions_scope ON deletions (scope, version)",
+    "CREATE TABLE IF NOT EXISTS deletion_floor (scope TEXT PRIMARY KEY, version INTEGER NOT NULL)",
 )
+
+
+@dataclass
+class _PhotoIndex(_ScopeIndex):
+    """A scope's cached index and the state it reflects (see the index cache section)."""
+
+    generation: int = 0  # the meta's re-embed generation
+    max_id: int = 0  # the highest photo id it holds (newer ids are caught up)
+
+
+def _rows_to_arrays(rows: list[tuple], dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, float32 vectors) of ``(id, embedding blob)`` rows."""
+    ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+    vectors = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32)
+    return ids, vectors.reshape(len(rows), dim)
+
+
+def _log_deletions(db: sqlite3.Connection, scope: str, ids: list[int], version: int) -> None:
+    """Record deleted ids (inside the deleting transaction); prune a scope's oldest rows
+    beyond :data:`DELETION_LOG_KEEP`, raising its floor past them."""
+    if not ids:
+        return
+    db.executemany(
+        "INSERT INTO deletions (scope, id, version) VALUES (?, ?, ?)",
+        [(scope, int(i), version) for i in ids],
+    )
+    held = db.execute("SELECT COUNT(*) FROM deletions WHERE scope = ?", (scope,)).fetchone()[0]
+    if held > DELETION_LOG_KEEP:
+        cutoff = db.execute(
+            "SELECT version FROM deletions WHERE scope = ? ORDER BY version DESC LIMIT 1 OFFSET ?",
+            (scope, DELETION_LOG_KEEP // 2),
+        ).fetchone()[0]
+        db.execute("DELETE FROM deletions WHERE scope = ? AND version <= ?", (scope, cutoff))
+        db.execute(
+            "INSERT INTO deletion_floor (scope, version) VALUES (?, ?) ON CONFLICT (scope)"
+            " DO UPDATE SET version = excluded.version",
+            (scope, cutoff),
+        )
 
 
 class PhotoStore:
@@ -122,6 +182,7 @@ class PhotoStore:
         nprobe: int = 32,
         strict: bool = True,
         unavailable: RapbotError | None = None,
+        max_cached_scopes: int = 32,
     ) -> None:
         # ``unavailable``: see :meth:`unresolved` (model_id and dim then come from the meta).
         self._unavailable = unavailable
@@ -135,7 +196,9 @@ class PhotoStore:
         self._strict = strict
         self.mismatch: str | None = None  # why vectors cannot be used (another model's index)
         self._lock = threading.RLock()
-        self._cache: dict[str, _ScopeIndex] = {}
+        self._cache: OrderedDict[str, _PhotoIndex] = OrderedDict()  # LRU, max_cached_scopes
+        self._max_cached = max(1, int(max_cached_scopes))
+        self._building: dict[str, threading.Lock] = {}
         self._closed = False
         try:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -211,6 +274,9 @@ class PhotoStore:
         with self._lock:
             if not self._closed:
                 self._closed = True
+                for scope, entry in self._cache.items():
+                    if entry.dirty:
+                        self._save(scope, entry)  # trained IVF indexes only
                 self._cache.clear()
                 self._db.close()
 
@@ -238,38 +304,181 @@ class PhotoStore:
                 raise
 
     # ------------------------------------------------------------------------- index cache
+    # A scope's index reflects (version, generation, max_id). Another process's change is
+    # caught up by id: photos above max_id are added, ids in the deletion log after the
+    # index's version removed; a re-embed (a new generation) or a log pruned past the
+    # index's version rebuilds. Builds run outside the store-wide lock (one per scope at a
+    # time); searches then patch and use the index under it.
 
-    def _sync(self, scope: str) -> _ScopeIndex:
-        """The scope's index at SQLite's version: cached, or rebuilt from SQLite."""
-        self._check_vectors()
+    def _state(self, scope: str) -> tuple[int, int]:
+        """(version, generation) of the scope in SQLite (inside the lock)."""
         with self._errors():
-            version = scope_version(self._db, scope)
-            entry = self._cache.get(scope)
-            if entry is not None and entry.version == version:
-                return entry
+            row = self._db.execute("SELECT value FROM meta WHERE key = ?", (GENERATION,)).fetchone()
+            return scope_version(self._db, scope), int(row[0]) if row else 0
+
+    def _catch_up(self, scope: str, entry: _PhotoIndex) -> bool:
+        """Bring ``entry`` to SQLite's state by id and the deletion log (inside the lock);
+        False when only a rebuild can (another generation, a pruned log, a kind change)."""
+        version, generation = self._state(scope)
+        if entry.generation != generation:
+            return False
+        if entry.version == version:
+            return True
+        with self._errors():
+            floor = self._db.execute(
+                "SELECT version FROM deletion_floor WHERE scope = ?", (scope,)
+            ).fetchone()
+            if floor and entry.version < floor[0]:
+                return False
+            deleted = [
+                r[0]
+                for r in self._db.execute(
+                    "SELECT id FROM deletions WHERE scope = ? AND version > ?",
+                    (scope, entry.version),
+                )
+            ]
             rows = self._db.execute(
-                "SELECT id, embedding FROM photos WHERE scope = ? ORDER BY id", (scope,)
+                "SELECT id, embedding FROM photos WHERE scope = ? AND id > ? ORDER BY id",
+                (scope, entry.max_id),
             ).fetchall()
-        ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-        vectors = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32)
-        index, trained = build_index(
-            self.dim, ids, vectors.reshape(len(rows), self.dim), self._ivf_threshold, self._nprobe
-        )
-        entry = _ScopeIndex(index, version, trained)
-        self._cache[scope] = entry
+        entry.remove(np.asarray(deleted, dtype=np.int64))
+        if rows:
+            ids, vectors = _rows_to_arrays(rows, self.dim)
+            entry.add(ids, vectors)
+            entry.max_id = int(ids[-1])
+        entry.version, entry.dirty = version, True
+        return not needs_rebuild(entry, self._ivf_threshold)
+
+    def _sync(self, scope: str) -> _PhotoIndex:
+        """The scope's index at SQLite's state (inside the lock): the cached one caught up,
+        or built (outside the lock when :meth:`_prepare` ran first, as searches do)."""
+        self._check_vectors()
+        entry = self._cache.get(scope)
+        if entry is not None and self._catch_up(scope, entry):
+            self._cache.move_to_end(scope)
+            return entry
+        self._cache.pop(scope, None)
+        entry = self._load_or_build(scope, *self._read_scope(scope))
+        if not self._catch_up(scope, entry):  # only if it changed while building
+            entry = self._load_or_build(scope, *self._read_scope(scope), use_file=False)
+        self._keep(scope, entry)
         return entry
 
+    def _prepare(self, scope: str) -> None:
+        """Have the scope's index cached, building or loading it outside the store-wide lock
+        (other chats' searches and writes go on meanwhile). Call without the lock held."""
+        self._check_vectors()
+        with self._lock:
+            entry = self._cache.get(scope)
+            if entry is not None and self._catch_up(scope, entry):
+                return
+        with self._build_lock(scope):
+            with self._lock:
+                entry = self._cache.get(scope)
+                if entry is not None and self._catch_up(scope, entry):
+                    return  # another thread built it meanwhile
+                state = self._read_scope(scope)
+            entry = self._load_or_build(scope, *state)
+            with self._lock:
+                self._keep(scope, entry)
+
+    @contextmanager
+    def _build_lock(self, scope: str) -> Iterator[None]:
+        with self._lock:
+            lock = self._building.setdefault(scope, threading.Lock())
+        with lock:
+            yield
+
+    def _read_scope(self, scope: str) -> tuple[tuple[int, int], list[tuple]]:
+        """The scope's (version, generation) and every (id, embedding) row, read together."""
+        with self._lock, self._errors():
+            self._db.execute("BEGIN")  # one snapshot: the rows are those of that version
+            try:
+                state = self._state(scope)
+                rows = self._db.execute(
+                    "SELECT id, embedding FROM photos WHERE scope = ? ORDER BY id", (scope,)
+                ).fetchall()
+            finally:
+                self._db.execute("COMMIT")
+        return state, rows
+
+    def _load_or_build(
+        self, scope: str, state: tuple[int, int], rows: list[tuple], use_file: bool = True
+    ) -> _PhotoIndex:
+        """The scope's index: a trained IVF index from its file when it is this store's (then
+        caught up by the caller), else built from ``rows``. Needs no store lock."""
+        version, generation = state
+        if use_file and len(rows) >= self._ivf_threshold:
+            loaded = self._load_file(scope, generation)
+            if loaded is not None:
+                return loaded
+        ids, vectors = _rows_to_arrays(rows, self.dim)
+        index, trained = build_index(self.dim, ids, vectors, self._ivf_threshold, self._nprobe)
+        entry = _PhotoIndex(index, version, trained, dirty=True, generation=generation)
+        entry.max_id = int(ids[-1]) if len(ids) else 0
+        if entry.kind == "ivf":  # a k-means worth keeping: saved once trained
+            self._save(scope, entry)
+        return entry
+
+    def _load_file(self, scope: str, generation: int) -> _PhotoIndex | None:
+        loaded = read_index_file(index_path(self.root, scope))
+        if loaded is None:
+            return None
+        header, index = loaded
+        expected = (self.model_id, self.dim, scope, generation, index.ntotal, index.d)
+        found = tuple(header.get(k) for k in ("model_id", "dim", "scope", "generation", "count"))
+        if found + (self.dim,) != expected or not isinstance(header.get("max_id"), int):
+            return None
+        if isinstance(index, faiss.IndexIVF):
+            index.nprobe = min(self._nprobe, index.nlist)
+        entry = _PhotoIndex(index, int(header["version"]), int(header.get("trained_size", 0)))
+        entry.generation, entry.max_id = generation, int(header["max_id"])
+        return entry
+
+    def _save(self, scope: str, entry: _PhotoIndex) -> None:
+        """Write a trained (IVF) index to ``indexes/`` so the next process skips its k-means."""
+        if entry.kind != "ivf":
+            return
+        header = {
+            "format": 1,
+            "model_id": self.model_id,
+            "dim": self.dim,
+            "scope": scope,
+            "version": entry.version,
+            "generation": entry.generation,
+            "max_id": entry.max_id,
+            "count": entry.size,
+            "trained_size": entry.trained_size,
+        }
+        try:
+            (self.root / INDEX_DIR).mkdir(exist_ok=True)
+            write_index_file(index_path(self.root, scope), header, entry.index)
+            entry.dirty = False
+        except OSError as error:  # SQLite is the truth: a failed save costs a k-means later
+            log.warning("cannot save the photo index of scope %r: %s", scope, error)
+
+    def _keep(self, scope: str, entry: _PhotoIndex) -> None:
+        """Cache the index, evicting the least recently used chats beyond the limit."""
+        self._cache[scope] = entry
+        self._cache.move_to_end(scope)
+        while len(self._cache) > self._max_cached:
+            old_scope, old = self._cache.popitem(last=False)
+            if old.dirty:
+                self._save(old_scope, old)
+
     def _after_write(self, scope, versions, added=None, removed=None) -> None:
+        """Apply this process's committed change to the cached index (inside the lock); one
+        that is behind is caught up on its next use."""
         old, new = versions
         entry = self._cache.get(scope)
         if entry is None or entry.version != old:
-            self._cache.pop(scope, None)  # rebuilt on next use
             return
         if removed is not None:
             entry.remove(removed)
         if added is not None:
             entry.add(*added)
-        entry.version = new
+            entry.max_id = max(entry.max_id, int(added[0].max()))
+        entry.version, entry.dirty = new, True
         if needs_rebuild(entry, self._ivf_threshold):  # flat <-> IVF, or IVF retrained
             self._cache.pop(scope, None)  # rebuilt on next use
 
@@ -365,8 +574,7 @@ class PhotoStore:
                     "SELECT COUNT(*) FROM photos WHERE scope = ?", (scope,)
                 ).fetchone()[0]
                 bump_scope_version(db, scope)
-            self._cache.pop(scope, None)
-            return int(after - before)
+            return int(after - before)  # the cached index catches up by id
 
     def replace_scope(
         self,
@@ -392,6 +600,7 @@ class PhotoStore:
             with self._write() as db:
                 if first is not None:
                     _check_not_reembedding(db)
+                old = [r[0] for r in db.execute("SELECT id FROM photos WHERE scope = ?", (scope,))]
                 db.execute("DELETE FROM photos WHERE scope = ?", (scope,))
                 db.executemany(
                     "INSERT OR IGNORE INTO photos (scope, source, poster, posted_at, embedding,"
@@ -401,14 +610,13 @@ class PhotoStore:
                 held = db.execute(
                     "SELECT COUNT(*) FROM photos WHERE scope = ?", (scope,)
                 ).fetchone()[0]
-                bump_scope_version(db, scope)
+                _log_deletions(db, scope, old, bump_scope_version(db, scope)[1])
                 if indexing is not None:
                     db.execute(
                         "UPDATE scopes SET indexing = ? WHERE scope = ?",
                         (int(bool(indexing)), scope),
                     )
-            self._cache.pop(scope, None)
-            return int(held)
+            return int(held)  # the cached index catches up: old ids logged, new ones above
 
     def delete_user(self, poster: str) -> int:
         """Forget every photo the user posted, in every scope; returns how many."""
@@ -426,7 +634,9 @@ class PhotoStore:
                 db.execute("DELETE FROM photos WHERE poster = ?", (poster,))
                 for scope, ids in by_scope.items():
                     removed = np.asarray(ids, dtype=np.int64)
-                    changes[scope] = (bump_scope_version(db, scope), removed)
+                    versions = bump_scope_version(db, scope)
+                    _log_deletions(db, scope, ids, versions[1])
+                    changes[scope] = (versions, removed)
             for scope, (versions, removed) in changes.items():
                 self._after_write(scope, versions, removed=removed)
             return sum(len(ids) for ids in by_scope.values())
@@ -436,10 +646,12 @@ class PhotoStore:
         scope = check_scope(scope)
         with self._lock:
             with self._write() as db:
-                removed = db.execute("DELETE FROM photos WHERE scope = ?", (scope,)).rowcount
-                bump_scope_version(db, scope)
-            self._cache.pop(scope, None)
-            return int(removed)
+                ids = [r[0] for r in db.execute("SELECT id FROM photos WHERE scope = ?", (scope,))]
+                db.execute("DELETE FROM photos WHERE scope = ?", (scope,))
+                versions = bump_scope_version(db, scope)
+                _log_deletions(db, scope, ids, versions[1])
+            self._after_write(scope, versions, removed=np.asarray(ids, dtype=np.int64))
+            return len(ids)
 
     # ------------------------------------------------------------------------- reads
 
@@ -450,12 +662,16 @@ class PhotoStore:
                 unusable = self.mismatch is not None or _reembedding(self._db)
             if unusable:  # no usable index, but SQLite knows
                 return self.total(scope)
+        self._prepare(scope)
+        with self._lock:
             return self._sync(scope).size
 
     def index_kind(self, scope: str) -> str:
         """``flat`` or ``ivf``: the kind of the scope's index (benchmarks, tests)."""
+        scope = check_scope(scope)
+        self._prepare(scope)
         with self._lock:
-            return self._sync(check_scope(scope)).kind
+            return self._sync(scope).kind
 
     def reembed(self, embed: Callable[[list[bytes]], np.ndarray], batch_size: int = 32) -> int:
         """Re-embed every stored photo's thumbnail with ``embed`` (JPEG bytes -> unit rows of
@@ -505,10 +721,12 @@ class PhotoStore:
                 )
             done += len(rows)
         with self._write() as db:
+            row = db.execute("SELECT value FROM meta WHERE key = ?", (GENERATION,)).fetchone()
+            generation = str(int(row[0]) + 1 if row else 1)  # every cached index is stale
             db.execute("DELETE FROM meta")  # the marker too: every photo is done
             db.executemany(
                 "INSERT INTO meta (key, value) VALUES (?, ?)",
-                {"model_id": self.model_id, "dim": str(self.dim)}.items(),
+                {"model_id": self.model_id, "dim": str(self.dim), GENERATION: generation}.items(),
             )
             for (scope,) in db.execute("SELECT DISTINCT scope FROM photos").fetchall():
                 bump_scope_version(db, scope)
@@ -530,6 +748,7 @@ class PhotoStore:
         scope, k = check_scope(scope), check_k(k)
         self._check_vectors()
         query = check_embedding(vector, self.dim).reshape(1, self.dim)
+        self._prepare(scope)
         with self._lock:
             scores, ids = self._top(scope, query, k)
             sources = dict(self._fetch(scope, [int(i) for i in ids[0] if i >= 0]))
@@ -545,6 +764,7 @@ class PhotoStore:
         scope, m = check_scope(scope), max(1, int(m))
         self._check_vectors()
         queries = check_queries(queries, self.dim)
+        self._prepare(scope)
         with self._lock:
             _, ids = self._top(scope, queries, m)
             rows = self._fetch(scope, np.unique(ids[ids >= 0]).tolist(), vectors=True)
