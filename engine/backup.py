@@ -102,7 +102,7 @@ _DISCORD_SOURCE = re.compile(
 _THUMB = re.compile(r"thumbs/(\d{8})\.jpg")
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _MAX_ID = 2**63 - 1  # example and photo ids: SQLite's INTEGER
-_CHUNK = 1024 * 1024  # bytes read from a member at a time
+_CHUNK = 256 * 1024  # bytes read from a member at a time
 _EMBED_BATCH = 32
 _PHOTO_WRITE_BATCH = 500  # photos per PhotoStore.add_many transaction
 
@@ -442,10 +442,12 @@ class Archive:
         if info.file_size > limit:
             raise self._error(f"has a {name} of {info.file_size} bytes (at most {limit})")
         seen = 0
+        counted = name not in self._counted  # crops are read again when written: once
+        self._counted.add(name)
         with self._zip.open(info) as member:
             while chunk := member.read(min(_CHUNK, limit + 1 - seen)):
                 seen += len(chunk)
-                self._unpacked += len(chunk)
+                self._unpacked += len(chunk) if counted else 0
                 if seen > limit:
                     raise self._error(f"has a {name} larger than it declares (over {limit} bytes)")
                 if self._unpacked > self.limits.max_bytes:
@@ -472,6 +474,7 @@ class Archive:
             raise self._error(f"has {len(infos)} files, more than this import allows")
         self._members: dict[str, zipfile.ZipInfo] = {}
         self._unpacked = 0  # bytes really decompressed so far, all members
+        self._counted: set[str] = set()
         for info in infos:
             name = info.filename
             if not (name in _MEMBERS or _CROP.fullmatch(name) or _THUMB.fullmatch(name)):
