@@ -11,6 +11,9 @@ from collections.abc import Sequence
 
 from engine.types import Box, Concept, Recognition, UnknownObject
 
+# A box that fills the photo: said where the sentence needs a place ("Mochi is in the photo"),
+# left out where the photo is already the subject ("A photo of Mochi.").
+WHOLE_PHOTO = "in the photo"
 # How many unrecognized objects a sentence mentions before summarising the rest.
 MAX_UNKNOWN_MENTIONED = 3
 _FIRST_PERSON = {
@@ -32,7 +35,7 @@ def rough_position(box: Box | None, width: int, height: int) -> str:
     if box is None or width <= 0 or height <= 0:
         return ""
     if box.area >= 0.8 * width * height:
-        return "in the photo"
+        return WHOLE_PHOTO
     cx, cy = box.center
     horizontal = "left" if cx < width / 3 else "right" if cx > 2 * width / 3 else ""
     vertical = "top" if cy < height / 3 else "bottom" if cy > 2 * height / 3 else ""
@@ -79,10 +82,14 @@ def _named(rec: Recognition, owners: dict[str, str], asker: str | None) -> str:
     return f"{rec.name} ({desc})" if desc else rec.name
 
 
+def _placed(text: str, position: str) -> str:
+    """``text`` and where it is, unless that is the whole photo."""
+    return f"{text} {position}" if position and position != WHOLE_PHOTO else text
+
+
 def _unknown_phrase(unknown: Sequence[UnknownObject], definite: bool) -> str:
     shown = [
-        ("the " + u.label if definite else _with_article(u.label))
-        + (f" {u.position}" if u.position and u.position != "in the photo" else "")
+        _placed("the " + u.label if definite else _with_article(u.label), u.position)
         for u in unknown[:MAX_UNKNOWN_MENTIONED]
     ]
     extra = len(unknown) - len(shown)
@@ -100,7 +107,7 @@ def who_sentence(
     """The answer to "who is here?"."""
     if known:
         parts = [
-            f"{_named(r, owners, asker)} is {r.position or 'in the photo'}"
+            f"{_named(r, owners, asker)} is {r.position or WHOLE_PHOTO}"
             for r in sorted(known, key=lambda r: r.box.center[0] if r.box else 0.0)
         ]
         sentence = _join(parts)
@@ -148,7 +155,7 @@ def ask_sentence(
         rec = seen.get(concept.id)
         if rec is not None:
             sentences.append(
-                f"Yes, {_named(rec, owners, asker)} is {rec.position or 'in the photo'}."
+                f"Yes, {_named(rec, owners, asker)} is {rec.position or WHOLE_PHOTO}."
             )
         else:
             sentences.append(f"I don't see {concept.name} in this photo.")
@@ -167,7 +174,7 @@ def caption_sentence(
 ) -> str:
     """A personalized caption made of the recognized names and the other things seen."""
     parts = [
-        f"{_named(r, owners, asker)} {r.position}".rstrip()
+        _placed(_named(r, owners, asker), r.position)
         for r in sorted(known, key=lambda r: r.box.center[0] if r.box else 0.0)
     ]
     if unknown:

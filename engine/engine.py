@@ -31,7 +31,17 @@ from engine.generator.rap import build_prompt, candidates
 from engine.images import ImageLimits, crop, decode_image, encode_jpeg, thumbnail
 from engine.permissions import Actor, ensure_can_edit
 from engine.render import annotate_jpeg
-from engine.retriever import CROP_PAD, Region, Retriever, named_concepts, regions_from_detections
+from engine.retriever import (
+    CROP_PAD,
+    RAP_DETECTOR_CONFIDENCE,
+    Region,
+    RegionMatch,
+    Retriever,
+    named_concepts,
+    regions_from_detections,
+    retrieval_policy,
+    same_object,
+)
 from engine.selection import select_region
 from engine.settings import EngineSettings
 from engine.store import open_concept_store
@@ -243,10 +253,32 @@ class Engine:
                 words.append(word)
         return words
 
-    def _detect(self, scope: str, image: Image.Image, timer: StageTimer) -> list[Detection]:
-        vocabulary = self.vocabulary(scope)
+    def _detect(
+        self,
+        scope: str,
+        image: Image.Image,
+        timer: StageTimer,
+        vocabulary: list[str] | None = None,
+        confidence: float | None = None,
+    ) -> list[Detection]:
+        """Detections at ``confidence`` or above (default: the setting; the detector itself
+        may run lower for the rap policy), of ``vocabulary`` (default: :meth:`vocabulary`)."""
+        vocabulary = self.vocabulary(scope) if vocabulary is None else vocabulary
+        floor = self.settings.detector_confidence if confidence is None else confidence
         with timer.stage("detect"):
-            return self.models.detector.detect([image], vocabulary)[0]
+            found = self.models.detector.detect([image], vocabulary)[0]
+        return [d for d in found if d.score >= floor]
+
+    @property
+    def retrieval_policy(self) -> str:
+        """``rap`` or ``threshold``: how concepts are retrieved for the generator (see
+        :mod:`engine.retriever`); ``threshold`` when there is no generator."""
+        generator = ""
+        if self.generator is not None:  # one given in code has no setting: "a model"
+            generator = self.models.profile.generator or self.generator.name or "model"
+        return retrieval_policy(
+            self.settings.retrieval_policy, generator, self.settings.generator_adapter
+        )
 
     def concept(self, scope: str, name: str) -> Concept:
         """The scope's concept called ``name`` (any case), or a helpful UnknownConceptError."""
@@ -356,11 +388,45 @@ class Engine:
     def _recognize(
         self, scope: str, picture: Image.Image, timer: StageTimer
     ) -> tuple[list[Recognition], list[UnknownObject], dict[str, str]]:
+        """The threshold policy: who is recognized, what else is seen, and the owners."""
         width, height = picture.size
         regions: list[Region] = regions_from_detections(
             self._detect(scope, picture, timer), width, height
         )
         matches = self.retriever.retrieve(scope, picture, regions, timer)
+        return self._readings(scope, picture, regions, matches, regions)
+
+    def _rap_retrieve(
+        self, scope: str, picture: Image.Image, timer: StageTimer
+    ) -> tuple[list[Recognition], list[Recognition], list[UnknownObject], dict[str, str]]:
+        """The rap policy, from one detection and one search: RAP's ranked candidates for the
+        generator, then (for the annotated photo and the fallback sentence) the threshold's
+        matches and the unmatched detections at the configured confidence."""
+        width, height = picture.size
+        categories = self.store.categories(scope)
+        detections = (
+            self._detect(scope, picture, timer, categories, RAP_DETECTOR_CONFIDENCE)
+            if categories
+            else []
+        )
+        regions = regions_from_detections(detections, width, height, merge_duplicates=False)
+        ranked, matches = self.retriever.retrieve_both(scope, picture, regions, timer)
+        candidates, _, owners = self._readings(scope, picture, regions, ranked, [])
+        confident = [r for r in regions if r.score >= self.settings.detector_confidence]
+        known, unknown, _ = self._readings(scope, picture, regions, matches, confident)
+        return candidates, known, unknown, owners
+
+    def _readings(
+        self,
+        scope: str,
+        picture: Image.Image,
+        regions: list[Region],
+        matches: list[RegionMatch],
+        seen: list[Region],
+    ) -> tuple[list[Recognition], list[UnknownObject], dict[str, str]]:
+        """Matches as Recognitions (in order), and the regions of ``seen`` that show no
+        matched object as UnknownObjects; the concepts' owners."""
+        width, height = picture.size
         known: list[Recognition] = []
         owners: dict[str, str] = {}
         for match in matches:
@@ -380,11 +446,11 @@ class Engine:
                     position=rough_position(box, width, height),
                 )
             )
-        matched = {m.region for m in matches}
+        matched = [regions[m.region] for m in matches]
         unknown = [
             UnknownObject(r.label, r.box, rough_position(r.box, width, height))
-            for i, r in enumerate(regions)
-            if i not in matched and r.label
+            for r in seen
+            if r.label and not same_object(r, matched)
         ]
         return known, unknown, owners
 
@@ -458,15 +524,15 @@ class Engine:
         scope, question = clean_scope(scope), _clean_question(question)
         timer = StageTimer()
         named = self.retriever.named_in(scope, question)
-        picture, known, unknown, owners = None, [], [], {}
+        picture, known, unknown, owners, ranked = None, [], [], {}, []
         if image is not None:
             picture = self._decode(image, timer)
-            known, unknown, owners = self._recognize(scope, picture, timer)
+            ranked, known, unknown, owners = self._retrieve_for_generation(scope, picture, timer)
         text, used = yield from self._generated(
             scope,
             question,
             picture,
-            candidates(named, known),
+            candidates(named, ranked),
             timer,
             lambda: ask_sentence(named, known, unknown, owners, user, has_image=image is not None),
         )
@@ -486,16 +552,26 @@ class Engine:
         scope = clean_scope(scope)
         timer = StageTimer()
         picture = self._decode(image, timer)
-        known, unknown, owners = self._recognize(scope, picture, timer)
+        ranked, known, unknown, owners = self._retrieve_for_generation(scope, picture, timer)
         text, used = yield from self._generated(
             scope,
             None,
             picture,
-            candidates([], known),
+            candidates([], ranked),
             timer,
             lambda: caption_sentence(known, unknown, owners, user),
         )
         yield Answer(text, used, unknown, None, timer.seconds)
+
+    def _retrieve_for_generation(
+        self, scope: str, picture: Image.Image, timer: StageTimer
+    ) -> tuple[list[Recognition], list[Recognition], list[UnknownObject], dict[str, str]]:
+        """The generator's candidates under the retrieval policy, best first, then the
+        recognized concepts, the unrecognized objects and the owners."""
+        if self.retrieval_policy == "rap":
+            return self._rap_retrieve(scope, picture, timer)
+        known, unknown, owners = self._recognize(scope, picture, timer)
+        return known, known, unknown, owners
 
     def _generated(
         self,

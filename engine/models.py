@@ -20,6 +20,7 @@ from engine.embedder import ClipEmbedder, load_clip, resolve_device, seeded
 from engine.errors import MissingWeightError, RapbotError
 from engine.generator.load import load_generator
 from engine.profiles import Profile, parse_detector_spec, resolve_profile
+from engine.retriever import RAP_DETECTOR_CONFIDENCE, retrieval_policy
 from engine.settings import EngineSettings
 from engine.weights import detector_weight, first_line, is_offline, looks_like_path
 
@@ -101,6 +102,17 @@ def build_text_encoder(
     return encoder
 
 
+def detection_floor(settings: EngineSettings, profile: Profile) -> float:
+    """The detector's own confidence: the setting, or RAP's 0.1 when the generator gets RAP's
+    candidates (the engine then keeps detections >= the setting for recognition)."""
+    policy = retrieval_policy(
+        settings.retrieval_policy, profile.generator, settings.generator_adapter
+    )
+    if policy == "rap":
+        return min(settings.detector_confidence, RAP_DETECTOR_CONFIDENCE)
+    return settings.detector_confidence
+
+
 def build_detector(
     profile: Profile, settings: EngineSettings, text_encoder: ClipEmbedder | None
 ) -> Detector:
@@ -122,7 +134,7 @@ def build_detector(
     common = dict(
         name=profile.detector,
         device=device,
-        confidence=settings.detector_confidence,
+        confidence=detection_floor(settings, profile),
         image_size=profile.detector_image_size,
         max_detections=settings.max_detections,
     )

@@ -102,6 +102,12 @@ class EngineSettings(BaseSettings):
         description="cosine similarity below which a crop is 'nobody I know' (default: profile's)",
     )
     top_k: int = Field(5, ge=1, description="examples looked at per crop")
+    retrieval_policy: Literal["", "rap", "threshold"] = Field(
+        "",
+        description="concepts given to the generator: rap (RAP's: the chat's categories "
+        "detected at confidence 0.1, 2 hits per crop, best first, no threshold) or threshold "
+        "(recognized ones only); empty = rap for RAP-trained generators, threshold otherwise",
+    )
     embed_batch_size: int = Field(32, ge=1, description="crops per CLIP forward")
 
     # Micro-batching (engine.batching): concurrent requests in one worker share model forwards.

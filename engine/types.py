@@ -58,6 +58,18 @@ class Box:
         union = self.area + other.area - inter.area
         return inter.area / union if union else 0.0
 
+    def overlap(self, other: Box) -> float:
+        """How much of the smaller box lies inside the other (0..1): 1 when one box holds the
+        other, whatever their sizes (IoU would call a box and its half 0.5)."""
+        inter = Box(
+            max(self.x1, other.x1),
+            max(self.y1, other.y1),
+            min(self.x2, other.x2),
+            min(self.y2, other.y2),
+        )
+        smaller = min(self.area, other.area)
+        return inter.area / smaller if smaller and inter.width > 0 and inter.height > 0 else 0.0
+
     @classmethod
     def from_xyxy(cls, values: list[float] | tuple[float, ...]) -> Box:
         x1, y1, x2, y2 = (int(round(float(v))) for v in values)
