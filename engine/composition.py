@@ -142,9 +142,18 @@ def search_photos(
     ``product``."""
     if fusion not in FUSIONS:
         raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
-    parts = query.parts()
-    if fusion == "sum" or len(parts) == 1:
+    if fusion == "sum":
         return store.search(scope, query.summed(text_weight), k)
+    return search_parts(store, scope, query.parts(), k, candidates)
+
+
+def search_parts(
+    store, scope: str, parts: np.ndarray, k: int, candidates: int = CANDIDATES
+) -> list[PhotoHit]:
+    """Late fusion of unit ``parts`` (p, dim): one search for a single part, else the union
+    of each part's top ``candidates`` reranked by the product of rectified cosines."""
+    if len(parts) == 1:
+        return store.search(scope, parts[0], k)
     found = store.candidates(scope, parts, max(int(candidates), k))
     ranked = rank_product(parts, found.ids, found.vectors, k)
     return [PhotoHit(i, s, found.sources[i]) for i, s in ranked]

@@ -784,6 +784,7 @@ class Engine:
     def _search_cir(self, scope: str, text: str, ref_image: bytes | None, k: int, timer):
         """:meth:`search` with the CIR-LVLM encoder (see :mod:`engine.cir.search`)."""
         from engine.cir.search import MAX_CONCEPT_EXAMPLES, cir_query
+        from engine.composition import search_parts
 
         encoder = self.search_encoder
         ref = self._decode(ref_image, timer) if ref_image is not None else None
@@ -794,9 +795,9 @@ class Engine:
                 pictures = [decode_image(c, self.limits) for c in crops]
                 concepts.append((concept, pictures))
         with timer.stage("embed"):
-            query = cir_query(encoder, text, ref, concepts)
+            parts = cir_query(encoder, text, ref, concepts)
         with timer.stage("search"):
-            return self.photos.search(scope, query, k)
+            return search_parts(self.photos, scope, parts, k, self.settings.search_candidates)
 
 
 def _whole(answer: Answer) -> Iterator[str | Answer]:

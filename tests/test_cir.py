@@ -207,6 +207,49 @@ def test_prompt_pool_picks_nearest_key() -> None:
     assert pool.keys.grad is not None and pool.keys.grad[1].abs().sum() == 0  # unused key
 
 
+def test_usage_term_keeps_selection_from_collapsing() -> None:
+    """Every query nearest to key 0: by similarity alone (inference) all pick prompt 0; while
+    training, the usage term spreads them once prompt 0 has taken more than its share, and
+    the counts say how often each prompt was used."""
+    pool = PromptPool(size=3, length=1, hidden=2, key_dim=2, usage_weight=0.5)
+    with torch.no_grad():
+        pool.keys.copy_(torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.6, 0.8]]))
+    feats = torch.tensor([[1.0, 0.05]]).repeat(4, 1)
+    pool.eval()
+    assert pool.select(feats)[1].tolist() == [0, 0, 0, 0] and pool.usage.sum() == 0
+    pool.train()
+    chosen = [pool.select(feats[:1])[1].item() for _ in range(12)]
+    # sim: key0 ~1.0, key1 ~0.83, key2 ~0.64; a share of 1 costs 0.5 x (1 - 1/3) = 0.33
+    assert chosen[0] == 0 and set(chosen) >= {0, 1}
+    assert pool.usage.sum() == 12 and pool.usage.tolist() == [chosen.count(i) for i in range(3)]
+    assert pool.usage_share().sum().item() == pytest.approx(1.0)
+
+
+def test_prompt_selection_pools_image_and_text_separately(tiny_llava, shapes) -> None:
+    """The selection feature is [mean image-token feature ; mean text-token embedding]: a new
+    reference photo moves only the first half, new words only the second."""
+    root, train_set, _ = shapes
+    images = ImageCache(root)
+    enc = _encoder(tiny_llava)
+    hidden = enc.pool.prompts.shape[-1]
+    assert enc.pool.keys.shape[-1] == 2 * hidden
+
+    def feature(name: str, text: str) -> torch.Tensor:
+        prompt = enc.query_prompt.format(image=enc.image_text, text=text)
+        batch = enc._batch([prompt], [images(name)])
+        embeds = enc._merged_embeds(batch)
+        return enc.selection_features(embeds, batch["input_ids"], batch["attention_mask"])[0]
+
+    a, b = train_set[0].reference, train_set[0].target
+    base = feature(a, "red instead of blue")
+    other_image = feature(b, "red instead of blue")
+    other_text = feature(a, "a circle instead of a square")
+    assert torch.allclose(base[hidden:], other_image[hidden:], atol=1e-6)
+    assert not torch.allclose(base[:hidden], other_image[:hidden], atol=1e-4)
+    assert torch.allclose(base[:hidden], other_text[:hidden], atol=1e-6)
+    assert not torch.allclose(base[hidden:], other_text[hidden:], atol=1e-4)
+
+
 def test_only_lora_and_prompt_pool_train(tiny_llava) -> None:
     enc = _encoder(tiny_llava)
     trainable = [n for n, p in enc.named_parameters() if p.requires_grad]
@@ -262,6 +305,7 @@ def test_train_checkpoint_resume_and_cli(tiny_llava, shapes, tmp_path, capsys) -
     resumed = train(CirTrainConfig(out=tmp_path / "b", steps=4, resume="latest", **common))
     assert resumed.step == 4 and len(resumed.losses) == 4
     assert resumed.losses == pytest.approx(straight.losses, abs=1e-4)
+    assert resumed.prompt_usage == straight.prompt_usage and sum(straight.prompt_usage) == 16
     assert (tmp_path / "b" / "checkpoint-4" / "trainable.pt").is_file()
 
     out = tmp_path / "cli"
@@ -290,7 +334,8 @@ def test_train_checkpoint_resume_and_cli(tiny_llava, shapes, tmp_path, capsys) -
         ]
     )
     assert code == 0
-    assert json.loads(capsys.readouterr().out)["step"] == 1
+    trained = json.loads(capsys.readouterr().out)
+    assert trained["step"] == 1 and sum(trained["prompt_usage"]) == 4  # one batch of 4 queries
     test_set = _write_cirr(tmp_path, held_out[:6])
     args = ["--json", "eval", "cir", str(test_set), "--images", str(root), "--encoder", str(out)]
     assert main([*args, "--gallery", str(root)]) == 0  # the whole folder ranked
@@ -406,13 +451,10 @@ def test_engine_cir_search_reference_text_and_concepts(
         assert {h.source for h in named[:2]} == {str(p) for p in rex}
         assert named[0].score > 0.99  # the mean of two near-identical targets
         # As on the CLIP path: the concept-aware query ranks Rex's photos first, and the same
-        # words without the name do not. The query is the mean of the encoder's QUERY
-        # embeddings of Rex's crops (here: the indexed photos) with "the dog on the sofa"; an
-        # encoder trained 2 steps on coloured shapes puts those close to the crops' own TARGET
-        # embeddings (~0.96) mostly because its random LoRA/prompts change little, so the
-        # margin is small (~0.005 over the backpack when this was written, deterministic for
-        # the seeded tiny model and training). Should a change to them flip it, the property
-        # that holds by construction is the "Rex" query above (mean of the crops' targets).
+        # words without the name do not. Its parts are Rex's look (the mean TARGET embedding
+        # of his crops: here the indexed photos) and the encoder's QUERY embeddings of the
+        # crops with "the dog on the sofa"; late fusion needs both to match, so the look
+        # carries the name even where the 2-step tiny encoder's query alone is a coin toss.
         on_sofa = check(engine.search("chat", "Rex on the sofa", k=len(paths)), len(paths))
         assert {h.source for h in on_sofa[:2]} == {str(p) for p in rex}
         plain = check(engine.search("chat", "a dog on the sofa", k=len(paths)), len(paths))
@@ -451,15 +493,22 @@ def test_cir_query_table(tiny_models, cir_folder, dreambooth) -> None:
         return v / np.linalg.norm(v)
 
     q = enc.embed_queries([photo], ["at night"])[0]
-    assert np.allclose(cir_query(enc, "at night", photo), unit(q), atol=1e-5)
-    assert np.allclose(cir_query(enc, "", photo), enc.embed_targets([photo])[0], atol=1e-5)
-    assert np.allclose(cir_query(enc, "a cat", None), enc.embed_texts(["a cat"])[0], atol=1e-5)
+    def parts(*rows):
+        return np.stack(rows)
+
+    assert np.allclose(cir_query(enc, "at night", photo), parts(unit(q)), atol=1e-5)
+    target = enc.embed_targets([photo])[0]
+    assert np.allclose(cir_query(enc, "", photo), parts(target), atol=1e-5)
+    text = enc.embed_texts(["a cat"])[0]
+    assert np.allclose(cir_query(enc, "a cat", None), parts(text), atol=1e-5)
     looks = unit(enc.embed_targets(crops).mean(0))
-    assert np.allclose(cir_query(enc, "Rex", None, [(rex, crops)]), looks, atol=1e-5)
+    assert np.allclose(cir_query(enc, "Rex", None, [(rex, crops)]), parts(looks), atol=1e-5)
     on_sofa = unit(enc.embed_queries(crops, ["the dog on the sofa"] * 2).mean(0))
-    assert np.allclose(cir_query(enc, "Rex on the sofa", None, [(rex, crops)]), on_sofa, atol=1e-5)
-    with_rex = unit(unit(enc.embed_queries([photo], ["with the dog"])[0]) + looks)
-    assert np.allclose(cir_query(enc, "with Rex", photo, [(rex, crops)]), with_rex, atol=1e-5)
+    found = cir_query(enc, "Rex on the sofa", None, [(rex, crops)])
+    assert np.allclose(found, parts(looks, on_sofa), atol=1e-5)
+    with_dog = unit(enc.embed_queries([photo], ["with the dog"])[0])
+    found = cir_query(enc, "with Rex", photo, [(rex, crops)])
+    assert np.allclose(found, parts(with_dog, looks), atol=1e-5)
 
 
 def test_switching_encoders_never_mixes_indexes(

@@ -4,12 +4,18 @@ A QUERY (reference image + modification text) and a TARGET (an image) each go th
 VLM with their own task prompt, both ending in a one-word summarizing instruction ("... in one
 word:"); the embedding is the final hidden state of the last token, L2-normalised. Queries also
 get an instance-specific soft prompt: a learnable pool of ``pool_size`` prompts of
-``prompt_len`` tokens, each with a key; the query's pooled input features (the mean of its
-merged text + image input embeddings, frozen) pick the prompt whose key is most cosine-similar,
-and that prompt's tokens are prepended to the query's input embeddings. ``key_loss`` (1 - cos of
-query features and chosen key) pulls the keys towards the queries that use them, as in
-prompt-pool methods (L2P). The language model's linear projections get LoRA through peft; the
-vision tower and projector stay frozen.
+``prompt_len`` tokens, each with a key. The paper selects the prompt "according to both visual
+features and text embeddings": the query's image-token features and its text-token embeddings
+are each mean-pooled (frozen), L2-normalised and joined (concatenated, 2H) into the selection
+feature; the prompt whose key is most cosine-similar wins and its tokens are prepended to the
+query's input embeddings. ``key_loss`` (1 - cos of the feature and the chosen key) pulls the
+keys towards the queries that use them, as in prompt-pool methods (L2P). The pool counts how
+often each prompt is chosen (:meth:`PromptPool.usage_share`, logged by training); while
+training, selection subtracts ``usage_weight`` x (a prompt's share of past choices - 1/size)
+from each similarity, so selection cannot collapse onto one prompt (L2P's frequency penalty,
+in additive form); inference selects by similarity alone. Targets get their own task prompt
+(``TARGET_PROMPT``) and no soft prompt. The language model's linear projections get LoRA
+through peft; the vision tower and projector stay frozen.
 
 Text-only queries (photo search without a reference photo, :mod:`engine.cir.search`) go through
 ``TEXT_PROMPT``, the target prompt with the words where the image would be, without a soft prompt:
@@ -47,19 +53,49 @@ class Encoded:
 
 
 class PromptPool(nn.Module):
-    """``size`` soft prompts of ``length`` tokens with one key each; nearest key (cosine) wins."""
+    """``size`` soft prompts of ``length`` tokens with one key each (keys live in the space of
+    the selection features, ``key_dim``); nearest key (cosine) wins, with a usage penalty
+    while training (see the module doc)."""
 
-    def __init__(self, size: int, length: int, hidden: int, init_std: float = 0.02) -> None:
+    def __init__(
+        self,
+        size: int,
+        length: int,
+        hidden: int,
+        key_dim: int | None = None,
+        init_std: float = 0.02,
+        usage_weight: float = 0.1,
+    ) -> None:
         super().__init__()
         self.prompts = nn.Parameter(torch.randn(size, length, hidden) * init_std)
-        self.keys = nn.Parameter(torch.randn(size, hidden))
+        self.keys = nn.Parameter(torch.randn(size, key_dim or hidden))
+        self.usage_weight = float(usage_weight)
+        self.register_buffer("usage", torch.zeros(size, dtype=torch.long), persistent=False)
+
+    def usage_share(self) -> torch.Tensor:
+        """Each prompt's share of the selections counted so far (uniform before any)."""
+        total = int(self.usage.sum())
+        if total == 0:
+            return torch.full_like(self.usage, 1.0 / len(self.usage), dtype=torch.float32)
+        return self.usage.float() / total
 
     def select(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(prompts (B, L, H), chosen ids (B,), key loss) for query features (B, H)."""
+        """(prompts (B, L, H), chosen ids (B,), key loss) for selection features (B, K)."""
         sim = F.normalize(features, dim=-1) @ F.normalize(self.keys, dim=-1).T  # (B, P)
-        ids = sim.argmax(dim=-1)
+        score = sim.detach()
+        if self.training and self.usage_weight:
+            share = self.usage_share().to(sim.device)
+            score = score - self.usage_weight * (share - 1.0 / len(share))
+        ids = score.argmax(dim=-1)
+        if self.training:
+            self.usage += torch.bincount(ids, minlength=len(self.usage)).to(self.usage.device)
         key_loss = (1.0 - sim.gather(1, ids[:, None])).mean()
         return self.prompts[ids], ids, key_loss
+
+
+def _masked_mean(embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask[..., None].to(embeds.dtype)
+    return (embeds * m).sum(1) / m.sum(1).clamp(min=1)
 
 
 def lora_target_names(model) -> list[str]:
@@ -116,7 +152,8 @@ class CirLvlmEncoder(nn.Module):
         inner = model.get_base_model() if use_lora else model
         self.vlm = inner.model  # LlavaModel / Qwen2VLModel: get_image_features, language_model
         hidden = inner.config.get_text_config().hidden_size
-        self.pool = PromptPool(pool_size, prompt_len, hidden)
+        # Keys match [pooled image features ; pooled text embeddings].
+        self.pool = PromptPool(pool_size, prompt_len, hidden, key_dim=2 * hidden)
 
     @classmethod
     def from_pretrained(
@@ -162,11 +199,21 @@ class CirLvlmEncoder(nn.Module):
         )
         return F.normalize(out.last_hidden_state[:, -1].float(), dim=-1)
 
-    @staticmethod
-    def pooled_features(embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Mean of the (frozen) merged input embeddings over real tokens: the pool's query."""
-        m = attention_mask[..., None].to(embeds.dtype)
-        return ((embeds * m).sum(1) / m.sum(1).clamp(min=1)).detach()
+    def selection_features(
+        self, embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """The pool's query (B, 2H): the mean of the image tokens' features and the mean of
+        the text tokens' embeddings, each L2-normalised, joined (frozen: no gradient)."""
+        real = attention_mask.bool()
+        image = (input_ids == self.image_token_id) & real
+        text = real & ~image
+        return torch.cat(
+            [
+                F.normalize(_masked_mean(embeds, image), dim=-1),
+                F.normalize(_masked_mean(embeds, text), dim=-1),
+            ],
+            dim=-1,
+        ).detach()
 
     # -- encoding -----------------------------------------------------------------------------
 
@@ -180,7 +227,7 @@ class CirLvlmEncoder(nn.Module):
         batch = self._batch(prompts, images)
         embeds = self._merged_embeds(batch)
         soft, ids, key_loss = self.pool.select(
-            self.pooled_features(embeds, batch["attention_mask"])
+            self.selection_features(embeds, batch["input_ids"], batch["attention_mask"])
         )
         embeds = torch.cat([soft.to(embeds.dtype), embeds], dim=1)
         ones = batch["attention_mask"].new_ones(soft.shape[:2])

@@ -12,19 +12,21 @@ vector in the same space, from what the user gave:
 =====================  =====================================================================
 reference + text       the encoder's QUERY: (reference photo, modification text), soft prompt
 reference only         the reference's TARGET embedding ("photos like this one")
-named concepts, text   each concept's example crops as references with the text as the
-                       modification (the name replaced by "the <category>", which the VLM can
-                       read), the QUERY embeddings averaged per concept, then across concepts
-named concepts only    the mean TARGET embedding of the concepts' example crops ("Mochi")
+named concepts, text   per concept its look (the mean TARGET embedding of its example crops)
+                       and its crops as references with the text as the modification (the
+                       name replaced by "the <category>", which the VLM can read), the QUERY
+                       embeddings averaged: every look and every query a part
+named concepts only    each concept's look a part ("Mochi and Rex": both must be there)
 text only              the encoder's text-only embedding (``TEXT_PROMPT``, E5-V style)
-reference + concepts   the reference's query (or target) vector plus the concepts' mean TARGET
-                       embedding, normalised: the photo, changed by the words, with them in it
+reference + concepts   the reference's query (or target) vector and each concept's look: the
+                       photo, changed by the words, with them in it
 =====================  =====================================================================
 
-At most :data:`MAX_CONCEPT_EXAMPLES` crops per concept are encoded. Concept crops come from the
-concept store (``example_crops``), so this needs no second copy of the concepts' embeddings; the
-CLIP composition's ``search_fusion`` and ``search_text_weight`` do not apply here (the encoder
-composes the reference and the text itself).
+Several parts are ranked by late fusion, the product of rectified cosines (an AND, as on the
+CLIP path; :mod:`engine.composition`). At most :data:`MAX_CONCEPT_EXAMPLES` crops per concept
+are encoded. Concept crops come from the concept store (``example_crops``), so this needs no
+second copy of the concepts' embeddings; the CLIP composition's ``search_fusion`` and
+``search_text_weight`` do not apply here (the encoder composes the reference and the text).
 
 The photo index records the encoder's identity (:func:`cir_identity`: ``cir-lvlm:<folder>-<hash
 of its files>`` and the language model's hidden size), computed from the folder's small files
@@ -200,30 +202,29 @@ def cir_query(
     ref: Image.Image | None,
     concepts: Sequence[tuple[Concept, Sequence[Image.Image]]] = (),
 ) -> np.ndarray:
-    """One unit query vector for the photo index (see the table in the module doc).
+    """The query's parts for the photo index, unit rows (p, dim) (see the table in the module
+    doc): one row, or with named concepts one row per thing that must match — late fusion by
+    the product of rectified cosines ranks them (:func:`engine.composition.search_parts`).
     ``concepts``: the named concepts with their example crops (those without crops are
     skipped)."""
     concepts = [(c, list(crops)[:MAX_CONCEPT_EXAMPLES]) for c, crops in concepts if crops]
     text = text.strip()
     modification, has_words = replace_names(text, [c for c, _ in concepts], article="the")
+    looks = [_mean(encoder.embed_targets(crops)) for _, crops in concepts]
     if ref is not None:
         if text:
             query = encoder.embed_queries([ref], [modification])[0]
         else:
             query = encoder.embed_targets([ref])[0]
-        if not concepts:
-            return _unit(query)
-        looks = [_mean(encoder.embed_targets(crops)) for _, crops in concepts]
-        return _unit(_unit(query) + _mean(looks))
+        return np.stack([_unit(query), *looks])
     if concepts:
-        if has_words:
-            parts = [
-                _mean(encoder.embed_queries(crops, [modification] * len(crops)))
-                for _, crops in concepts
-            ]
-        else:
-            parts = [_mean(encoder.embed_targets(crops)) for _, crops in concepts]
-        return _mean(parts)
+        if not has_words:
+            return np.stack(looks)
+        queries = [
+            _mean(encoder.embed_queries(crops, [modification] * len(crops)))
+            for _, crops in concepts
+        ]
+        return np.stack([*looks, *queries])
     if not text:
         raise ValueError("a query needs text, a reference image or a named concept")
-    return _unit(encoder.embed_texts([text])[0])
+    return _unit(encoder.embed_texts([text])[0])[None, :]

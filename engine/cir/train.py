@@ -25,6 +25,7 @@ it is moved (:func:`load_encoder`; the photo search's ``RAPBOT_SEARCH_MODEL``).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
@@ -38,6 +39,8 @@ import torch.nn.functional as F
 from engine.cir.lvlm import CirLvlmEncoder
 from engine.errors import InvalidInputError, MissingWeightError
 from engine.weights import first_line
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
 ENCODER_FILE = "cir_encoder.pt"
@@ -170,6 +173,7 @@ class CirTrainResult:
     step: int
     out: Path
     losses: list[float] = field(default_factory=list)
+    prompt_usage: list[int] = field(default_factory=list)  # selections per pool prompt
 
 
 def encoder_kwargs(config: CirTrainConfig) -> dict:
@@ -230,7 +234,11 @@ def save_checkpoint(encoder, optimizer, step: int, losses: list[float], config) 
     tmp.mkdir(parents=True)
     torch.save(encoder.trainable_state(), tmp / "trainable.pt")
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step, "losses": losses}))
+    usage = encoder.pool.usage.tolist()  # the usage penalty's history: resumed exactly
+    (tmp / "state.json").write_text(
+        json.dumps({"step": step, "losses": losses, "prompt_usage": usage})
+    )
+    log.info("cir checkpoint step=%d prompt_usage=%s", step, usage)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)  # never a half-written checkpoint
     for old in _checkpoints(out)[: -config.keep_checkpoints]:
@@ -348,6 +356,8 @@ def train(config: CirTrainConfig, encoder: CirLvlmEncoder | None = None) -> CirT
         optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu"))
         state = json.loads((ckpt / "state.json").read_text())
         step, losses = state["step"], state["losses"]
+        if "prompt_usage" in state:
+            encoder.pool.usage.copy_(torch.tensor(state["prompt_usage"], dtype=torch.long))
     (out / "train_config.json").write_text(json.dumps(asdict(config), default=str, indent=2))
     bar = None
     if config.progress:
@@ -368,7 +378,7 @@ def train(config: CirTrainConfig, encoder: CirLvlmEncoder | None = None) -> CirT
     if bar is not None:
         bar.close()
     save_encoder(encoder, config)
-    return CirTrainResult(step, out, losses)
+    return CirTrainResult(step, out, losses, encoder.pool.usage.tolist())
 
 
 def gallery_names(triplets: list[Triplet]) -> list[str]:

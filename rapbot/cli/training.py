@@ -171,6 +171,7 @@ def run_train_cir(args: argparse.Namespace) -> int:
     )
     last = result.losses[-1] if result.losses else None
     payload = {"step": result.step, "out": str(result.out), "loss": last}
+    payload["prompt_usage"] = result.prompt_usage
     text = f"Trained to step {result.step}; encoder saved in {result.out}"
     emit(args, payload, text + (f" (last loss {last:.4f})" if last is not None else ""))
     return 0
