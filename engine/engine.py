@@ -188,6 +188,8 @@ class Engine:
                 "prefix": self.settings.qdrant_prefix,
                 "where": self.store.where,
                 "lock": self.store.lock,
+                "shards": self.settings.qdrant_shards or None,
+                "replication_factor": self.settings.qdrant_replication_factor or None,
             }
         else:
             from engine.store.photos import PhotoStore as store_class

@@ -7,6 +7,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+REEMBEDDING = "reembedding"  # meta key: a re-embed started (value: the new model's id)
+HALF_REEMBEDDED = (
+    "The photo index is half re-embedded (an interrupted `rapbot index --rebuild`): run it again"
+)
+HALF_FOR_USE = f"{HALF_REEMBEDDED} before indexing, searching or importing photos."
+HALF_FOR_EXPORT = f"{HALF_REEMBEDDED} before exporting."
+
 
 @dataclass(frozen=True)
 class StoredPhoto:

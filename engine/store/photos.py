@@ -84,7 +84,13 @@ from engine.store.faiss_store import (
     scope_version,
     write_index_file,
 )
-from engine.store.photo_base import PhotoCandidates, StoredPhoto
+from engine.store.photo_base import (
+    HALF_FOR_EXPORT,
+    HALF_FOR_USE,
+    REEMBEDDING,
+    PhotoCandidates,
+    StoredPhoto,
+)
 from engine.types import PhotoHit
 
 __all__ = ["PhotoStore", "StoredPhoto"]
@@ -95,12 +101,7 @@ DB_NAME = "photos.sqlite3"
 GENERATION = "generation"  # meta key: bumped by every re-embed (all vectors change)
 DELETION_LOG_KEEP = 50_000  # deletion-log rows kept per scope before the oldest are pruned
 _SQL_CHUNK = 500
-REEMBEDDING = "reembedding"  # meta key: a re-embed started (value: the new model's id)
-HALF_REEMBEDDED = (
-    "The photo index is half re-embedded (an interrupted `rapbot index --rebuild`): run it again"
-)
-_HALF_FOR_USE = f"{HALF_REEMBEDDED} before indexing, searching or importing photos."
-_HALF_FOR_EXPORT = f"{HALF_REEMBEDDED} before exporting."
+
 
 _DDL = (
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
@@ -243,7 +244,7 @@ class PhotoStore:
         if meta.get(REEMBEDDING) is not None:
             # Part old, part new vectors: nothing may use them until a re-run of reembed()
             # (not an error to open, even strict: reembed() is what repairs it).
-            self.mismatch = _HALF_FOR_USE
+            self.mismatch = HALF_FOR_USE
             return
         if meta.get("model_id") != self.model_id or meta.get("dim") != str(self.dim):
             self.mismatch = (
@@ -689,7 +690,7 @@ class PhotoStore:
                 (REEMBEDDING, self.model_id),
             )
         with self._lock:
-            self.mismatch = _HALF_FOR_USE  # until the end: also if this is interrupted
+            self.mismatch = HALF_FOR_USE  # until the end: also if this is interrupted
             self._cache.clear()
         with self._lock, self._errors():
             # Read after the marker is written: an add that commits later sees the marker.
@@ -822,7 +823,7 @@ class PhotoStore:
         with self._lock, self._errors():
             meta = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
         if meta.get(REEMBEDDING) is not None:
-            raise StoreError(_HALF_FOR_EXPORT)
+            raise StoreError(HALF_FOR_EXPORT)
         dim = meta.get("dim", "")
         return meta.get("model_id", ""), int(dim) if dim.isdigit() else 0
 
@@ -874,7 +875,7 @@ def _check_not_reembedding(db: sqlite3.Connection) -> None:
     in :attr:`PhotoStore.mismatch`, this catches another process's ``rapbot index --rebuild``
     started since."""
     if _reembedding(db):
-        raise StoreError(_HALF_FOR_USE)
+        raise StoreError(HALF_FOR_USE)
 
 
 def _indexing(db: sqlite3.Connection, scope: str) -> bool:

@@ -48,7 +48,13 @@ from engine.store.base import (
     check_scope,
     check_text,
 )
-from engine.store.photo_base import PhotoCandidates, StoredPhoto
+from engine.store.photo_base import (
+    HALF_FOR_EXPORT,
+    HALF_FOR_USE,
+    REEMBEDDING,
+    PhotoCandidates,
+    StoredPhoto,
+)
 from engine.store.qdrant_store import DISTANCE, collection_name
 from engine.types import PhotoHit
 from engine.weights import first_line
@@ -58,11 +64,6 @@ _NS = uuid.UUID("0d7f3c52-9a61-4b7e-8a43-2f6c1e9b5a10")  # fixed forever: ids de
 _ID_MASK = (1 << 63) - 1
 _PAGE = 256
 _LIGHT = ["scope", "source", "poster", "posted_at"]
-REEMBEDDING = "reembedding"
-_HALF = (
-    "The photo index is half re-embedded (an interrupted `rapbot index --rebuild`): run it again"
-    " before indexing, searching or importing photos."
-)
 
 
 def photo_id_of(scope: str, source: str) -> int:
@@ -106,8 +107,12 @@ class QdrantPhotoStore:
         lock: threading.RLock | None = None,
         strict: bool = True,
         unavailable: RapbotError | None = None,
+        shards: int | None = None,
+        replication_factor: int | None = None,
     ) -> None:
         self._unavailable = unavailable
+        # Used only when this store creates the collection (a Qdrant cluster); None = server's.
+        self._shards, self._replication_factor = shards, replication_factor
         if unavailable is None:
             self.model_id, self.dim = check_model(model_id, dim)
         else:
@@ -176,6 +181,8 @@ class QdrantPhotoStore:
             vectors_config=models.VectorParams(size=self.dim, distance=DISTANCE),
             hnsw_config=models.HnswConfigDiff(payload_m=16, m=0),
             on_disk_payload=True,  # thumbnails are the bulk
+            shard_number=self._shards,
+            replication_factor=self._replication_factor,
         )
         with warnings.catch_warnings():  # the in-process Qdrant warns that indexes are no-ops
             warnings.simplefilter("ignore", UserWarning)
@@ -217,7 +224,7 @@ class QdrantPhotoStore:
 
     def _check_model(self, strict: bool) -> None:
         if self._key(REEMBEDDING) is not None:
-            self.mismatch = _HALF
+            self.mismatch = HALF_FOR_USE
             return
         if self._count_in(self.collection) > 0:
             return
@@ -258,7 +265,7 @@ class QdrantPhotoStore:
             raise StoreError(self.mismatch)
         with self._calls():
             if self._key(REEMBEDDING) is not None:
-                raise StoreError(_HALF)
+                raise StoreError(HALF_FOR_USE)
 
     def close(self) -> None:
         with self._lock:
@@ -519,9 +526,7 @@ class QdrantPhotoStore:
         photos; StoreError while a re-embed is half done."""
         with self._calls():
             if self._key(REEMBEDDING) is not None:
-                raise StoreError(
-                    _HALF.replace("indexing, searching or importing photos", "exporting")
-                )
+                raise StoreError(HALF_FOR_EXPORT)
             held = self._held_collection()
             recorded = self._key(f"model\x00{held}") if held else None
         if not recorded:
@@ -569,7 +574,7 @@ class QdrantPhotoStore:
             raise type(error)(*error.args)
         with self._calls():
             self._set_key(REEMBEDDING, model_id=self.model_id)
-            self.mismatch = _HALF
+            self.mismatch = HALF_FOR_USE
             sources = self._photo_collections()
         for collection in sources:
             offset = None
