@@ -6,7 +6,8 @@ CIRR- or FashionIQ-format triplet set (read by ``rapbot eval cir``'s loader,
 ``engine.cir.train.load_triplets``) are composed from one open_clip model's embeddings exactly as
 ``Engine.search`` composes them (``engine.composition.ComposedQuery``: reference photo + text),
 the gallery (every image the set names) is ranked by cosine with each query's reference left out
-(``engine.eval.cir_metrics.rank_gallery``, as CIRR and FashionIQ evaluation do), and
+(``engine.eval.cir_metrics.rank_gallery``; each query's reference left out for CIRR only, as
+its official evaluation does: ``engine.eval.cir_protocol``), and
 Recall@1/5/10 are printed, then the best setting (highest mean of R@1, R@5 and R@10; ties go to
 the weight nearest 0.5). The product ranks the whole gallery here (the engine reranks the union
 of each part's top ``RAPBOT_SEARCH_CANDIDATES``). Every image and text is embedded once; the
@@ -43,6 +44,7 @@ from engine.cir.train import ImageCache, Triplet, load_triplets  # noqa: E402
 from engine.composition import ComposedQuery, rank_product  # noqa: E402
 from engine.embedder import load_clip  # noqa: E402
 from engine.eval.cir_metrics import rank_gallery, recall_at_k  # noqa: E402
+from engine.eval.cir_protocol import excludes_reference  # noqa: E402
 from engine.settings import EngineSettings  # noqa: E402
 
 KS = (1, 5, 10)
@@ -132,11 +134,12 @@ def sweep(triplets, names, gallery, texts) -> list[dict]:
         for t, text in zip(triplets, texts, strict=True)
     ]
     targets = [t.target for t in triplets]
-    exclude = [t.reference for t in triplets]
+    refs = [t.reference for t in triplets]
+    exclude = refs if excludes_reference(triplets[0].kind) else None
     ids = np.arange(len(names))
     gallery = np.ascontiguousarray(gallery, dtype=np.float32)
     rankings = []
-    for query, ref in zip(queries, exclude, strict=True):
+    for query, ref in zip(queries, exclude or [None] * len(queries), strict=True):
         ranked = rank_product(query.parts(), ids, gallery, len(names))
         rankings.append([names[i] for i, _ in ranked if names[i] != ref])
     recall = recall_at_k(rankings, targets, KS)

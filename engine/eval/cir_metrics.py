@@ -7,7 +7,7 @@
 * ``map_at_k``: CIRCO's mAP@K with several ground truths per query:
   AP@K = (1 / min(K, |G|)) * sum_{k<=K} P@k * rel(k).
 * ``rank_gallery``: rankings from embeddings (cosine), optionally excluding each query's
-  reference image from its own ranking (as CIRR and FashionIQ evaluation do).
+  reference image from its own ranking (CIRR's protocol; see :mod:`engine.eval.cir_protocol`).
 """
 
 from __future__ import annotations
