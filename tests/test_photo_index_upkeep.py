@@ -120,3 +120,35 @@ def test_cached_chats_are_evicted_least_recently_used(tmp_path) -> None:
         assert [h.source for h in store.search("C", _rows(4, 1, "q")[0][0], 1)] == ["C0"]
     finally:
         store.close()
+
+
+def test_a_build_does_not_hold_up_other_chats(tmp_path, monkeypatch) -> None:
+    """While one chat's index is being built, another chat's search is answered."""
+    import threading
+
+    store = PhotoStore(tmp_path, "m", DIM)
+    try:
+        store.add_many("A", _rows(5, 50, "a"))
+        store.add_many("B", _rows(6, 5, "b"))
+        query = _rows(6, 1, "q")[0][0]
+        store.search("B", query, 1)  # B cached; A not yet
+        started, release = threading.Event(), threading.Event()
+        real = photos_module.build_index
+
+        def slow_build(*args, **kwargs):
+            started.set()
+            assert release.wait(10)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(photos_module, "build_index", slow_build)
+        result = {}
+        building = threading.Thread(target=lambda: result.update(a=store.search("A", query, 3)))
+        building.start()
+        assert started.wait(10)
+        assert [h.source for h in store.search("B", query, 5)]  # answered mid-build
+        store.add("B", query, b"jpg", "carol", None, "b-new")  # writes too
+        release.set()
+        building.join(10)
+        assert len(result["a"]) == 3
+    finally:
+        store.close()

@@ -4,6 +4,7 @@ Every test runs over both."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 import numpy as np
@@ -198,6 +199,15 @@ def test_two_engines_over_one_qdrant_share_the_photo_history(tiny_models, tmp_pa
         )
         engines.append(Engine(worker, models, store))
     a, b = engines
+
+    async def core_search(engine, text):
+        from bots.core.gateway import LocalGateway
+        from bots.core.request import ChatRequest, CollectingPort, Sender
+        from bots.core.serve import CommandCore
+
+        request = ChatRequest("tg:1", Sender("bob"), f"/search {text}")
+        return await CommandCore(LocalGateway(engine)).serve(request, CollectingPort())
+
     try:
         a.set_indexing("chat", True, Actor("admin", is_admin=True))
         assert b.indexing("chat")
@@ -221,6 +231,14 @@ def test_two_engines_over_one_qdrant_share_the_photo_history(tiny_models, tmp_pa
             h.source for h in b.search("chat", "", paths[3].read_bytes(), k=4)
         }
         assert b.photos.count("chat") == 3
+        # Through the chat core's /search, as a Telegram chat sees it.
+        b.set_indexing("tg:1", True, Actor("admin", is_admin=True))
+        for i, path in enumerate(paths):
+            (a if i % 2 else b).index_photo("tg:1", path.read_bytes(), "alice", f"file-id-{i}")
+        reply_a = asyncio.run(core_search(a, "a dog on the grass"))
+        reply_b = asyncio.run(core_search(b, "a dog on the grass"))
+        assert not reply_a.error and len(reply_a.photo_refs) == 4
+        assert (reply_a.text, reply_a.photo_refs) == (reply_b.text, reply_b.photo_refs)
         assert not (tmp_path / "worker-a" / "photos").exists()  # nothing in the data folders
     finally:
         for engine in engines:
