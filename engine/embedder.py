@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import json
 import logging
 import tempfile
@@ -191,6 +192,22 @@ def _model_id(model_name: str, pretrained: str, checkpoint: Path | None, seed: i
     return f"open_clip:{model_name}:{pretrained}"
 
 
+def _model_config(model_name: str) -> dict | None:
+    """open_clip's config of ``model_name``, read from its config files without importing
+    open_clip (which imports torch: seconds a store-only command must not pay)."""
+    if model_name == TINY_CLIP:
+        return TINY_CLIP_CONFIG
+    spec = importlib.util.find_spec("open_clip")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(folder) / "model_configs" / f"{model_name}.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+    import open_clip  # a config registered at run time, or another layout
+
+    register_tiny_config()
+    return open_clip.get_model_config(model_name)
+
+
 def clip_identity(
     model_name: str,
     pretrained: str,
@@ -204,11 +221,8 @@ def clip_identity(
     Store-only engines (distributed mode's cpu queue) open the store with it and never load
     weights; a pretrained tag is not even resolved to a file.
     """
-    import open_clip
-
-    register_tiny_config()
     model_name = model_name.replace("/", "-")
-    config = open_clip.get_model_config(model_name)
+    config = _model_config(model_name)
     if config is None:
         raise MissingWeightError(
             f"Unknown open_clip model '{model_name}': see open_clip.list_models()."

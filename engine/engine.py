@@ -25,6 +25,7 @@ from engine.errors import (
     MissingWeightError,
     NameTakenError,
     PermissionDeniedError,
+    StoreError,
     UnknownConceptError,
 )
 from engine.generator.rap import build_prompt, candidates
@@ -110,7 +111,14 @@ class Engine:
         if self._models is None:
             from engine.models import load_models
 
-            self._models = load_models(self.settings)  # memoised and locked per settings
+            models = load_models(self.settings)  # memoised and locked per settings
+            if models.embedder.model_id != self.store.model_id:  # see open_store
+                raise StoreError(
+                    f"The memory store was made with {self.store.model_id}, but the configured"
+                    f" model is {models.embedder.model_id}: its memories cannot be searched"
+                    " with it. Use the store's model (RAPBOT_PROFILE, RAPBOT_CLIP_*)."
+                )
+            self._models = models
         return self._models
 
     @property
@@ -149,6 +157,21 @@ class Engine:
             )
         store = open_concept_store(settings, model_id, dim)  # FAISS or Qdrant
         return cls(settings, models, store)
+
+    @classmethod
+    def open_store(cls, settings: EngineSettings | None = None) -> Engine:
+        """A store-only engine on the store as it was made: opened with the embedding model
+        recorded in it, so listing, renaming, forgetting and export need no model, no weights
+        and no model library (a privacy deletion works with the CLIP weights gone). A new
+        store, or a Qdrant one, is opened with the configured model's identity. The models
+        still load on first use, and only if they are the store's (:attr:`models`)."""
+        from engine.store import recorded_identity
+
+        settings = settings or EngineSettings()
+        identity = recorded_identity(settings)
+        if identity is None:
+            return cls.open(settings, load_models=False)
+        return cls(settings, None, open_concept_store(settings, *identity))
 
     def loaded_parts(self) -> EngineParts:
         """The models, concept store and photo history this engine has loaded so far."""

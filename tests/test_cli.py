@@ -128,12 +128,18 @@ def test_user_errors_exit_1_with_one_line(cli, dreambooth, args) -> None:
         ("who",),
         ("--profile", "huge", "concepts"),
         ("remember", "a.jpg", "Mochi", "--box", "1,2,3"),
+        ("remember", "a.jpg", "Mochi", "--box", "inf,0,1,1"),
+        ("remember", "a.jpg", "Mochi", "--box", "nan,0,1,1"),
+        ("remember", "a.jpg", "Mochi", "--box", "50,0,10,10"),
+        ("ask", "is", "Rex", "here"),  # the question not in quotes
+        ("search",),
+        ("index",),
     ],
 )
 def test_usage_errors_exit_2(cli, args) -> None:
     code, _, err = cli(*args)
     assert code == 2
-    assert "usage:" in err
+    assert "usage:" in err and "Traceback" not in err
 
 
 def test_persistence_across_processes(tmp_path, dreambooth) -> None:
@@ -157,3 +163,124 @@ def test_persistence_across_processes(tmp_path, dreambooth) -> None:
     assert [c["name"] for c in json.loads(second.stdout)["concepts"]] == ["Mochi"]
     bad = run("who", tmp_path)
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
+
+
+def test_index_names_the_bad_files_and_indexes_the_good_ones(cli, dreambooth, tmp_path) -> None:
+    not_a_photo = tmp_path / "notes.jpg"
+    not_a_photo.write_text("not a photo")
+    good = [dreambooth / "cat/00.jpg", dreambooth / "dog/00.jpg"]
+    code, out, err = cli("--json", "index", good[0], not_a_photo, tmp_path / "gone.jpg", good[1])
+    assert code == 1
+    payload = json.loads(out)
+    assert [p["source"] for p in payload["indexed"]] == [str(p.resolve()) for p in good]
+    assert [f["source"] for f in payload["failed"]] == [
+        str(not_a_photo),
+        str(tmp_path / "gone.jpg"),
+    ]
+    lines = err.strip().splitlines()
+    assert len(lines) == 2 and "notes.jpg" in lines[0] and "gone.jpg" in lines[1]
+    assert "Traceback" not in err
+
+
+# Runs `rapbot ARGS` in a fresh interpreter where the model libraries cannot be imported: a
+# command that needs none of them works; one that reaches for them fails with ImportError.
+MODEL_LIBRARIES = ("torch", "open_clip", "ultralytics", "transformers")
+WITHOUT_MODELS = f"""
+import importlib.abc, runpy, sys
+
+class Blocked(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {MODEL_LIBRARIES!r}:
+            raise ImportError(f"{{name}} is blocked: this command must not need it")
+
+sys.meta_path.insert(0, Blocked())
+sys.argv = ["rapbot", *sys.argv[1:]]
+runpy.run_module("rapbot.cli", run_name="__main__")
+"""
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_without_models(*args, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", WITHOUT_MODELS, *map(str, args)],
+        env={**os.environ, **env},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_store_only_commands_need_no_model_and_no_weights(cli, dreambooth, tmp_path) -> None:
+    """Listing, editing, exporting and deleting a user's data (a privacy request) on the
+    store alone: no model library imported, and the configured profile's CLIP weights (the
+    cpu profile's, not downloadable here) are never needed."""
+    cli("--user", "alice", "remember", dreambooth / "dog/00.jpg", "Rex", "--desc", "my dog")
+    cli("--user", "alice", "remember", dreambooth / "cat/00.jpg", "Mochi")
+    weights_missing = {"RAPBOT_PROFILE": "cpu"}
+
+    def run(*args):
+        done = run_without_models(*args, **weights_missing)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    assert [c["name"] for c in json.loads(run("--json", "concepts"))["concepts"]] == [
+        "Mochi",
+        "Rex",
+    ]
+    assert run("--user", "alice", "rename", "Rex", "Rexy") == "Renamed Rex to Rexy.\n"
+    assert run("--user", "alice", "describe", "Rexy", "the good boy").startswith("Updated: Rexy")
+    assert "Exported 2 concept(s)" in run("export", "--out", tmp_path / "backup.zip")
+    assert run("--user", "alice", "forget", "Mochi").startswith("I've forgotten Mochi")
+    assert json.loads(run("--json", "forget-user", "alice")) == {"forgotten": 1}
+    assert json.loads(run("--json", "concepts")) == {"concepts": []}
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (("remember", "{cat}", "<b>bad</b>"), "Names"),
+        (("remember", "{cat}", "Tom", "--desc", "x" * 5000), "Descriptions"),
+        (("remember", "{text}", "Tom"), "notes.txt"),
+        (("who", "{text}"), "notes.txt"),
+        (("who", "{cat}", "--out", "{tmp}/missing/named.jpg"), "does not exist"),
+        (("ask", "{cat}", "who is this?", "--out", "{tmp}"), "is a folder"),
+    ],
+)
+def test_bad_input_is_one_line_before_any_model_loads(dreambooth, tmp_path, args, expected) -> None:
+    text = tmp_path / "notes.txt"
+    text.write_text("not a photo")
+    values = {"cat": dreambooth / "cat/00.jpg", "text": text, "tmp": tmp_path}
+    done = run_without_models(
+        *(a.format(**values) for a in args), RAPBOT_DATA_DIR=str(tmp_path / "data")
+    )
+    assert done.returncode == 1, done.stderr
+    assert done.stdout == "" and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith("rapbot: ") and expected in done.stderr
+
+
+def test_serve_with_a_malformed_token_fails_before_loading_models(tmp_path) -> None:
+    done = run_without_models(
+        "serve", "telegram", TELEGRAM_BOT_TOKEN="123:abc", RAPBOT_DATA_DIR=str(tmp_path)
+    )
+    assert done.returncode == 1, done.stderr
+    [line] = done.stderr.splitlines()
+    assert "TELEGRAM_BOT_TOKEN does not look like a telegram token" in line
+
+
+@pytest.mark.parametrize("args", [("--help",), ("concepts",), ("who", "--help")])
+def test_start_up_imports_no_model_library(tmp_path, args) -> None:
+    """`python -X importtime`: what `rapbot --help` and `rapbot concepts` import."""
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "rapbot.cli", *args],
+        env={**os.environ, "RAPBOT_DATA_DIR": str(tmp_path)},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    imported = {
+        line.split("|")[-1].strip() for line in done.stderr.splitlines() if "import time:" in line
+    }
+    assert imported and not imported & set(MODEL_LIBRARIES), imported & set(MODEL_LIBRARIES)

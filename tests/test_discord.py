@@ -43,6 +43,8 @@ from tests.test_core import generator_engine
 
 APP_ID = 1100000000000000001
 GUILD = 1100000000000000002
+# The form `rapbot serve` checks before it starts (rapbot.doctor.DISCORD_TOKEN).
+WELL_FORMED_TOKEN = "x" * 24 + "." + "y" * 6 + "." + "z" * 27
 CHANNEL_A = 1100000000000000003
 CHANNEL_B = 1100000000000000004
 DM_CHANNEL = 1100000000000000005
@@ -827,7 +829,7 @@ def test_serve_discord_sync_registers_the_commands_and_exits(monkeypatch, capsys
 
     recorder = Recorder()
     _patch_rest_api(monkeypatch, recorder)
-    monkeypatch.setenv("DISCORD_BOT_TOKEN", "test-token")
+    monkeypatch.setenv("DISCORD_BOT_TOKEN", WELL_FORMED_TOKEN)
     assert main(["serve", "discord", "--sync", "--guild", str(GUILD)]) == 0
     assert f"Synced 13 commands to guild {GUILD}" in capsys.readouterr().out
     assert [(c.method, c.path) for c in recorder.calls] == [
@@ -845,7 +847,7 @@ def test_serve_discord_with_a_refused_token_is_one_line(monkeypatch, capsys) -> 
         raise discord.HTTPException(response, {"code": 0, "message": "401: Unauthorized"})
 
     monkeypatch.setattr(discord.http.HTTPClient, "request", request)
-    monkeypatch.setenv("DISCORD_BOT_TOKEN", "wrong")
+    monkeypatch.setenv("DISCORD_BOT_TOKEN", WELL_FORMED_TOKEN)  # refused below
     monkeypatch.setenv("RAPBOT_LOG_LEVEL", "WARNING")  # serve logs at INFO by default
     assert main(["serve", "discord", "--sync"]) == 1
     [line] = capsys.readouterr().err.strip().splitlines()

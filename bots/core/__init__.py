@@ -2,23 +2,33 @@
 
 A new chat surface builds a :class:`ChatRequest` and implements a :class:`ChatPort` (see
 :mod:`bots.core.request`), then calls ``CommandCore.serve(request, port)`` (:mod:`bots.core.serve`).
+
+The names resolve on first use (PEP 562): the command line imports ``bots.core.replies`` and
+``bots.core.commands`` and must not pay for the core's metrics and gateway.
 """
 
-from bots.core.commands import BaseCommand, Command, parse_command
-from bots.core.messages import Reply
-from bots.core.request import BasePort, ChatPort, ChatRequest, CollectingPort, Sender, user_id
-from bots.core.serve import CommandCore
+from __future__ import annotations
 
-__all__ = [
-    "BaseCommand",
-    "BasePort",
-    "ChatPort",
-    "ChatRequest",
-    "CollectingPort",
-    "Command",
-    "CommandCore",
-    "Reply",
-    "Sender",
-    "parse_command",
-    "user_id",
-]
+import importlib
+
+_HOMES = {
+    "BaseCommand": "bots.core.commands",
+    "Command": "bots.core.commands",
+    "parse_command": "bots.core.commands",
+    "Reply": "bots.core.messages",
+    "BasePort": "bots.core.request",
+    "ChatPort": "bots.core.request",
+    "ChatRequest": "bots.core.request",
+    "CollectingPort": "bots.core.request",
+    "Sender": "bots.core.request",
+    "user_id": "bots.core.request",
+    "CommandCore": "bots.core.serve",
+}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str):
+    if name in _HOMES:
+        return getattr(importlib.import_module(_HOMES[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

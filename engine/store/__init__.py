@@ -42,6 +42,16 @@ def open_store(data_dir: str | Path, model_id: str, dim: int) -> ConceptStore:
     return FaissConceptStore(Path(data_dir), model_id, dim)
 
 
+def recorded_identity(settings: EngineSettings) -> tuple[str, int] | None:
+    """``(model_id, dim)`` the configured FAISS store was made with, read without opening it
+    for writing; None for a new store or a Qdrant one (its collections are per model)."""
+    if settings.store != "faiss":
+        return None
+    from engine.store.faiss_store import read_store_identity
+
+    return read_store_identity(Path(settings.data_dir).expanduser() / "store")
+
+
 def open_concept_store(settings: EngineSettings, model_id: str, dim: int) -> ConceptStore:
     """The configured store (``settings.store``) for one embedding model.
 

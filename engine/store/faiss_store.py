@@ -215,6 +215,24 @@ def index_ids(index: faiss.Index) -> np.ndarray:
     return np.sort(np.concatenate(parts)) if parts else np.empty(0, dtype=np.int64)
 
 
+def read_store_identity(root: Path) -> tuple[str, int] | None:
+    """The ``(model_id, dim)`` recorded in the store in ``root``, read only; None when there is
+    no store yet or it records none."""
+    path = Path(root) / DB_NAME
+    if not path.is_file():
+        return None
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10.0)
+    try:
+        meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+    except sqlite3.DatabaseError:
+        return None  # not a store (yet): opening it reports what is wrong
+    finally:
+        db.close()
+    if "model_id" not in meta or not str(meta.get("dim", "")).isdigit():
+        return None
+    return meta["model_id"], int(meta["dim"])
+
+
 def read_store_summary(root: Path) -> dict | None:
     """The model and sizes of the store in ``root``, read only (never creates or migrates
     anything; for ``rapbot doctor``); None when there is no store yet."""

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from engine.errors import RapbotError
-from rapbot.cli.common import global_options
+from rapbot.cli.common import UsageError, global_options
 
 # In `rapbot --help` order. Modules of rapbot.cli; each imports only argparse-level code at
 # the top and its engine or bot libraries inside its handlers.
@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for group in COMMAND_GROUPS:
         importlib.import_module(f"rapbot.cli.{group}").register(sub, common)
+    for command_parser in sub.choices.values():  # a UsageError shows the command's usage
+        command_parser.set_defaults(command_parser=command_parser)
     return parser
 
 
@@ -85,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return run(args)
+    except UsageError as error:
+        args.command_parser.error(str(error))  # usage and the message on stderr, exit 2
     except RapbotError as error:
         print(f"rapbot: {error}", file=sys.stderr)
         return 1

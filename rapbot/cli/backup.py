@@ -50,7 +50,7 @@ def run_export(args: argparse.Namespace) -> int:
 
     if args.all and args.chat_given:
         raise InvalidInputError("Give either --chat CHAT or --all, not both.")
-    with open_engine(settings_for(args), load_models=False) as engine:
+    with open_engine(settings_for(args), store_only=True) as engine:
         report = export_scopes(
             engine.store,
             None if args.all else [args.chat],
@@ -91,12 +91,10 @@ def run_import(args: argparse.Namespace) -> int:
             scope_map = {scopes[0]: args.chat}
         # Into another chat, the photo history (other people's photos) only when asked.
         renamed = scope_map is not None and args.chat.strip() != scopes[0]
-        with open_engine(settings, load_models=False) as engine:
+        with open_engine(settings, store_only=True) as engine:
             embedder = None
             if archive.model_id != engine.store.model_id:  # another CLIP: embed crops again
-                from engine.models import load_models
-
-                embedder = load_models(settings).embedder
+                embedder = engine.models.embedder  # the store's model, or a one-line error
             report = import_archive(
                 archive,
                 engine.store,

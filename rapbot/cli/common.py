@@ -9,11 +9,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from engine.errors import InvalidInputError
 from engine.types import Answer, Box, Concept
 
 if TYPE_CHECKING:
@@ -56,14 +59,75 @@ def global_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
     )
 
 
+class UsageError(InvalidInputError):
+    """The command line itself is wrong: reported with the command's usage, exit status 2."""
+
+
+BOX_FORM = "a box is x1,y1,x2,y2 in pixels, with x1 < x2 and y1 < y2 (e.g. 10,20,200,240)"
+
+
 def parse_box(text: str) -> Box:
+    """``--box``: four finite pixel coordinates of a non-empty region (checked at parse time,
+    before any model loads; whether it fits the photo is the engine's check)."""
     try:
-        values = [int(round(float(v))) for v in text.replace(" ", "").split(",")]
+        numbers = [float(v) for v in text.replace(" ", "").split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError("a box is x1,y1,x2,y2 in pixels") from None
-    if len(values) != 4:
-        raise argparse.ArgumentTypeError("a box is x1,y1,x2,y2 in pixels")
-    return Box(*values)
+        raise argparse.ArgumentTypeError(BOX_FORM) from None
+    if len(numbers) != 4 or not all(math.isfinite(v) and 0 <= v < 2**31 for v in numbers):
+        raise argparse.ArgumentTypeError(BOX_FORM)
+    box = Box(*(int(round(v)) for v in numbers))
+    if box.x1 >= box.x2 or box.y1 >= box.y2:
+        raise argparse.ArgumentTypeError(BOX_FORM)
+    return box
+
+
+def check_output(out: str | None) -> None:
+    """An ``--out`` file that can be written, checked before the work: its folder exists, it
+    is not a folder, and its extension is an image format."""
+    if not out:
+        return
+    path = Path(out).expanduser()
+    if path.is_dir():
+        raise InvalidInputError(f"--out {out} is a folder; give a file name such as photo.jpg")
+    if not path.parent.is_dir():
+        raise InvalidInputError(f"--out {out}: the folder {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK):
+        raise InvalidInputError(f"--out {out}: the folder {path.parent} is not writable")
+    if path.suffix.lower() not in {".jpg", ".jpeg"}:
+        from PIL import Image
+
+        if path.suffix.lower() not in Image.registered_extensions():
+            raise InvalidInputError(f"--out {out}: give an image file name (.jpg, .png, .webp)")
+
+
+@contextlib.contextmanager
+def progress(args: argparse.Namespace, total: int, what: str) -> Iterator[Callable[[], None]]:
+    """A progress bar with counts and ETA on stderr while ``advance()`` is called ``total``
+    times; shown only on a terminal, so --json output and logs stay clean."""
+    if total < 2 or args.json or not sys.stderr.isatty():
+        yield lambda: None
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(what, total=total)
+        yield lambda: bar.advance(task)
 
 
 def settings_for(args: argparse.Namespace) -> Settings:
@@ -79,11 +143,13 @@ def settings_for(args: argparse.Namespace) -> Settings:
 
 
 @contextlib.contextmanager
-def open_engine(settings: Settings, *, load_models: bool = True) -> Iterator[Engine]:
-    """The engine on the configured store, closed on the way out."""
+def open_engine(settings: Settings, *, store_only: bool = False) -> Iterator[Engine]:
+    """The engine on the configured store, closed on the way out. ``store_only``: no model is
+    loaded or imported (:meth:`engine.engine.Engine.open_store`), for the commands that only
+    read or change the store; they work without the models' weights."""
     from engine.engine import Engine
 
-    engine = Engine.open(settings, load_models=load_models)
+    engine = Engine.open_store(settings) if store_only else Engine.open(settings)
     try:
         yield engine
     finally:
@@ -91,9 +157,18 @@ def open_engine(settings: Settings, *, load_models: bool = True) -> Iterator[Eng
 
 
 def read_image(path: str, settings: Settings) -> bytes:
-    from engine.images import ImageLimits, read_image_file
+    """A photo file's bytes, decoded once to check them: a bad file fails here, before any
+    model loads, with its name in the one-line message."""
+    from engine.errors import ImageError
+    from engine.images import ImageLimits, decode_image, read_image_file
 
-    return read_image_file(Path(path).expanduser(), ImageLimits.from_settings(settings))
+    limits = ImageLimits.from_settings(settings)
+    data = read_image_file(Path(path).expanduser(), limits)
+    try:
+        decode_image(data, limits)
+    except ImageError as error:
+        raise ImageError(f"{path}: {error}") from None
+    return data
 
 
 def concept_json(concept: Concept, box: Box | None = None) -> dict[str, Any]:

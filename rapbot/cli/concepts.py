@@ -53,8 +53,13 @@ def _actor(args: argparse.Namespace):
 
 
 def run_remember(args: argparse.Namespace) -> int:
+    from engine.validation import clean_description, clean_name
+
     settings = settings_for(args)
-    image = read_image(args.image, settings)  # before loading models: a bad path fails at once
+    # Everything that can be checked is checked before the models load (seconds).
+    clean_name(args.name, settings.max_name_length)
+    clean_description(args.desc, settings.max_description_length)
+    image = read_image(args.image, settings)
     with open_engine(settings) as engine:
         result = engine.remember(
             args.chat, image, args.name, args.desc, args.user, box=args.box, category=args.category
@@ -65,7 +70,7 @@ def run_remember(args: argparse.Namespace) -> int:
 
 
 def run_concepts(args: argparse.Namespace) -> int:
-    with open_engine(settings_for(args)) as engine:
+    with open_engine(settings_for(args), store_only=True) as engine:
         concepts = engine.list_concepts(args.chat)
     payload = {
         "concepts": [
@@ -78,28 +83,28 @@ def run_concepts(args: argparse.Namespace) -> int:
 
 
 def run_rename(args: argparse.Namespace) -> int:
-    with open_engine(settings_for(args)) as engine:
+    with open_engine(settings_for(args), store_only=True) as engine:
         c = engine.rename(args.chat, args.name, args.new_name, _actor(args))
     emit(args, {"concept": concept_json(c)}, replies.renamed(args.name, c))
     return 0
 
 
 def run_describe(args: argparse.Namespace) -> int:
-    with open_engine(settings_for(args)) as engine:
+    with open_engine(settings_for(args), store_only=True) as engine:
         c = engine.describe(args.chat, args.name, args.description, _actor(args))
     emit(args, {"concept": concept_json(c)}, replies.described(c))
     return 0
 
 
 def run_forget(args: argparse.Namespace) -> int:
-    with open_engine(settings_for(args)) as engine:
+    with open_engine(settings_for(args), store_only=True) as engine:
         c = engine.forget(args.chat, args.name, _actor(args))
     emit(args, {"forgotten": c.name}, replies.forgotten(c))
     return 0
 
 
 def run_forget_user(args: argparse.Namespace) -> int:
-    with open_engine(settings_for(args)) as engine:
+    with open_engine(settings_for(args), store_only=True) as engine:
         removed = engine.forget_user(args.target_user)
     emit(args, {"forgotten": removed}, replies.forgot_user(removed, args.target_user))
     return 0

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from bots.core import replies
-from engine.errors import InvalidInputError
-from rapbot.cli.common import emit, open_engine, read_image, settings_for
+from engine.errors import InvalidInputError, RapbotError
+from rapbot.cli.common import UsageError, emit, open_engine, progress, read_image, settings_for
 
 
 def register(sub, common: argparse.ArgumentParser) -> None:
@@ -38,18 +39,33 @@ def run_index(args: argparse.Namespace) -> int:
     if args.rebuild:
         return _rebuild(args)
     if not args.images:
-        raise InvalidInputError("Give the photos to index (or --rebuild).")
-    with open_engine(settings_for(args)) as engine:
-        # The CLI indexes the files it is given whatever the chat's /index setting: they are
-        # the user's own. Idempotent: the source is the file's absolute path.
-        added = []
-        for path in args.images:
-            data = read_image(path, engine.settings)
-            source = str(Path(path).expanduser().resolve())
-            photo_id = engine.index_photo(args.chat, data, args.user, source, force=True)
-            added.append({"photo_id": photo_id, "source": source})
-    emit(args, {"indexed": added}, replies.indexed(len(added)))
-    return 0
+        raise UsageError("give the photos to index (or --rebuild)")
+    settings = settings_for(args)
+    # Every file is checked before any model loads; the bad ones are named, the good indexed.
+    good, bad = [], []
+    for path in args.images:
+        try:
+            read_image(path, settings)  # the bytes are read again one at a time below
+        except RapbotError as error:
+            bad.append({"source": path, "error": str(error)})
+        else:
+            good.append(path)
+    added = []
+    if good:
+        with open_engine(settings) as engine, progress(args, len(good), "Indexing") as advance:
+            # The CLI indexes the files it is given whatever the chat's /index setting: they
+            # are the user's own. Idempotent: the source is the file's absolute path.
+            for path in good:
+                source = str(Path(path).expanduser().resolve())
+                data = read_image(path, settings)
+                photo_id = engine.index_photo(args.chat, data, args.user, source, force=True)
+                added.append({"photo_id": photo_id, "source": source})
+                advance()
+    for failure in bad:
+        print(f"rapbot: not indexed: {failure['error']}", file=sys.stderr)
+    payload = {"indexed": added, "failed": bad} if bad else {"indexed": added}
+    emit(args, payload, replies.indexed(len(added)))
+    return 1 if bad else 0
 
 
 def _rebuild(args: argparse.Namespace) -> int:
@@ -64,6 +80,8 @@ def _rebuild(args: argparse.Namespace) -> int:
 
 
 def run_search(args: argparse.Namespace) -> int:
+    if not args.text and not args.ref:
+        raise UsageError('give what to look for: search "TEXT", or --ref PHOTO ["CHANGE"]')
     settings = settings_for(args)
     ref = read_image(args.ref, settings) if args.ref else None
     with open_engine(settings) as engine:

@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import argparse
 
-from engine.errors import InvalidInputError
-from rapbot.cli.common import answer_json, emit, open_engine, read_image, settings_for, write_image
+from rapbot.cli.common import (
+    UsageError,
+    answer_json,
+    check_output,
+    emit,
+    open_engine,
+    read_image,
+    settings_for,
+    write_image,
+)
 
 
 def register(sub, common: argparse.ArgumentParser) -> None:
@@ -29,6 +37,7 @@ def _with_saved(text: str, saved: str | None) -> str:
 
 
 def run_who(args: argparse.Namespace) -> int:
+    check_output(args.out)
     settings = settings_for(args)
     image = read_image(args.image, settings)  # before loading models: a bad path fails at once
     with open_engine(settings) as engine:
@@ -39,10 +48,13 @@ def run_who(args: argparse.Namespace) -> int:
 
 
 def run_ask(args: argparse.Namespace) -> int:
-    settings = settings_for(args)
+    check_output(args.out)
     *maybe_image, question = args.args
     if len(maybe_image) > 1:
-        raise InvalidInputError("Give at most one photo, then the question in quotes.")
+        raise UsageError(
+            'give at most one photo, then the question in quotes: ask [IMAGE] "QUESTION"'
+        )
+    settings = settings_for(args)
     photo = read_image(maybe_image[0], settings) if maybe_image else None
     with open_engine(settings) as engine:
         answer = engine.ask(args.chat, photo, question, args.user)

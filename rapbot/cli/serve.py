@@ -53,9 +53,27 @@ def _observability(settings, port: int) -> None:
         raise RapbotError(f"RAPBOT_METRICS_PORT={port}: can't serve ({error})") from None
 
 
+def check_token_form(platform: str, settings) -> None:
+    """A malformed token fails here in one line, before any model loads (the doctor's check;
+    an empty one is the adapter's "not set" message)."""
+    from rapbot.doctor import DISCORD_TOKEN, TELEGRAM_TOKEN, check_token
+
+    secret, pattern = (
+        (settings.telegram_bot_token, TELEGRAM_TOKEN)
+        if platform == "telegram"
+        else (settings.discord_bot_token, DISCORD_TOKEN)
+    )
+    variable = f"{platform.upper()}_BOT_TOKEN"
+    token = secret.get_secret_value().strip()
+    check = check_token(f"{platform} token", variable, token, pattern)
+    if check.ok is False:
+        raise RapbotError(f"{check.detail}: {check.fix}.")
+
+
 def run_serve(args: argparse.Namespace) -> int:
     """`rapbot serve telegram|discord`: tokens and limits come from the settings."""
     settings = settings_for(args)
+    check_token_form(args.platform, settings)
     _observability(settings, settings.metrics_port)
     args.gateway = args.gateway or settings.gateway
     if args.platform == "telegram":
