@@ -645,16 +645,21 @@ class Engine:
         if not shown:
             return ConceptSheet([], page, pages, 0)
         tiles = [
-            SheetTile(c.name, c.owner, next(iter(self.store.example_crops(scope, c.id)), None))
+            SheetTile(c.name, c.owner, next(iter(self.store.example_crops(scope, c.id, 1)), None))
             for c in shown
         ]
-        image = render_contact_sheet(tiles, page, pages, limits=self.limits)
+        try:
+            image = render_contact_sheet(tiles, page, pages, limits=self.limits)
+        except Exception:  # noqa: BLE001 - the list still answers; the picture is a bonus
+            log.exception("contact sheet failed scope=%s", scope)
+            image = None
         return ConceptSheet(shown, page, pages, len(concepts), image)
 
-    def example_crops(self, scope: str, name: str) -> list[bytes]:
-        """The JPEG crops of the concept called ``name``, first example first; store only."""
+    def example_crops(self, scope: str, name: str, limit: int | None = None) -> list[bytes]:
+        """The JPEG crops of the concept called ``name``, first example first (``limit``: only
+        that many are read); store only."""
         concept = self.concept(scope, name)
-        return self.store.example_crops(concept.scope, concept.id)
+        return self.store.example_crops(concept.scope, concept.id, limit=limit)
 
     def rename(self, scope: str, name: str, new_name: str, actor: Actor) -> Concept:
         concept = self.concept(scope, name)

@@ -140,3 +140,42 @@ def test_engine_sheet_runs_on_the_store_alone(tiny_engine, dreambooth):
         store_only.concept_sheet("web:me", 2)
     empty = store_only.concept_sheet("web:nobody")
     assert (empty.image, empty.total, empty.pages) == (None, 0, 1)
+
+
+def test_concepts_command_answers_with_the_sheet_and_pages(tiny_engine, dreambooth):
+    import asyncio
+
+    from bots.core.gateway import LocalGateway
+    from bots.core.handler import CommandCore
+    from bots.core.messages import IncomingMessage
+
+    cat = (dreambooth / "cat" / "00.jpg").read_bytes()
+    core = CommandCore(LocalGateway(tiny_engine))
+
+    async def say(text: str, image: bytes | None = None):
+        return await core.handle(IncomingMessage("web:me", "web:me", text, image, is_admin=True))
+
+    async def run():
+        empty = await say("/concepts")
+        assert empty.image is None and "don't remember anyone" in empty.text
+        await say("/remember Mochi | my grey cat", cat)
+        reply = await say("/concepts")
+        assert not reply.error and reply.image_name == "concepts.jpg"
+        assert Image.open(io.BytesIO(reply.image)).size[0] > TILE
+        assert reply.text.startswith("I remember 1 in this chat:") and "Mochi" in reply.text
+        missing = await say("/concepts 2")
+        assert missing.error and "only 1 page" in missing.text
+        bad = await say("/concepts two")
+        assert bad.error and bad.text.startswith("Usage: /concepts [PAGE]")
+
+    asyncio.run(run())
+
+
+def test_sheet_and_crops_cross_the_wire_unchanged():
+    from engine.types import Concept, ConceptSheet
+    from workers import wire
+
+    concept = Concept("c1", "tg:1", "ミミ", "cat", "pet", "tg:5", 1.0, 2)
+    sheet = ConceptSheet([concept], 2, 3, 49, b"jpeg")
+    assert wire.concept_sheet_from_json(wire.concept_sheet_to_json(sheet, "key"), b"jpeg") == sheet
+    assert wire.crops_from_json(wire.crops_to_json([b"\xff\xd8a", b"b"])) == [b"\xff\xd8a", b"b"]

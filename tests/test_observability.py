@@ -25,7 +25,7 @@ from bots.core.request import CollectingPort
 from bots.core.serve import TIMEOUT_TEXT, CommandCore
 from engine.errors import EngineUnavailableError, ImageError, StoreError, UnknownConceptError
 from engine.permissions import Actor
-from engine.types import Answer
+from engine.types import Answer, ConceptSheet
 from rapbot import logs, metrics
 from rapbot.metrics import metrics_text
 from tests.conftest import REPO_ROOT
@@ -163,6 +163,9 @@ class GatedGateway:
         self.entered.set()
         await self.release.wait()
         return []
+
+    async def concept_sheet(self, scope, page=1):  # what /concepts asks for
+        return ConceptSheet(await self.list_concepts(scope), 1, 1, 0)
 
 
 def test_refusals_are_counted_under_the_command_name() -> None:
@@ -616,6 +619,9 @@ class LoggingEngine:
     def list_concepts(self, scope):
         logging.getLogger("engine.test").info("listing")
         return []
+
+    def concept_sheet(self, scope, page=1):  # what /concepts asks for
+        return ConceptSheet(self.list_concepts(scope), 1, 1, 0)
 
     def forget(self, scope, name, actor):
         raise UnknownConceptError("There is no Nobody in this chat.")

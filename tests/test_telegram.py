@@ -29,6 +29,7 @@ from bots.telegram_adapter import build_application, rapbot_of
 from bots.telegram_adapter.format import split_text, to_html
 from bots.telegram_adapter.send import Target, send_reply
 from engine.images import ImageLimits
+from engine.types import ConceptSheet
 from tests.badfiles import BAD_IMAGE_REASONS, BAD_IMAGES
 from tests.metric_samples import counted_once, metric, request_counts
 from tests.test_core import generator_engine
@@ -706,6 +707,9 @@ class ListingGateway:
     async def list_concepts(self, scope):
         await asyncio.sleep(0.3)
         return []
+
+    async def concept_sheet(self, scope, page=1):  # what /concepts asks for
+        return ConceptSheet(await self.list_concepts(scope), 1, 1, 0)
 
     async def close(self) -> None:
         self.closed = True

@@ -16,6 +16,8 @@ from rapbot.settings import WorkerSettings, is_redis_url, load_settings
 MODEL_TASKS = ("remember", "recognize", "ask", "caption", "index_photo", "search")
 STORE_TASKS = (
     "list_concepts",
+    "concept_sheet",
+    "example_crops",
     "rename",
     "describe",
     "forget",

@@ -32,7 +32,7 @@ from kombu.exceptions import OperationalError
 
 from engine.errors import EngineUnavailableError
 from engine.permissions import Actor
-from engine.types import Answer, Box, Concept, PhotoHit, RememberResult
+from engine.types import Answer, Box, Concept, ConceptSheet, PhotoHit, RememberResult
 from rapbot.settings import WorkerSettings, load_settings
 from workers import wire
 from workers.app import PING, create_app, task_name
@@ -197,6 +197,14 @@ class CeleryGateway:
     async def list_concepts(self, scope: str) -> list[Concept]:
         value = await self._call("list_concepts", {"scope": scope})
         return [wire.concept_from_json(c) for c in value["concepts"]]
+
+    async def concept_sheet(self, scope: str, page: int = 1) -> ConceptSheet:
+        value = await self._call("concept_sheet", {"scope": scope, "page": page})
+        return wire.concept_sheet_from_json(value, value.get("image"))
+
+    async def example_crops(self, scope: str, name: str, limit: int | None = None) -> list[bytes]:
+        args = {"scope": scope, "name": name, "limit": limit}
+        return wire.crops_from_json(await self._call("example_crops", args))
 
     async def _concept(self, operation: str, args: dict) -> Concept:
         return wire.concept_from_json((await self._call(operation, args))["concept"])

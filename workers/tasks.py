@@ -186,6 +186,18 @@ def list_concepts(self: EngineTask, scope: str) -> dict:
     return {"concepts": [wire.concept_to_json(c) for c in runtime.engine().list_concepts(scope)]}
 
 
+@engine_task("concept_sheet")
+def concept_sheet(self: EngineTask, scope: str, page: int = 1) -> dict:
+    sheet = runtime.engine().concept_sheet(scope, page)
+    key = runtime.blobs().put(sheet.image) if sheet.image else None
+    return wire.concept_sheet_to_json(sheet, key)
+
+
+@engine_task("example_crops")
+def example_crops(self: EngineTask, scope: str, name: str, limit: int | None = None) -> dict:
+    return wire.crops_to_json(runtime.engine().example_crops(scope, name, limit))
+
+
 @engine_task("rename")
 def rename(self: EngineTask, scope: str, name: str, new_name: str, actor: dict) -> dict:
     engine = runtime.engine()

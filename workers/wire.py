@@ -9,12 +9,22 @@ raises the same class again with the same message.
 
 from __future__ import annotations
 
+import base64
 from dataclasses import asdict
 from typing import Any
 
 from engine.errors import RapbotError
 from engine.permissions import Actor
-from engine.types import Answer, Box, Concept, PhotoHit, Recognition, RememberResult, UnknownObject
+from engine.types import (
+    Answer,
+    Box,
+    Concept,
+    ConceptSheet,
+    PhotoHit,
+    Recognition,
+    RememberResult,
+    UnknownObject,
+)
 
 JSON = dict[str, Any]
 
@@ -86,6 +96,33 @@ def concept_to_json(concept: Concept) -> JSON:
 
 def concept_from_json(value: JSON) -> Concept:
     return Concept(**value)
+
+
+def concept_sheet_to_json(sheet: ConceptSheet, image_key: str | None = None) -> JSON:
+    """The page with its picture replaced by a blob key (pictures go by reference)."""
+    return {
+        "concepts": [concept_to_json(c) for c in sheet.concepts],
+        "page": sheet.page,
+        "pages": sheet.pages,
+        "total": sheet.total,
+        "image": image_key,
+    }
+
+
+def concept_sheet_from_json(value: JSON, image: bytes | None = None) -> ConceptSheet:
+    concepts = [concept_from_json(c) for c in value["concepts"]]
+    return ConceptSheet(
+        concepts, int(value["page"]), int(value["pages"]), int(value["total"]), image
+    )
+
+
+def crops_to_json(crops: list[bytes]) -> JSON:
+    """Example crops are small JPEGs: inline, base64."""
+    return {"crops": [base64.b64encode(c).decode("ascii") for c in crops]}
+
+
+def crops_from_json(value: JSON) -> list[bytes]:
+    return [base64.b64decode(c, validate=True) for c in value["crops"]]
 
 
 def remember_to_json(result: RememberResult) -> JSON:

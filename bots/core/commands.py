@@ -60,6 +60,8 @@ class Caption(BaseCommand):
 class Concepts(BaseCommand):
     command = "concepts"
 
+    page: int = 1  # pages of PAGE_SIZE concepts, from 1
+
 
 @dataclass(frozen=True)
 class Rename(BaseCommand):
@@ -133,7 +135,7 @@ USAGE: dict[str, str] = {
     "who": "/who — on a photo, or in reply to one: who do I know in it?",
     "ask": "/ask QUESTION — about a photo (caption or reply) or about a name I know",
     "caption": "/caption — a caption for a photo that uses the names I know",
-    "concepts": "/concepts — everyone and everything I remember in this chat",
+    "concepts": "/concepts [PAGE] — a picture of everyone and everything I remember here",
     "rename": "/rename OLD NAME | NEW NAME",
     "describe": "/describe NAME | new description",
     "forget": "/forget NAME",
@@ -207,7 +209,11 @@ def parse_command(text: str) -> Command:
     if word == "caption":
         return Caption()
     if word == "concepts":
-        return Concepts()
+        if not args:
+            return Concepts()
+        if not args.isdigit() or not 1 <= int(args) <= 10_000:
+            raise CommandError(f"Usage: {USAGE['concepts']}")
+        return Concepts(int(args))
     if word == "rename":
         old, new = _split_pipe(args, "rename")
         if not old or not new:

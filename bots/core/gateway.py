@@ -19,7 +19,7 @@ from typing import Protocol, TypeVar
 
 from engine.errors import RapbotError
 from engine.permissions import Actor
-from engine.types import Answer, Box, Concept, PhotoHit, RememberResult
+from engine.types import Answer, Box, Concept, ConceptSheet, PhotoHit, RememberResult
 from rapbot.metrics import register_engine
 
 T = TypeVar("T")
@@ -65,6 +65,11 @@ class EngineGateway(Protocol):
     ) -> AsyncIterator[str | Answer]: ...
 
     async def list_concepts(self, scope: str) -> list[Concept]: ...
+
+    async def concept_sheet(self, scope: str, page: int = 1) -> ConceptSheet: ...
+
+    async def example_crops(self, scope: str, name: str, limit: int | None = None) -> list[bytes]:
+        ...
 
     async def rename(self, scope: str, name: str, new_name: str, actor: Actor) -> Concept: ...
 
@@ -168,6 +173,12 @@ class LocalGateway:
 
     async def list_concepts(self, scope):
         return await self._run(self.engine.list_concepts, scope)
+
+    async def concept_sheet(self, scope, page=1):
+        return await self._run(self.engine.concept_sheet, scope, page)
+
+    async def example_crops(self, scope, name, limit=None):
+        return await self._run(self.engine.example_crops, scope, name, limit)
 
     async def rename(self, scope, name, new_name, actor):
         return await self._run(self.engine.rename, scope, name, new_name, actor)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from bots.core.commands import USAGE
-from engine.types import Box, Concept, RememberResult
+from engine.types import Box, Concept, ConceptSheet, RememberResult
 
 if TYPE_CHECKING:
     from engine.backup import ExportReport, ImportReport
@@ -52,10 +52,19 @@ def remembered(result: RememberResult, created: bool | None = None, crop: Box | 
 
 
 def concept_list(concepts: list[Concept]) -> str:
-    if not concepts:
+    return concept_page(ConceptSheet(concepts, 1, 1, len(concepts)))
+
+
+def concept_page(sheet: ConceptSheet) -> str:
+    """The text of a /concepts page: the contact sheet's caption, or the list without it."""
+    if not sheet.total:
         return "I don't remember anyone in this chat yet. Teach me with " + USAGE["remember"]
-    lines = [f"I remember {len(concepts)} in this chat:"]
-    for concept in concepts:
+    head = f"I remember {sheet.total} in this chat"
+    if sheet.pages > 1:
+        following = sheet.page + 1 if sheet.page < sheet.pages else 1
+        head += f" (page {sheet.page}/{sheet.pages}; /concepts {following} for more)"
+    lines = [head + ":"]
+    for concept in sheet.concepts:
         about = f" — {concept.description}" if concept.description else ""
         lines.append(f"• {concept.name}{about} ({plural(concept.examples, 'photo')})")
     return "\n".join(lines)

@@ -296,8 +296,9 @@ class CommandCore:
                 answer = await self._answer("ask", on_partial, scope, work.image, question, user)
                 image = answer.image if answer.concepts else None
                 return Reply(answer.text, image, "answer.jpg", answer.concepts)
-            case c.Concepts():
-                return Reply(replies.concept_list(await gateway.list_concepts(scope)))
+            case c.Concepts(page):
+                sheet = await gateway.concept_sheet(scope, page)
+                return Reply(replies.concept_page(sheet), sheet.image, "concepts.jpg")
             case c.Rename(name, new_name):
                 concept = await gateway.rename(scope, name, new_name, actor)
                 return Reply(replies.renamed(name, concept))
