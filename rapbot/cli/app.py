@@ -26,6 +26,7 @@ COMMAND_GROUPS = (
     "photos",
     "backup",
     "chat",
+    "web",
     "serve",
     "configuration",
     "models",
