@@ -21,6 +21,7 @@ from PIL import Image
 
 from bots.core.gateway import LocalGateway
 from bots.core.handler import CommandCore
+from bots.core.limits import Limits
 from bots.core.messages import Reply
 from bots.web_adapter import WebChat, create_app
 from bots.web_adapter.files import PhotoFolder, source_of
@@ -63,7 +64,9 @@ def served(tiny_engine, tmp_path) -> Iterator[Served]:
 
     chat = WebChat("ada", tmp_path / "web-photos", ImageLimits(max_bytes=2 * 1024 * 1024))
     gateway = LocalGateway(tiny_engine)
-    app = create_app(CommandCore(gateway), chat, token=TOKEN)
+    # The adapters' rate limits apply; this test's user may send a dozen commands at once.
+    core = CommandCore(gateway, limits=Limits(user_burst=20, chat_burst=20))
+    app = create_app(core, chat, token=TOKEN)
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
