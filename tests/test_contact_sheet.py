@@ -39,9 +39,7 @@ def _pixels(jpeg: bytes) -> np.ndarray:
 def test_installed_fonts_draw_cjk_cyrillic_and_arabic_names():
     # .ci/run installs fonts-noto-cjk; without a CJK font names would be drawn as boxes.
     missing = font_chain(16).missing("Mochi 小猫 ミミ 고양이 Кот قطة Γάτα")
-    assert missing == "", (
-        f"no installed font draws {missing!r}: apt-get install fonts-noto-cjk"
-    )
+    assert missing == "", f"no installed font draws {missing!r}: apt-get install fonts-noto-cjk"
 
 
 def test_cjk_labels_are_glyphs_not_boxes():
@@ -146,14 +144,16 @@ def test_concepts_command_answers_with_the_sheet_and_pages(tiny_engine, dreamboo
     import asyncio
 
     from bots.core.gateway import LocalGateway
-    from bots.core.handler import CommandCore
-    from bots.core.messages import IncomingMessage
+    from bots.core.request import ChatRequest, CollectingPort, Sender
+    from bots.core.serve import CommandCore
 
     cat = (dreambooth / "cat" / "00.jpg").read_bytes()
     core = CommandCore(LocalGateway(tiny_engine))
 
     async def say(text: str, image: bytes | None = None):
-        return await core.handle(IncomingMessage("web:me", "web:me", text, image, is_admin=True))
+        photos = (image,) if image is not None else ()
+        request = ChatRequest("web:me", Sender("web:me"), text, photos, is_admin=True)
+        return await core.serve(request, CollectingPort())
 
     async def run():
         empty = await say("/concepts")

@@ -20,9 +20,9 @@ import pytest
 from PIL import Image
 
 from bots.core.gateway import LocalGateway
-from bots.core.handler import CommandCore
 from bots.core.limits import Limits
 from bots.core.messages import Reply
+from bots.core.serve import CommandCore
 from bots.web_adapter import WebChat, create_app
 from bots.web_adapter.files import PhotoFolder, source_of
 from bots.web_adapter.format import reply_event
@@ -115,7 +115,7 @@ def test_bad_uploads_get_the_same_one_line_messages(served: Served, tmp_path: Pa
     text = httpx.post(
         url, headers=headers, data={"text": "/who"}, files={"photo": ("x.jpg", b"hello")}
     )
-    (reply,) = _events(text)
+    reply = _events(text)[-1]
     assert reply["error"] and reply["text"].startswith("This file is not an image I can read")
     empty = httpx.post(url, headers=headers, data={"text": "/who"}, files={"photo": ("e.jpg", b"")})
     assert _events(empty)[-1]["text"] == "The file is empty."

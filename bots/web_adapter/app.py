@@ -2,7 +2,7 @@
 
 One person's chat (scope ``web:<name>``) on their own machine: the server listens on
 127.0.0.1 only, and that user is the chat's admin (it is their data), as in the terminal chat.
-Every message goes through the same :class:`~bots.core.handler.CommandCore` as Telegram and
+Every message goes through the same :class:`~bots.core.serve.CommandCore` as Telegram and
 Discord (admission, rate limits, permissions, replies); the gallery's buttons send ordinary
 commands (``/rename A | B``...) for the same reason.
 
@@ -32,9 +32,10 @@ from fastapi.staticfiles import StaticFiles
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from bots.core import commands as c
-from bots.core.handler import INTERNAL_ERROR, CommandCore
-from bots.core.messages import IncomingMessage, Reply
+from bots.core.messages import Reply
 from bots.core.replies import help_text
+from bots.core.request import BasePort, ChatRequest, Sender
+from bots.core.serve import INTERNAL_ERROR, CommandCore
 from bots.web_adapter.files import PhotoFolder, data_url, read_upload, source_of
 from bots.web_adapter.format import reply_event
 from engine.errors import RapbotError
@@ -44,10 +45,11 @@ log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "static"
 WEB_HELP = (
-    "In this web chat: drop or paste a photo (or pick one with 📎) and type the command with it;"
-    " a plain message is a question (/ask). Click a photo in the chat to use it again."
+    "In this web chat: drop or paste a photo (or pick one with the camera button) and type"
+    " the command with it; a plain message is a question (/ask). Click a photo in the chat to"
+    " use it again."
 )
-TIMEOUT_TEXT = "That took too long, sorry. Please try again in a minute."
+TIME_LIMIT_S = 300.0  # per request; the first one may load the models
 _MESSAGE_ID = re.compile(r"[A-Za-z0-9-]{1,64}")
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 FORM_OVERHEAD = 64 * 1024  # bytes of a message request besides the photo
@@ -60,8 +62,7 @@ class WebChat:
     name: str  # the chat's scope is web:<name>, its one user web:<name>
     photos_dir: Path  # indexed photos kept for search results
     limits: ImageLimits = ImageLimits()
-    timeout_s: float = 300.0  # the first request may load the models
-    heartbeat_s: float = 1.0
+    heartbeat_s: float = 1.0  # seconds between "working" events
 
     def __post_init__(self) -> None:
         if not _NAME.fullmatch(self.name):
@@ -159,6 +160,20 @@ async def _ndjson(events: AsyncIterator[dict]) -> AsyncIterator[bytes]:
         yield (json.dumps(event, ensure_ascii=False) + "\n").encode("utf-8")
 
 
+class WebPort(BasePort):
+    """The core's port for one web request: replies and growing answers go to the page's
+    event stream; photos are the uploaded bytes (checked before the request is made)."""
+
+    def __init__(self, events: asyncio.Queue[dict]) -> None:
+        self.events = events
+
+    async def send(self, reply: Reply) -> None:
+        await self.events.put({"event": "reply", "reply": reply})
+
+    async def show_partial(self, text: str) -> None:
+        await self.events.put({"event": "partial", "text": text})
+
+
 async def _events(
     core: CommandCore,
     chat: WebChat,
@@ -167,89 +182,70 @@ async def _events(
     message_id: str,
     upload: UploadFile | None,
 ) -> AsyncIterator[dict]:
-    """One chat message: admission, the upload's checks, the command, its reply."""
+    """One chat message: the upload's checks, the posted photo's indexing, the command."""
     text = text.strip()
-    if upload is not None and not upload.filename and not upload.size:
-        upload = None  # an empty file field: no photo
-    if not text and upload is None:
-        yield {"event": "reply", "text": "Type a message or add a photo.", "error": True}
-        return
-    command_text = text if not text or c.is_command(text) else f"/ask {text}"
-    if command_text and (refusal := core.admit(chat.scope, chat.user, command_text)):
-        yield reply_event(refusal, photos, chat.limits)
-        return
-    photo = None
-    if upload is not None:
-        started = time.perf_counter()
+    photo, photo_error = None, None
+    if upload is not None and (upload.filename or upload.size):
         try:
             photo = await read_upload(upload, chat.limits)
-        except RapbotError as error:
-            if command_text:
-                core.observe_unhandled(command_text, "user_error", time.perf_counter() - started)
-            yield {"event": "reply", "text": str(error), "error": True}
-            return
+        except RapbotError as error:  # said by the core when the command wants a photo
+            photo_error = error
         finally:
             await upload.close()
-        posted = IncomingMessage(chat.scope, chat.user, "", image=photo)
-        source = source_of(photo)
-        if await core.index_photo(posted, source) is not None:
-            photos.keep(source, photo)
-    if not command_text:
-        note = "Photo posted: type a command or a question with it, or click it to use it later."
+    if not text:
+        if photo is None:
+            error = str(photo_error) if photo_error else "Type a message or add a photo."
+            yield {"event": "reply", "text": error, "error": True}
+            return
+        await _index(core, chat, photos, photo)
+        note = "Photo posted: type a command or a question with it, or click it to use it again."
         yield {"event": "reply", "text": note, "error": False}
         return
-    incoming = IncomingMessage(
-        scope=chat.scope,
-        user_id=chat.user,
-        text=command_text,
-        image=photo,
+    if photo is not None:  # a photo posted with a command is part of the chat, too
+        await _index(core, chat, photos, photo)
+    request = ChatRequest(
+        chat.scope,
+        Sender(chat.user, chat.name),
+        text if c.is_command(text) else f"/ask {text}",  # plain messages are questions
+        photos=(photo,) if photo is not None else (),
+        photo_error=photo_error,
         is_admin=True,  # the user's own chat on their own machine
-        user_name=chat.name,
         message_id=message_id if _MESSAGE_ID.fullmatch(message_id) else str(uuid.uuid4()),
     )
-    async for event in _handled(core, chat, incoming):
+    async for event in _served(core, chat, request):
         if isinstance(reply := event.get("reply"), Reply):
             if not reply.error:
-                _after(command_text, photos)
+                _after(request.command, photos)
             event = reply_event(reply, photos, chat.limits)
         yield event
 
 
-async def _handled(core: CommandCore, chat: WebChat, message: IncomingMessage):
-    """Run the command, with ``working`` heartbeats and ``partial`` answers while it runs."""
-    partials: asyncio.Queue[str] = asyncio.Queue()
+async def _index(core: CommandCore, chat: WebChat, photos: PhotoFolder, photo: bytes) -> None:
+    source = source_of(photo)
+    if await core.index_photo(chat.scope, chat.user, photo, source=source) is not None:
+        photos.keep(source, photo)
 
-    async def on_partial(text: str) -> None:
-        await partials.put(text)
 
+async def _served(core: CommandCore, chat: WebChat, request: ChatRequest):
+    """``core.serve``'s events, with a ``working`` heartbeat every second until the reply."""
+    events: asyncio.Queue[dict] = asyncio.Queue()
     started = time.monotonic()
-    task = asyncio.create_task(
-        asyncio.wait_for(core.handle(message, admitted=True, on_partial=on_partial), chat.timeout_s)
-    )
+    task = asyncio.create_task(core.serve(request, WebPort(events)))
     yield {"event": "working", "seconds": 0}
     try:
-        while not task.done():
-            getter = asyncio.ensure_future(partials.get())
-            done, _ = await asyncio.wait(
-                {task, getter}, timeout=chat.heartbeat_s, return_when=asyncio.FIRST_COMPLETED
-            )
-            if getter in done:
-                yield {"event": "partial", "text": getter.result()}
-            else:
-                getter.cancel()
-                if task not in done:
-                    yield {"event": "working", "seconds": round(time.monotonic() - started)}
-        while not partials.empty():
-            partials.get_nowait()  # the final reply carries the whole answer
-        try:
-            reply: Reply | None = task.result()
-        except TimeoutError:
-            reply = Reply(TIMEOUT_TEXT, error=True)
-        except Exception:  # handle() answers every error itself; this is a bug
-            log.exception("web request failed scope=%s", chat.scope)
-            reply = Reply(INTERNAL_ERROR, error=True)
-        if reply is not None:
-            yield {"event": "reply", "reply": reply}
+        while not (task.done() and events.empty()):
+            try:
+                event = await asyncio.wait_for(events.get(), chat.heartbeat_s)
+            except TimeoutError:
+                if task.done() and task.exception() is not None:
+                    log.error("web request failed scope=%s", chat.scope, exc_info=task.exception())
+                    yield {"event": "reply", "reply": Reply(INTERNAL_ERROR, error=True)}
+                    return
+                yield {"event": "working", "seconds": round(time.monotonic() - started)}
+                continue
+            yield event
+            if "reply" in event:
+                return
     finally:
         task.cancel()  # the page went away: stop the work
 
