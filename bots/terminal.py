@@ -2,8 +2,9 @@
 
 Type chat messages as in a group chat. A photo is attached with ``< PATH`` at the end of a
 message (``/remember Mochi | my grey cat < photos/mochi.jpg``); a line that is only a path
-posts a photo, and the next command that needs one uses it, as a reply to it would.
-Annotated photos are saved to the output folder and their path is printed.
+posts a photo, and the very next line uses it if its command needs one, as a reply to it
+would; after that line it is no longer pending. The user is the chat's admin (their own
+data). Annotated photos are saved to the output folder under new names, never over a file.
 """
 
 from __future__ import annotations
@@ -20,10 +21,30 @@ from bots.core.serve import CommandCore
 from engine.errors import RapbotError
 from engine.images import ImageLimits, read_image_file
 
+# The terminal's own words for attaching a photo (the core's default speaks Telegram).
+NO_PHOTO = (
+    "Attach a photo to this command with '< PATH' at the end of the line"
+    " (/who < party.jpg), or post the photo's path on its own line just before the command."
+)
+TERMINAL_HELP = (
+    "Here a photo is a file: end a line with '< PATH', or post a path on its own line and the"
+    " next command uses it. You are this chat's admin (it is your own data)."
+)
+
 BANNER = (
     "rapbot local chat — scope '{scope}' as user '{user}'. /help lists the commands; "
     "attach a photo with '< PATH'; /quit or Ctrl-D leaves."
 )
+
+
+def terminal_core(gateway, **options) -> CommandCore:
+    """The command core as the terminal chat uses it: one local user (no rate limits), the
+    terminal's words for photos."""
+    from bots.core.limits import Limits
+
+    return CommandCore(
+        gateway, TERMINAL_HELP, limits=Limits(enabled=False), no_photo=NO_PHOTO, **options
+    )
 
 
 def split_attachment(line: str) -> tuple[str, str | None]:
@@ -45,7 +66,7 @@ class TerminalChat:
         core: CommandCore,
         scope: str,
         user: str,
-        is_admin: bool = False,
+        is_admin: bool = True,
         out_dir: Path = Path("."),
         limits: ImageLimits | None = None,
         stdin: TextIO = sys.stdin,
@@ -66,10 +87,19 @@ class TerminalChat:
         print(text, file=self.stdout, flush=True)
 
     def _save(self, reply: Reply) -> Path:
+        """Write the annotated photo under a name no earlier run used: never over a file."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        path = self.out_dir / f"rapbot-{self.message_count:03d}-{reply.image_name}"
-        path.write_bytes(reply.image)
-        return path
+        stem, suffix = Path(reply.image_name).stem, Path(reply.image_name).suffix
+        for attempt in range(10_000):
+            extra = f"-{attempt}" if attempt else ""
+            path = self.out_dir / f"rapbot-{self.message_count:03d}-{stem}{extra}{suffix}"
+            try:
+                with path.open("xb") as file:  # exclusive: fails if it exists
+                    file.write(reply.image)
+                return path
+            except FileExistsError:
+                continue
+        raise RapbotError(f"Too many annotated photos in {self.out_dir}; clear it out.")
 
     async def handle_line(self, line: str) -> bool:
         """Handle one typed line; False when the user wants to leave."""
@@ -87,13 +117,15 @@ class TerminalChat:
         if photo is not None:  # a photo posted in the chat: kept for /search if /index is on
             source = str(Path(photo_path).expanduser().resolve())
             await self.core.index_photo(self.scope, self.user, photo, source=source)
+        # A posted photo waits for the next line only: a later command never takes it silently.
+        pending, self.last_photo = self.last_photo, None
         if not text:
             self.last_photo = photo
-            self.say("(photo posted: the next command that needs a photo uses it)")
+            self.say("(photo posted: the next command uses it, if it needs a photo)")
             return True
         if not is_command(text):
             text = f"/ask {text}"  # plain messages are questions to the bot, as mentions are
-        photo = photo if photo is not None else self.last_photo
+        photo = photo if photo is not None else pending
         request = ChatRequest(
             self.scope,
             Sender(self.user),

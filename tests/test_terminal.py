@@ -6,19 +6,17 @@ import asyncio
 import io
 
 from bots.core.gateway import LocalGateway
-from bots.core.limits import Limits
-from bots.core.serve import CommandCore
-from bots.terminal import TerminalChat, split_attachment
+from bots.terminal import TerminalChat, split_attachment, terminal_core
 
 
-def chat(engine, lines: list[str], out_dir, user: str = "alice", admin: bool = False) -> list[str]:
+def chat(engine, lines: list[str], out_dir, user: str = "alice", admin: bool = True) -> list[str]:
     """Type ``lines`` into a terminal chat and return what it printed, line by line."""
     stdout = io.StringIO()
 
     async def session() -> None:
         gateway = LocalGateway(engine)
         terminal = TerminalChat(
-            CommandCore(gateway, limits=Limits(enabled=False)),
+            terminal_core(gateway),
             "local",
             user,
             admin,
@@ -50,7 +48,7 @@ def test_remember_who_forget_in_the_local_chat(tiny_engine, dreambooth, tmp_path
             f"/remember Mochi | my grey cat < {cat}",
             str(cat),
             "/who",
-            "is Mochi here?",
+            f"is Mochi here? < {cat}",
             "/concepts",
             "/forget Mochi",
             "/concepts",
@@ -90,7 +88,8 @@ def test_errors_are_replies_not_tracebacks(tiny_engine, dreambooth, tmp_path) ->
         tmp_path,
     )
     replies = out[1:-1]
-    assert replies[0].startswith("! Send a photo with this command")
+    # The terminal's own words for attaching a photo, not Telegram's.
+    assert replies[0].startswith("! Attach a photo to this command with '< PATH'")
     assert replies[1].startswith("! ") and "not an image" in replies[1]
     assert replies[2].startswith("! ") and "does not exist" in replies[2]
     assert replies[3].startswith("! Names can use letters")
@@ -104,8 +103,40 @@ def test_errors_are_replies_not_tracebacks(tiny_engine, dreambooth, tmp_path) ->
 def test_others_cannot_forget_my_concepts(tiny_engine, dreambooth, tmp_path) -> None:
     cat = dreambooth / "cat" / "00.jpg"
     chat(tiny_engine, [f"/remember Mochi < {cat}"], tmp_path, user="alice")
-    bob = chat(tiny_engine, ["/forget Mochi"], tmp_path, user="bob")
+    bob = chat(tiny_engine, ["/forget Mochi"], tmp_path, user="bob", admin=False)
     assert bob[1].startswith("! Only the person who remembered Mochi or a chat admin")
     assert [c.name for c in tiny_engine.list_concepts("local")] == ["Mochi"]
     admin = chat(tiny_engine, ["/forget Mochi"], tmp_path, user="bob", admin=True)
     assert admin[1].startswith("I've forgotten Mochi")
+
+
+def test_a_posted_photo_is_used_once_by_the_next_line(tiny_engine, dreambooth, tmp_path) -> None:
+    dog = dreambooth / "dog" / "00.jpg"
+    out = chat(
+        tiny_engine,
+        [str(dog), "/remember Rex", "/remember Tom", str(dog), "/concepts", "/remember Kit"],
+        tmp_path,
+    )
+    replies = out[1:-1]
+    assert replies[1].startswith("Got it: I'll remember Rex")
+    assert replies[2].startswith("! Attach a photo")  # the dog was Rex's, not Tom's too
+    assert replies[-1].startswith("! Attach a photo")  # a line in between: no longer pending
+    assert [c.name for c in tiny_engine.list_concepts("local")] == ["Rex"]
+
+
+def test_the_local_user_administers_the_chat(tiny_engine, tmp_path) -> None:
+    out = chat(tiny_engine, ["/index on", "/help"], tmp_path)
+    assert out[1].startswith("Photo indexing is on")
+    assert any("'< PATH'" in line for line in out[2:])  # /help explains the terminal's way
+
+
+def test_annotated_photos_never_overwrite_a_file(tiny_engine, dreambooth, tmp_path) -> None:
+    cat = dreambooth / "cat" / "00.jpg"
+    chat(tiny_engine, [f"/remember Mochi < {cat}"], tmp_path)
+    (tmp_path / "rapbot-001-who.jpg").write_bytes(b"mine")  # what the next run would write
+    first = chat(tiny_engine, [f"/who < {cat}"], tmp_path)
+    second = chat(tiny_engine, [f"/who < {cat}"], tmp_path)
+    saved = [line for line in first + second if line.startswith("(annotated photo saved to ")]
+    paths = {line.removeprefix("(annotated photo saved to ").removesuffix(")") for line in saved}
+    assert len(saved) == 2 and len(paths) == 2
+    assert (tmp_path / "rapbot-001-who.jpg").read_bytes() == b"mine"

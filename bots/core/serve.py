@@ -82,11 +82,14 @@ class CommandCore:
         limits: Limits | None = None,
         stream_interval: float = 1.0,
         time_limit_s: float | None = None,
+        no_photo: str = replies.NO_PHOTO,
     ) -> None:
+        """``no_photo``: the platform's own words for how to give a command its photo."""
         # Every Answer that comes back feeds rapbot_stage_seconds (its engine stage timings).
         self.gateway = metrics.observed_gateway(gateway)
         self.stream_interval = stream_interval  # seconds between partial answers
         self.platform_help = platform_help
+        self.no_photo = no_photo
         self.time_limit_s = time_limit_s  # bounds each request (and so a graceful shutdown)
         self.limits = limits or Limits()
         self._user_rate = RateLimiter(self.limits.user_per_minute, self.limits.user_burst)
@@ -276,7 +279,7 @@ class CommandCore:
                 return Reply(replies.help_text(self.platform_help))
             case c.Remember(name, description):
                 if not work.images:
-                    return Reply(replies.NO_PHOTO, error=True)
+                    return Reply(self.no_photo, error=True)
                 results = []
                 for index, photo in enumerate(work.images):  # an album: every photo is an example
                     source = f"{request.message_id}#{index}" if request.message_id else None
@@ -286,7 +289,7 @@ class CommandCore:
                 return Reply(replies.remembered(results[-1], created=results[0].created))
             case c.Who() | c.Caption():
                 if work.image is None:
-                    return Reply(replies.NO_PHOTO, error=True)
+                    return Reply(self.no_photo, error=True)
                 if isinstance(command, c.Caption):
                     answer = await self._answer("caption", on_partial, scope, work.image, user)
                     return Reply(answer.text, concepts=answer.concepts)
