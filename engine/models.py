@@ -236,12 +236,18 @@ def load_models(settings: EngineSettings, *, reuse: bool = True) -> Models:
         )
         detector = build_detector(profile, settings, text_encoder)
         generator = load_generator(profile, settings)
+        threshold = profile.match_threshold
+        if settings.match_threshold is None:  # a measured one beats the profile's guess
+            from engine.calibrate import calibrated_threshold
+
+            measured = calibrated_threshold(settings.data_dir, embedder.model_id)
+            threshold = threshold if measured is None else measured
         seconds = time.perf_counter() - start
         models = Models(
             profile,
             embedder,
             detector,
-            profile.match_threshold,
+            threshold,
             text_encoder,
             seconds,
             generator,
@@ -255,7 +261,7 @@ def load_models(settings: EngineSettings, *, reuse: bool = True) -> Models:
             embedder.model_id,
             embedder.device,
             detector.name,
-            profile.match_threshold,
+            threshold,
         )
         if reuse:
             _cache[key] = models

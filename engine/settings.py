@@ -99,7 +99,8 @@ class EngineSettings(BaseSettings):
         None,
         ge=-1.0,
         le=1.0,
-        description="cosine similarity below which a crop is 'nobody I know' (default: profile's)",
+        description="cosine similarity below which a crop is 'nobody I know' (default: the one "
+        "`rapbot calibrate` saved for the embedding model, else the profile's)",
     )
     top_k: int = Field(5, ge=1, description="examples looked at per crop")
     retrieval_policy: Literal["", "rap", "threshold"] = Field(

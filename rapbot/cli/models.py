@@ -1,4 +1,5 @@
-"""`models convert`: model files (original RAP checkpoints to the transformers format)."""
+"""`models convert`: model files (original RAP checkpoints to the transformers format);
+`calibrate`: the recognition threshold measured for the configured embedding model."""
 
 from __future__ import annotations
 
@@ -28,6 +29,40 @@ def register(sub, common: argparse.ArgumentParser) -> None:
     c.add_argument(
         "--vision-tower", default=None, help="local CLIP folder when the checkpoint has none"
     )
+    k = sub.add_parser(
+        "calibrate",
+        parents=[common],
+        help="measure the recognition threshold on a folder of subject folders and save it",
+        description="Remembers each subject's first photo, recognizes the others, prints "
+        "precision, recall and 'nobody' accuracy per threshold, and saves the best threshold "
+        "for the current embedding model in the data folder (RAPBOT_MATCH_THRESHOLD still "
+        "overrides it). Example: rapbot calibrate ~/photos/dreambooth/dataset",
+    )
+    k.set_defaults(handler=run_calibrate)
+    k.add_argument("photos", help="a folder of subject folders (dog/00.jpg, cat/00.jpg ...)")
+    k.add_argument("--dry-run", action="store_true", help="report only; save nothing")
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    from engine.calibrate import calibrate
+    from rapbot.cli.common import settings_for as _settings
+
+    settings = _settings(args)
+    result = calibrate(settings, args.photos, write=not args.dry_run)
+    lines = [
+        f"{result.subjects} subjects, {result.photos} test photos, model {result.model_id}",
+        f"{'threshold':>10} {'precision':>10} {'recall':>8} {'nobody':>8}",
+    ]
+    for row in result.table:
+        mark = "  <- best" if row == result.best else ""
+        lines.append(
+            f"{row.threshold:>10.4f} {row.precision:>10.3f} {row.recall:>8.3f} "
+            f"{row.nobody_accuracy:>8.3f}{mark}"
+        )
+    if result.written_to:
+        lines.append(f"Threshold {result.best.threshold:.4f} saved in {result.written_to}.")
+    emit(args, result.as_json(), "\n".join(lines))
+    return 0
 
 
 def run_convert(args: argparse.Namespace) -> int:
