@@ -516,7 +516,10 @@ def test_remember_then_who_returns_the_annotated_photo(tiny_engine, dreambooth) 
     [(filename, jpeg)] = followup.files
     assert filename == "who.jpg" and jpeg[:2] == b"\xff\xd8"
     assert followup.payload["attachments"][0]["filename"] == "who.jpg"
-    assert "• Mochi — my grey cat (1 photo)" in assert_deferred_then_followup(concepts).content
+    followup = assert_deferred_then_followup(concepts)
+    assert "• Mochi — my grey cat (1 photo)" in followup.content
+    [(filename, jpeg)] = followup.files  # /concepts as a picture: the contact sheet
+    assert filename == "concepts.jpg" and jpeg[:2] == b"\xff\xd8"
     assert len(cdn) == 2  # each photo fetched once, through Attachment.read()
     [concept] = tiny_engine.list_concepts(f"dc:{CHANNEL_A}")
     assert concept.owner == f"dc:{ALICE['id']}"  # namespaced as on Telegram

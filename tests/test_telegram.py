@@ -435,6 +435,7 @@ def test_ask_mention_private_text_and_concepts(tiny_engine, photos) -> None:
         assert replies(await tg.say(ALICE, text="what is Mochi?"))
 
         listed = only_reply(await tg.say(GROUP_A, text="/concepts"))
+        assert listed.method == "sendPhoto"  # the contact sheet, the list as its caption
         assert "Mochi — &lt;b&gt;grey&lt;/b&gt; &amp; fluffy (1 photo)" in listed.text
         assert "<b>grey</b>" not in listed.text
         # Aliases of the core work without a CommandHandler of their own.

@@ -247,8 +247,11 @@ class RapbotCog(commands.Cog, name="rapbot"):
         await self._run(interaction, c.Caption(), photo)
 
     @app_commands.command(name="concepts", description="Everyone and everything I remember here")
-    async def concepts(self, interaction: discord.Interaction) -> None:
-        await self._run(interaction, c.Concepts())
+    @app_commands.describe(page="Which page of the picture (24 a page)")
+    async def concepts(
+        self, interaction: discord.Interaction, page: app_commands.Range[int, 1, 10_000] = 1
+    ) -> None:
+        await self._run(interaction, c.Concepts(page))
 
     @app_commands.command(name="rename", description="Rename someone I remember")
     @app_commands.describe(name="Their name now", new_name="Their new name")
