@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from rapbot.cli.common import emit, settings_for
+from rapbot.cli.common import emit, progress, settings_for
 
 
 def register(sub, common: argparse.ArgumentParser) -> None:
@@ -44,11 +44,15 @@ def register(sub, common: argparse.ArgumentParser) -> None:
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
-    from engine.calibrate import calibrate
-    from rapbot.cli.common import settings_for as _settings
+    from engine.calibrate import calibrate, subject_photos
 
-    settings = _settings(args)
-    result = calibrate(settings, args.photos, write=not args.dry_run)
+    settings = settings_for(args)
+    subjects = subject_photos(args.photos)  # a bad folder is reported before any model loads
+    tests = sum(len(photos) - 1 for photos in subjects.values())
+    with progress(args, tests, "Calibrating") as advance:
+        result = calibrate(
+            settings, args.photos, write=not args.dry_run, progress=lambda done, total: advance()
+        )
     lines = [
         f"{result.subjects} subjects, {result.photos} test photos, model {result.model_id}",
         f"{'threshold':>10} {'precision':>10} {'recall':>8} {'nobody':>8}",
