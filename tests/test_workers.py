@@ -572,3 +572,19 @@ def test_worker_subcommand_is_wired_into_the_cli(monkeypatch) -> None:
     monkeypatch.setenv("RAPBOT_PROFILE", "cpu")  # restored (removed) after the test
     assert rapbot.cli.main(["worker", "--queues", "cpu", "--profile", "tiny"]) == 0
     assert seen["queues"] == "cpu" and os.environ["RAPBOT_PROFILE"] == "tiny"
+
+
+def test_concept_sheet_and_crops_tasks(worker_state, dreambooth) -> None:
+    from workers.tasks import concept_sheet, example_crops
+
+    runtime.engine().remember("tg:1", cat_photo(dreambooth), "Mochi", user="tg:5")
+    value = concept_sheet.apply(kwargs={"scope": "tg:1", "page": 1}).get()
+    sheet = wire.concept_sheet_from_json(value, worker_state.take(value["image"]))
+    assert [c.name for c in sheet.concepts] == ["Mochi"] and sheet.image[:2] == b"\xff\xd8"
+    crops = wire.crops_from_json(
+        example_crops.apply(kwargs={"scope": "tg:1", "name": "mochi"}).get()
+    )
+    assert len(crops) == 1 and crops[0][:2] == b"\xff\xd8"
+    missing = concept_sheet.apply(kwargs={"scope": "tg:1", "page": 2}).get()
+    with pytest.raises(InvalidInputError, match="only 1 page"):
+        wire.raise_for_error(missing)
