@@ -284,3 +284,15 @@ def test_start_up_imports_no_model_library(tmp_path, args) -> None:
         line.split("|")[-1].strip() for line in done.stderr.splitlines() if "import time:" in line
     }
     assert imported and not imported & set(MODEL_LIBRARIES), imported & set(MODEL_LIBRARIES)
+
+
+def test_every_command_help_says_what_it_prints_with_an_example() -> None:
+    from rapbot.cli import build_parser
+    from rapbot.cli.guide import commands
+
+    helps = {words: child.format_help() for words, child, _ in commands(build_parser())}
+    assert {"remember", "concepts", "forget-user", "eval cir", "train rap", "chat"} <= set(helps)
+    for words, text in helps.items():
+        lowered = text.lower()
+        assert "print" in lowered and "example" in lowered, f"rapbot {words} --help:\n{text}"
+    assert "Recall@1" in helps["eval cir"] and "mAP@" in helps["eval cir"]  # names its metrics

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from engine.errors import RapbotError
 from rapbot.cli.common import UsageError, global_options
+from rapbot.cli.guide import explain
 
 # In `rapbot --help` order. Modules of rapbot.cli; each imports only argparse-level code at
 # the top and its engine or bot libraries inside its handlers.
@@ -65,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
         importlib.import_module(f"rapbot.cli.{group}").register(sub, common)
     for command_parser in sub.choices.values():  # a UsageError shows the command's usage
         command_parser.set_defaults(command_parser=command_parser)
+    explain(parser)  # what each command prints, with an example (rapbot.cli.guide)
     return parser
 
 
