@@ -7,13 +7,10 @@ Run from the repository root: ``python scripts/doc_images.py`` (tiny models, off
 
 from __future__ import annotations
 
-import io
 import os
 import sys
 import tempfile
 from pathlib import Path
-
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 DREAMBOOTH = ROOT.parent / "shared" / "data" / "dreambooth" / "dataset"
@@ -36,6 +33,7 @@ def main() -> int:
     os.environ.setdefault("YOLO_OFFLINE", "1")
     sys.path.insert(0, str(ROOT))
     from engine.engine import Engine
+    from engine.images import decode_image
     from engine.settings import EngineSettings
 
     with tempfile.TemporaryDirectory() as data:
@@ -46,7 +44,7 @@ def main() -> int:
         sheet = engine.concept_sheet("web:docs")
         engine.close()
     out = ROOT / "docs" / "img" / "contact-sheet.png"
-    picture = Image.open(io.BytesIO(sheet.image)).convert("RGB")
+    picture = decode_image(sheet.image)
     picture.quantize(colors=128).save(out, optimize=True)
     width, height = picture.size
     print(f"{out.relative_to(ROOT)}: {width}x{height}, {out.stat().st_size} bytes")
