@@ -231,8 +231,10 @@ def test_store_only_commands_need_no_model_and_no_weights(cli, dreambooth, tmp_p
     assert run("--user", "alice", "rename", "Rex", "Rexy") == "Renamed Rex to Rexy.\n"
     assert run("--user", "alice", "describe", "Rexy", "the good boy").startswith("Updated: Rexy")
     assert "Exported 2 concept(s)" in run("export", "--out", tmp_path / "backup.zip")
+    # An archive of the store's own model is imported without embedding anything again.
+    assert "Imported 2 new concept(s)" in run("--chat", "cli:2", "import", tmp_path / "backup.zip")
     assert run("--user", "alice", "forget", "Mochi").startswith("I've forgotten Mochi")
-    assert json.loads(run("--json", "forget-user", "alice")) == {"forgotten": 1}
+    assert json.loads(run("--json", "forget-user", "alice")) == {"forgotten": 3}  # both chats
     assert json.loads(run("--json", "concepts")) == {"concepts": []}
 
 
