@@ -298,3 +298,18 @@ def test_every_command_help_says_what_it_prints_with_an_example() -> None:
         lowered = text.lower()
         assert "print" in lowered and "example" in lowered, f"rapbot {words} --help:\n{text}"
     assert "Recall@1" in helps["eval cir"] and "mAP@" in helps["eval cir"]  # names its metrics
+
+
+def test_chat_saves_annotated_photos_under_the_data_folder(
+    cli, dreambooth, tmp_path, monkeypatch
+) -> None:
+    import io
+
+    cat = dreambooth / "cat/00.jpg"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"/remember Mochi < {cat}\n/who < {cat}\n"))
+    code, out, err = cli("chat")
+    assert code == 0, err
+    saved = list((tmp_path / "data" / "chat-photos").glob("*.jpg"))
+    assert len(saved) == 1 and str(saved[0]) in out
+    assert not list(tmp_path.glob("*.jpg"))  # nothing in the current folder
