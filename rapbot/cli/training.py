@@ -105,22 +105,17 @@ def register(sub, common: argparse.ArgumentParser) -> None:
 
 
 def run_train_rap(args: argparse.Namespace) -> int:
-    from engine.generator.load import generator_location
     from engine.train.rap_train import TrainConfig, train
     from engine.train.recipes import TrainOptions, resolve_options
     from engine.weights import is_offline, models_dir
 
     settings = settings_for(args)
-    data = Path(args.data).expanduser()
     chosen = {f: getattr(args, f) for f in TrainOptions.__dataclass_fields__ if hasattr(args, f)}
     options = resolve_options(args.recipe, chosen)
     result = train(
         TrainConfig(
             **vars(options),
-            data=data,
-            images=Path(args.images).expanduser() if args.images else data.parent,
-            base=generator_location(args.base, settings) or args.base,
-            out=Path(args.out).expanduser(),
+            **_locations(args, settings),
             max_steps=args.max_steps,
             resume=args.resume,
             save_every=args.save_every,
@@ -135,25 +130,16 @@ def run_train_rap(args: argparse.Namespace) -> int:
     )
     if not result.main_process:  # `accelerate launch`: one summary, not one per GPU
         return 0
-    last = result.losses[-1] if result.losses else None
-    payload = {"step": result.step, "adapter": str(result.adapter), "loss": last}
-    text = f"Trained to step {result.step}; adapter saved in {result.adapter}"
-    emit(args, payload, text + (f" (last loss {last:.4f})" if last is not None else ""))
-    return 0
+    return _trained(args, result.step, result.losses, "adapter", result.adapter)
 
 
 def run_train_cir(args: argparse.Namespace) -> int:
     from engine.cir.train import CirTrainConfig, train
-    from engine.generator.load import generator_location
 
     settings = settings_for(args)
-    data = Path(args.data).expanduser()
     result = train(
         CirTrainConfig(
-            data=data,
-            images=Path(args.images).expanduser() if args.images else data.parent,
-            base=generator_location(args.base, settings) or args.base,
-            out=Path(args.out).expanduser(),
+            **_locations(args, settings),
             steps=args.steps,
             batch_size=args.batch_size,
             lr=args.lr,
@@ -169,9 +155,30 @@ def run_train_cir(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
         )
     )
-    last = result.losses[-1] if result.losses else None
-    payload = {"step": result.step, "out": str(result.out), "loss": last}
-    payload["prompt_usage"] = result.prompt_usage
-    text = f"Trained to step {result.step}; encoder saved in {result.out}"
+    extra = {"prompt_usage": result.prompt_usage}
+    return _trained(args, result.step, result.losses, "out", result.out, extra)
+
+
+def _locations(args: argparse.Namespace, settings) -> dict:
+    """The data, image folder, base model and output folder every training run takes."""
+    from engine.generator.load import generator_location
+
+    data = Path(args.data).expanduser()
+    return {
+        "data": data,
+        "images": Path(args.images).expanduser() if args.images else data.parent,
+        "base": generator_location(args.base, settings) or args.base,
+        "out": Path(args.out).expanduser(),
+    }
+
+
+def _trained(
+    args: argparse.Namespace, step: int, losses: list, key: str, folder, extra: dict | None = None
+) -> int:
+    """The run's summary: the step reached, where the result is, the last loss."""
+    last = losses[-1] if losses else None
+    what = "adapter" if key == "adapter" else "encoder"
+    text = f"Trained to step {step}; {what} saved in {folder}"
+    payload = {"step": step, key: str(folder), "loss": last, **(extra or {})}
     emit(args, payload, text + (f" (last loss {last:.4f})" if last is not None else ""))
     return 0
