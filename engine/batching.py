@@ -57,10 +57,6 @@ class BatchStats:
     def mean_size(self) -> float:
         return self.items / self.batches if self.batches else 0.0
 
-    @property
-    def mean_wait_ms(self) -> float:
-        return 1000 * self.wait_seconds / self.items if self.items else 0.0
-
 
 @dataclass
 class _Pending(Generic[T, R]):

@@ -54,6 +54,7 @@ from engine.types import (
     Concept,
     ConceptSheet,
     Detection,
+    PhotoHit,
     Recognition,
     RememberResult,
     UnknownObject,
@@ -755,7 +756,7 @@ class Engine:
         ref_image: bytes | None = None,
         k: int = 10,
         text_weight: float | None = None,
-    ) -> list:
+    ) -> list[PhotoHit]:
         """Composed image search over the scope's photos: text, a reference photo, both
         (reference changed by the text), and names of remembered concepts in the text, which
         bring in those concepts' examples: composed from CLIP embeddings (:mod:`engine.composition`:

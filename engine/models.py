@@ -266,8 +266,3 @@ def load_models(settings: EngineSettings, *, reuse: bool = True) -> Models:
         if reuse:
             _cache[key] = models
         return models
-
-
-def clear_model_cache() -> None:
-    with _cache_lock:
-        _cache.clear()

@@ -53,6 +53,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from engine.errors import RapbotError  # plain exception classes: no torch, no numpy
+from engine.operations import EngineGateway, Operation  # declarations: no model code
+from engine.types import Answer
 from rapbot.settings import is_redis_url
 
 log = logging.getLogger(__name__)
@@ -153,50 +155,20 @@ def observe_task(task: str, outcome: str, seconds: float) -> None:
     TASK_SECONDS.labels(task=task).observe(max(0.0, seconds))
 
 
-class AnswerTimings:
-    """An engine gateway (``bots.core.gateway.EngineGateway``) that records the stage timings
-    of every Answer it hands back (``recognize``, ``ask``, ``caption`` and the final item of
-    ``ask_stream``/``caption_stream``); every other attribute is the wrapped gateway's, and a
-    method the gateway lacks stays missing (``answer_stream`` looks for ``*_stream``)."""
-
-    _ANSWERING = frozenset({"recognize", "ask", "caption"})
-    _STREAMING = frozenset({"ask_stream", "caption_stream"})
-
-    def __init__(self, gateway: Any) -> None:
-        self.inner = gateway
-
-    def __repr__(self) -> str:
-        return f"AnswerTimings({self.inner!r})"
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "inner":  # not set yet: no recursion
-            raise AttributeError(name)
-        value = getattr(self.inner, name)
-        if name in self._ANSWERING and callable(value):
-
-            async def answering(*args: Any, **kwargs: Any) -> Any:
-                return observe_answer(await value(*args, **kwargs))
-
-            return answering
-        if name in self._STREAMING and callable(value):
-
-            async def streaming(*args: Any, **kwargs: Any) -> Any:
-                stream = value(*args, **kwargs)
-                try:
-                    async for item in stream:
-                        yield observe_answer(item)
-                finally:  # leaving early must stop the generation at once, not at GC
-                    close = getattr(stream, "aclose", None)
-                    if close is not None:
-                        await close()
-
-            return streaming
-        return value
+def observe_result(declared: Operation, result: Any) -> None:
+    """The gateway observer (:meth:`engine.operations.EngineGateway.add_observer`): the stage
+    timings of every operation whose declared result is an ``Answer``."""
+    if declared.result is Answer:
+        observe_answer(result)
 
 
 def observed_gateway(gateway: Any) -> Any:
-    """``gateway`` behind :class:`AnswerTimings` (once: an already wrapped one is returned)."""
-    return gateway if isinstance(gateway, AnswerTimings) else AnswerTimings(gateway)
+    """``gateway`` with its answers' stage timings recorded (:func:`observe_result`); the same
+    object, observed once however often this is called. A gateway that is not an
+    ``EngineGateway`` (a test's stand-in) is returned as it is."""
+    if isinstance(gateway, EngineGateway):
+        gateway.add_observer(observe_result)
+    return gateway
 
 
 # ----------------------------------------------------------------------------- queue depth

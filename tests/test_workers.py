@@ -24,6 +24,7 @@ from engine.errors import (
     RepeatedCrashError,
     UnknownConceptError,
 )
+from engine.operations import OPERATIONS
 from engine.permissions import Actor
 from engine.types import Answer, Box, Concept, Recognition, RememberResult, UnknownObject
 from rapbot.settings import WorkerSettings
@@ -108,6 +109,38 @@ def test_redis_blob_store_that_is_down_is_engine_unavailable() -> None:
         store.put(b"x")
 
 
+def _streamed_pieces(store) -> None:
+    from workers.streams import PiecePublisher, PieceReader
+
+    now = [0.0]
+    first = PiecePublisher(store, "task-1", interval_s=1.0, clock=lambda: now[0])
+    reader = PieceReader(store, "task-1")
+    assert reader.read(0) == ""
+    first.add("Mochi ")
+    first.add("is ")  # batched: nothing published within the interval
+    assert reader.read(0) == ""
+    now[0] += 1.0
+    first.add("asleep")
+    assert reader.read(0.5) == "Mochi is asleep"
+    # The worker died; the redelivered run generates the same answer from the start: only
+    # the text not shown yet comes out.
+    again = PiecePublisher(store, "task-1", interval_s=0.0)
+    for piece in ("Mochi ", "is asleep", " on the sofa."):
+        again.add(piece)
+    again.flush()
+    assert reader.read(0.5) == " on the sofa."
+    assert PieceReader(store, "task-1").read(0) == "Mochi is asleep on the sofa."
+    assert PieceReader(store, "task-2").read(0.05) == ""  # another task's log: nothing
+
+
+def test_streamed_pieces_through_a_folder_store(tmp_path) -> None:
+    _streamed_pieces(FolderBlobStore(tmp_path, ttl_s=60))
+
+
+def test_streamed_pieces_through_redis(private_redis) -> None:
+    _streamed_pieces(open_blob_store(private_redis.url(2), 60))
+
+
 def test_blob_url_forms(tmp_path) -> None:
     assert isinstance(open_blob_store(f"dir:{tmp_path}", 60), FolderBlobStore)
     with pytest.raises(ValueError, match="RAPBOT_BLOB_URL"):
@@ -141,22 +174,51 @@ def test_unknown_error_types_become_rapbot_errors_and_results_pass_through() -> 
 
 
 def test_engine_values_round_trip_through_json() -> None:
+    blobs: dict[str, bytes] = {}
+
+    def put(data: bytes) -> str:
+        blobs[f"key-{len(blobs)}"] = data
+        return f"key-{len(blobs) - 1}"
+
+    def through(value, tp):
+        return wire.from_json(json.loads(json.dumps(wire.to_json(value, tp, put))), tp, blobs.get)
+
     concept = Concept("c1", "tg:1", "Mochi", "my grey cat", "cat", "alice", 1.5, 2)
     remembered = RememberResult(concept, Box(1, 2, 30, 40), True)
-    back = wire.remember_from_json(json.loads(json.dumps(wire.remember_to_json(remembered))))
-    assert back == remembered
+    sent = wire.to_json(remembered, RememberResult, put)
+    assert sent["box"] == [1, 2, 30, 40] and sent["concept"]["name"] == "Mochi"
+    assert through(remembered, RememberResult) == remembered
     answer = Answer(
         "Mochi is on the left.",
         [Recognition("c1", "Mochi", "my grey cat", "cat", 0.99, Box(0, 0, 5, 5), "on the left")],
         [UnknownObject("person", Box(5, 5, 9, 9), "on the right")],
-        None,
+        b"\xff\xd8annotated",
         {"detect": 0.01},
     )
-    sent = json.loads(json.dumps(wire.answer_to_json(answer, image_key=None)))
-    assert wire.answer_from_json(sent) == answer
-    assert wire.actor_from_json(wire.actor_to_json(Actor("bob", True))) == Actor("bob", True)
+    sent = wire.to_json(answer, Answer, put)
+    assert blobs[sent["image"]] == answer.image  # photos travel by reference
+    assert set(sent) == {"text", "concepts", "unknown", "image", "timings"}
+    assert through(answer, Answer) == answer
+    assert through(Actor("bob", True), Actor) == Actor("bob", True)
+    assert wire.from_json({"user": "bob"}, Actor, blobs.get) == Actor("bob", False)
     with pytest.raises(InvalidInputError):
-        wire.box_from_json([1, 2, 3])
+        wire.from_json([1, 2, 3], Box, blobs.get)
+
+
+def test_operation_arguments_and_results_keep_their_wire_names() -> None:
+    from engine.operations import OPERATIONS
+
+    search, listing = OPERATIONS["search"], OPERATIONS["list_concepts"]
+    keys: list[bytes] = []
+    sent = wire.arguments_to_json(
+        search, search.bind(("tg:1",), {"ref_image": b"jpeg"}), lambda d: keys.append(d) or "k1"
+    )
+    assert sent == {"scope": "tg:1", "text": "", "photo": "k1", "k": 10} and keys == [b"jpeg"]
+    back = wire.arguments_from_json(search, {"scope": "tg:1", "photo": "k1"}, {"k1": b"j"}.get)
+    assert back == {"scope": "tg:1", "text": "", "ref_image": b"j", "k": 10}
+    with pytest.raises(TypeError, match="unexpected"):
+        wire.arguments_from_json(search, {"scope": "tg:1", "image": "k1"}, {}.get)
+    assert wire.result_to_json(listing, [], {}.get) == {"concepts": []}
 
 
 # ----------------------------------------------------------------------------- app settings
@@ -298,7 +360,7 @@ def test_photo_search_tasks_index_and_find_per_scope(worker_state, dreambooth) -
     first = index_photo.apply(kwargs=kwargs).get()["photo_id"]
     assert index_photo.apply(kwargs=kwargs).get()["photo_id"] == first  # redelivery: same photo
     found = search.apply(kwargs={"scope": "tg:1", "text": "", "photo": key, "k": 3}).get()
-    hits = wire.photo_hits_from_json(json.loads(json.dumps(found)))
+    hits = wire.result_from_json(OPERATIONS["search"], json.loads(json.dumps(found)), None)
     assert [h.source for h in hits] == ["f1"] and hits[0].score > 0.99
     other = search.apply(kwargs={"scope": "tg:2", "text": "", "photo": key, "k": 3}).get()
     assert other == {"results": []}

@@ -10,26 +10,28 @@ from __future__ import annotations
 from celery import Celery
 from kombu import Exchange, Queue
 
+from engine.operations import CPU, GPU, OPERATIONS
 from rapbot.settings import WorkerSettings, is_redis_url, load_settings
-
-# Task names are part of the wire protocol between bots and workers.
-MODEL_TASKS = ("remember", "recognize", "ask", "caption", "index_photo", "search")
-STORE_TASKS = (
-    "list_concepts",
-    "concept_sheet",
-    "example_crops",
-    "rename",
-    "describe",
-    "forget",
-    "forget_user",
-    "set_indexing",
-    "indexing",
-)
-PING = "rapbot.ping"
 
 
 def task_name(operation: str) -> str:
     return f"rapbot.{operation}"
+
+
+def _tasks_on(queue: str) -> tuple[str, ...]:
+    """The operations (and streaming variants) of :data:`engine.operations.OPERATIONS` that
+    run on ``queue``."""
+    names: list[str] = []
+    for declared in OPERATIONS.values():
+        if declared.queue == queue:
+            names += [declared.name, declared.stream_name] if declared.streams else [declared.name]
+    return tuple(names)
+
+
+# Task names are part of the wire protocol between bots and workers.
+MODEL_TASKS = _tasks_on(GPU)
+STORE_TASKS = _tasks_on(CPU)
+PING = "rapbot.ping"
 
 
 def task_routes(settings: WorkerSettings) -> dict[str, dict[str, str]]:

@@ -7,7 +7,9 @@ broker's traffic does not let anyone guess another chat's photo key.
 
 Two stores: :class:`RedisBlobStore` (``redis://...``, the default) and
 :class:`FolderBlobStore` (``dir:/path``: bot and workers on one machine, no Redis for blobs).
-Both also keep small expiring counters, which workers use to count a task's deliveries.
+Both also keep small expiring counters, which workers use to count a task's deliveries, and
+expiring logs, through which a worker hands a bot the pieces of an answer as it is generated
+(:mod:`workers.streams`).
 
 The stores are synchronous; the async client calls them from its worker threads.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import re
 import secrets
@@ -35,6 +38,12 @@ COUNTER_SWEEP_S = 86400  # counters are tiny; keep them well past any redelivery
 
 def new_key() -> str:
     return secrets.token_urlsafe(24)  # 192 random bits, URL- and file-name-safe
+
+
+def _check_name(name: str) -> str:
+    if not isinstance(name, str) or not _COUNTER.match(name):
+        raise ValueError(f"bad counter or log name {name!r}")
+    return name
 
 
 def _check_key(key: str) -> str:
@@ -62,6 +71,13 @@ class BlobStore(Protocol):
     def incr(self, name: str, ttl_s: int) -> int:
         """Atomically add one to an expiring counter and return the new value."""
 
+    def append(self, name: str, item: str, ttl_s: int) -> None:
+        """Add ``item`` at the end of the expiring log ``name`` (a streamed answer's pieces)."""
+
+    def read(self, name: str, cursor: str, timeout_s: float) -> tuple[list[str], str]:
+        """The log's items after ``cursor`` (``""``: from the start) and the cursor after
+        them; waits up to ``timeout_s`` for one when there is none yet."""
+
     def close(self) -> None: ...
 
 
@@ -70,6 +86,7 @@ class RedisBlobStore:
 
     prefix = "rapbot:blob:"
     counter_prefix = "rapbot:count:"
+    log_prefix = "rapbot:log:"  # Redis streams (XADD / XREAD)
 
     def __init__(self, url: str, ttl_s: int = 900, *, connect_timeout_s: float = 3.0) -> None:
         import redis
@@ -115,13 +132,31 @@ class RedisBlobStore:
         return data
 
     def incr(self, name: str, ttl_s: int) -> int:
-        if not _COUNTER.match(name):
-            raise ValueError(f"bad counter name {name!r}")
+        _check_name(name)
         with self._guard(), self._redis.pipeline() as pipe:
             pipe.incr(self.counter_prefix + name)
             pipe.expire(self.counter_prefix + name, int(ttl_s))
             value, _ = pipe.execute()
         return int(value)
+
+    def append(self, name: str, item: str, ttl_s: int) -> None:
+        key = self.log_prefix + _check_name(name)
+        with self._guard(), self._redis.pipeline() as pipe:
+            pipe.xadd(key, {"item": item.encode("utf-8")})
+            pipe.expire(key, int(ttl_s))
+            pipe.execute()
+
+    def read(self, name: str, cursor: str, timeout_s: float) -> tuple[list[str], str]:
+        key = self.log_prefix + _check_name(name)
+        block = int(timeout_s * 1000) or None  # XREAD BLOCK 0 would wait forever
+        with self._guard():
+            found = self._redis.xread({key: cursor or "0-0"}, count=1000, block=block)
+        items = []
+        for _key, entries in found:
+            for entry_id, fields in entries:
+                items.append(fields[b"item"].decode("utf-8"))
+                cursor = entry_id.decode("ascii")
+        return items, cursor
 
     def close(self) -> None:
         self._redis.close()
@@ -140,8 +175,9 @@ class FolderBlobStore:
         self.sweep_every_s = sweep_every_s
         self._blobs = self.root / "blobs"
         self._counters = self.root / "counters"
-        self._blobs.mkdir(parents=True, exist_ok=True)
-        self._counters.mkdir(parents=True, exist_ok=True)
+        self._logs = self.root / "logs"
+        for folder in (self._blobs, self._counters, self._logs):
+            folder.mkdir(parents=True, exist_ok=True)
         self._last_sweep = 0.0
         self._sweep_lock = threading.Lock()
 
@@ -183,8 +219,7 @@ class FolderBlobStore:
         return data
 
     def incr(self, name: str, ttl_s: int) -> int:
-        if not _COUNTER.match(name):
-            raise ValueError(f"bad counter name {name!r}")
+        _check_name(name)
         path = self._counters / name.replace(":", "_")
         with open(path, "a+") as f:
             fcntl.flock(f, fcntl.LOCK_EX)  # released on close; works across processes
@@ -198,11 +233,39 @@ class FolderBlobStore:
             f.flush()
         return value
 
+    def append(self, name: str, item: str, ttl_s: int) -> None:
+        # One JSON line per item; the lock keeps concurrent writers' lines whole.
+        line = json.dumps(item) + "\n"
+        with open(self._logs / _check_name(name).replace(":", "_"), "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            f.write(line)
+
+    def read(self, name: str, cursor: str, timeout_s: float) -> tuple[list[str], str]:
+        path = self._logs / _check_name(name).replace(":", "_")
+        offset = int(cursor or 0)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with contextlib.suppress(FileNotFoundError), open(path, "rb") as f:
+                f.seek(offset)
+                text = f.read()
+                whole = text[: text.rfind(b"\n") + 1]  # a line still being written waits
+                if whole:
+                    items = [json.loads(line) for line in whole.decode("utf-8").splitlines()]
+                    return items, str(offset + len(whole))
+            if time.monotonic() >= deadline:
+                return [], str(offset)
+            time.sleep(0.02)
+
     def sweep(self, now: float | None = None) -> int:
         """Remove expired blobs, counters and leftover temporary files; returns how many."""
         now = now or time.time()
         removed = 0
-        for folder, ttl in ((self._blobs, self.ttl_s), (self._counters, COUNTER_SWEEP_S)):
+        swept = (
+            (self._blobs, self.ttl_s),
+            (self._counters, COUNTER_SWEEP_S),
+            (self._logs, self.ttl_s),
+        )
+        for folder, ttl in swept:
             for path in folder.iterdir():
                 if self._expired(path, ttl, now):
                     with contextlib.suppress(FileNotFoundError):

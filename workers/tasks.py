@@ -1,9 +1,12 @@
-"""One Celery task per engine operation; plain JSON in, plain JSON out.
+"""One Celery task per engine operation, registered from :data:`engine.operations.OPERATIONS`;
+plain JSON in, plain JSON out.
 
-Arguments: the scope, the user, photos as blob keys (never bytes, never platform URLs), a box
-as ``[x1, y1, x2, y2]``, an actor as ``{"user", "is_admin"}``. Results: the JSON shapes of
-:mod:`workers.wire`; an annotated photo comes back as a blob key too. A user-facing
-``RapbotError`` is returned as ``{"error": {...}}`` (see :mod:`workers.wire`).
+Arguments and results are the JSON of :mod:`workers.wire`, by declared type: photos as blob
+keys (never bytes, never platform URLs), a box as ``[x1, y1, x2, y2]``, an actor as
+``{"user", "is_admin"}``; an annotated photo comes back as a blob key too. A user-facing
+``RapbotError`` is returned as ``{"error": {...}}``. A streaming operation also has a
+``<name>_stream`` task, which publishes the answer's text as it is generated
+(:mod:`workers.streams`) and returns the same result.
 
 Every task runs through :class:`EngineTask`, which
 
@@ -19,10 +22,10 @@ Every task runs through :class:`EngineTask`, which
 
 from __future__ import annotations
 
-import inspect
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from celery import Task
@@ -34,10 +37,11 @@ from engine.errors import (
     RepeatedCrashError,
     UnknownConceptError,
 )
-from engine.types import Answer, Concept
+from engine.operations import OPERATIONS, Operation
+from engine.types import Concept
 from rapbot import metrics
 from rapbot.logs import log_context
-from workers import faults, runtime, wire
+from workers import faults, runtime, streams, wire
 from workers.app import PING, app, task_name
 
 log = logging.getLogger("rapbot.worker")
@@ -48,6 +52,7 @@ _current = threading.local()  # per running task: deliveries, digests of its pho
 class EngineTask(Task):
     """Base of every engine task: the delivery cap, errors as results, the time limits."""
 
+    operation: Operation  # what the task runs (set per task by engine_task)
     photo_task = False  # True: a crash message says "this photo"
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -84,13 +89,10 @@ class EngineTask(Task):
 
     def _scope(self, args: tuple, kwargs: dict) -> str | None:
         """The task's ``scope`` argument (None for forget_user), for the log context."""
-        scope = kwargs.get("scope")
-        if scope is None and args:
-            try:
-                bound = inspect.signature(self.run).bind_partial(*args, **kwargs)
-            except (TypeError, ValueError):
-                return None
-            scope = bound.arguments.get("scope")
+        try:
+            scope = wire.task_kwargs(self.operation, args, kwargs).get("scope")
+        except TypeError:  # reported by the task itself
+            return None
         return scope if isinstance(scope, str) else None
 
     def _give_up_after_crashes(self, task_id: str) -> dict | None:
@@ -129,137 +131,84 @@ class EngineTask(Task):
         return data
 
 
-def engine_task(operation: str, *, photo: bool = False):
-    """The decorator for one engine operation's task, with its reliability options."""
+def engine_task(declared: Operation, *, name: str, run: Callable[..., Any]) -> Task:
+    """Register ``run`` as the Celery task ``name`` of one engine operation, with the
+    reliability options every engine task has."""
+    run.__name__ = run.__qualname__ = name.removeprefix("rapbot.")
+    run.__doc__ = declared.doc
     return app.task(
-        name=task_name(operation),
+        name=name,
         base=EngineTask,
         bind=True,
         acks_late=True,  # also app-wide; restated where a reader of a task looks
         reject_on_worker_lost=True,
-        photo_task=photo,
+        operation=declared,
+        photo_task=wire.photo_parameter(declared) is not None,
+        typing=False,  # arguments are checked against the declaration (workers.wire)
+    )(run)
+
+
+def _converged(declared: Operation, arguments: dict[str, Any]) -> Any | None:
+    """What a redelivered rename or forget answers when its first run (which died before
+    its ack) already did the work: the engine now says the name is unknown."""
+    scope, name = arguments.get("scope"), arguments.get("name")
+    if declared.name == "rename":
+        return runtime.engine().store.get_by_name(scope, arguments["new_name"])
+    if declared.name == "forget":
+        return Concept("", scope, name.strip(), "", "", arguments["actor"].user, 0.0, 0)
+    return None
+
+
+def _engine_call(task: EngineTask, method: str, args: tuple, kwargs: dict) -> Any:
+    declared = task.operation
+    arguments = wire.arguments_from_json(
+        declared, wire.task_kwargs(declared, args, kwargs), task.photo
     )
-
-
-def _answer(answer: Answer) -> dict:
-    key = runtime.blobs().put(answer.image) if answer.image else None
-    return wire.answer_to_json(answer, key)
-
-
-@engine_task("remember", photo=True)
-def remember(
-    self: EngineTask,
-    scope: str,
-    photo: str,
-    name: str,
-    description: str = "",
-    user: str = "local",
-    box: list[int] | None = None,
-    source: str | None = None,
-) -> dict:
-    image = self.photo(photo)
-    result = runtime.engine().remember(
-        scope, image, name, description, user, box=wire.box_from_json(box), source=source
-    )
-    return wire.remember_to_json(result)
-
-
-@engine_task("recognize", photo=True)
-def recognize(self: EngineTask, scope: str, photo: str, user: str | None = None) -> dict:
-    return _answer(runtime.engine().recognize(scope, self.photo(photo), user))
-
-
-@engine_task("ask", photo=True)
-def ask(
-    self: EngineTask, scope: str, photo: str | None, question: str, user: str | None = None
-) -> dict:
-    return _answer(runtime.engine().ask(scope, self.photo(photo), question, user))
-
-
-@engine_task("caption", photo=True)
-def caption(self: EngineTask, scope: str, photo: str, user: str | None = None) -> dict:
-    return _answer(runtime.engine().caption(scope, self.photo(photo), user))
-
-
-@engine_task("list_concepts")
-def list_concepts(self: EngineTask, scope: str) -> dict:
-    return {"concepts": [wire.concept_to_json(c) for c in runtime.engine().list_concepts(scope)]}
-
-
-@engine_task("concept_sheet")
-def concept_sheet(self: EngineTask, scope: str, page: int = 1) -> dict:
-    sheet = runtime.engine().concept_sheet(scope, page)
-    key = runtime.blobs().put(sheet.image) if sheet.image else None
-    return wire.concept_sheet_to_json(sheet, key)
-
-
-@engine_task("example_crops")
-def example_crops(self: EngineTask, scope: str, name: str, limit: int | None = None) -> dict:
-    return wire.crops_to_json(runtime.engine().example_crops(scope, name, limit))
-
-
-@engine_task("rename")
-def rename(self: EngineTask, scope: str, name: str, new_name: str, actor: dict) -> dict:
-    engine = runtime.engine()
     try:
-        concept = engine.rename(scope, name, new_name, wire.actor_from_json(actor))
+        return getattr(runtime.engine(), method)(*arguments.values())
     except UnknownConceptError:
-        # A run that died after renaming: the rename happened, say so (converge, not fail).
-        done = engine.store.get_by_name(scope, new_name) if self.redelivered else None
+        done = _converged(declared, arguments) if task.redelivered else None
         if done is None:
             raise
-        concept = done
-    return {"concept": wire.concept_to_json(concept)}
+        return done
 
 
-@engine_task("describe")
-def describe(self: EngineTask, scope: str, name: str, description: str, actor: dict) -> dict:
-    concept = runtime.engine().describe(scope, name, description, wire.actor_from_json(actor))
-    return {"concept": wire.concept_to_json(concept)}
+def _task(declared: Operation) -> Task:
+    def run(self: EngineTask, *args: Any, **kwargs: Any) -> dict:
+        result = _engine_call(self, declared.name, args, kwargs)
+        return wire.result_to_json(declared, result, runtime.blobs().put)
+
+    return engine_task(declared, name=task_name(declared.name), run=run)
 
 
-@engine_task("forget")
-def forget(self: EngineTask, scope: str, name: str, actor: dict) -> dict:
-    who = wire.actor_from_json(actor)
-    try:
-        concept = runtime.engine().forget(scope, name, who)
-    except UnknownConceptError:
-        if not self.redelivered:
-            raise
-        # A run that died after forgetting: the concept is gone, which is what was asked.
-        concept = Concept("", scope, name.strip(), "", "", who.user, 0.0, 0)
-    return {"concept": wire.concept_to_json(concept)}
+def _stream_task(declared: Operation) -> Task:
+    """``<name>_stream``: the answer's text is published as it is generated (see
+    :class:`workers.streams.PiecePublisher`), the result returned as ``<name>``'s is."""
+
+    def run(self: EngineTask, *args: Any, **kwargs: Any) -> dict:
+        publisher = streams.PiecePublisher(
+            runtime.blobs(), self.request.id, enabled=not self.request.is_eager
+        )
+        result = None
+        for item in _engine_call(self, declared.stream_name, args, kwargs):
+            if isinstance(item, str):
+                publisher.add(item)
+            else:
+                result = item
+        publisher.flush()
+        return wire.result_to_json(declared, result, runtime.blobs().put)
+
+    return engine_task(declared, name=task_name(declared.stream_name), run=run)
 
 
-@engine_task("forget_user")
-def forget_user(self: EngineTask, user: str) -> dict:
-    return {"removed": runtime.engine().forget_user(user)}
-
-
-@engine_task("set_indexing")
-def set_indexing(
-    self: EngineTask, scope: str, enabled: bool, actor: dict, delete: bool = False
-) -> dict:
-    who = wire.actor_from_json(actor)
-    return {"removed": runtime.engine().set_indexing(scope, enabled, who, delete=delete)}
-
-
-@engine_task("indexing")
-def indexing(self: EngineTask, scope: str) -> dict:
-    # Asked by bots before they download a posted photo (cached there for a minute).
-    return {"enabled": runtime.engine().indexing(scope)}
-
-
-@engine_task("index_photo", photo=True)
-def index_photo(self: EngineTask, scope: str, photo: str, user: str, source: str) -> dict:
-    # Idempotent by source: a redelivered task finds the photo already indexed.
-    return {"photo_id": runtime.engine().index_photo(scope, self.photo(photo), user, source)}
-
-
-@engine_task("search", photo=True)
-def search(self: EngineTask, scope: str, text: str, photo: str | None, k: int) -> dict:
-    hits = runtime.engine().search(scope, text, self.photo(photo), k)
-    return wire.photo_hits_to_json(hits)
+# One task per operation (and per streaming variant), by the names in workers.app; the module
+# attributes (``workers.tasks.remember``...) are the tasks.
+TASKS: dict[str, Task] = {}
+for _declared in OPERATIONS.values():
+    TASKS[_declared.name] = _task(_declared)
+    if _declared.streams:
+        TASKS[_declared.stream_name] = _stream_task(_declared)
+globals().update(TASKS)
 
 
 @app.task(name=PING, bind=True, acks_late=False, ignore_result=False)

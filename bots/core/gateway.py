@@ -3,6 +3,10 @@
 Adapters run an asyncio event loop; engine calls are slow (model forwards), so the local
 gateway runs them on one worker thread: the loop never blocks, and the models see one request
 at a time, which keeps memory flat on small machines.
+
+Both gateways derive their operations from the one declaration in :mod:`engine.operations`
+(``EngineGateway``): the local one runs them on the in-process engine, the Celery one
+(``workers.client.CeleryGateway``) on workers.
 """
 
 from __future__ import annotations
@@ -15,11 +19,11 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Protocol, TypeVar
+from typing import Any, TypeVar
 
 from engine.errors import RapbotError
-from engine.permissions import Actor
-from engine.types import Answer, Box, Concept, ConceptSheet, PhotoHit, RememberResult
+from engine.operations import EngineGateway, Operation
+from engine.types import Answer
 from rapbot.metrics import register_engine
 
 T = TypeVar("T")
@@ -31,109 +35,30 @@ INDEX_DRAIN_S = 10.0  # an adapter's shutdown: how long photos still being index
 Downloaded = dict[Hashable, bytes | None]
 
 
-class EngineGateway(Protocol):
-    """The engine's operations as coroutines (same names and arguments as ``engine.Engine``)."""
-
-    async def remember(
-        self,
-        scope: str,
-        image: bytes,
-        name: str,
-        description: str,
-        user: str,
-        box: Box | None = None,
-        source: str | None = None,
-    ) -> RememberResult: ...
-
-    async def recognize(self, scope: str, image: bytes, user: str | None = None) -> Answer: ...
-
-    async def ask(
-        self, scope: str, image: bytes | None, question: str, user: str | None = None
-    ) -> Answer: ...
-
-    async def caption(self, scope: str, image: bytes, user: str | None = None) -> Answer: ...
-
-    def ask_stream(
-        self, scope: str, image: bytes | None, question: str, user: str | None = None
-    ) -> AsyncIterator[str | Answer]:
-        """``ask`` as it is generated: text pieces, then the final Answer (its text is the
-        pieces joined). Adapters edit their message as the pieces arrive."""
-        ...
-
-    def caption_stream(
-        self, scope: str, image: bytes, user: str | None = None
-    ) -> AsyncIterator[str | Answer]: ...
-
-    async def list_concepts(self, scope: str) -> list[Concept]: ...
-
-    async def concept_sheet(self, scope: str, page: int = 1) -> ConceptSheet: ...
-
-    async def example_crops(self, scope: str, name: str, limit: int | None = None) -> list[bytes]:
-        ...
-
-    async def rename(self, scope: str, name: str, new_name: str, actor: Actor) -> Concept: ...
-
-    async def describe(self, scope: str, name: str, description: str, actor: Actor) -> Concept: ...
-
-    async def forget(self, scope: str, name: str, actor: Actor) -> Concept: ...
-
-    async def forget_user(self, user: str) -> int: ...
-
-    async def set_indexing(
-        self, scope: str, enabled: bool, actor: Actor, delete: bool = False
-    ) -> int: ...
-
-    async def indexing(self, scope: str) -> bool:
-        """Whether the scope's posted photos are indexed for /search (cheap: no model);
-        adapters ask before downloading a posted photo (see :class:`PhotoIndexing`)."""
-        ...
-
-    async def index_photo(self, scope: str, image: bytes, user: str, source: str) -> int | None: ...
-
-    async def search(
-        self, scope: str, text: str = "", ref_image: bytes | None = None, k: int = 10
-    ) -> list[PhotoHit]: ...
-
-    async def close(self) -> None: ...
-
-
-class LocalGateway:
-    """Runs an in-process ``engine.Engine`` on a single worker thread."""
+class LocalGateway(EngineGateway):
+    """Runs an in-process ``engine.Engine`` on a single worker thread; its operations are
+    those of :data:`engine.operations.OPERATIONS` (see :class:`EngineGateway`)."""
 
     def __init__(self, engine) -> None:
         self.engine = engine
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rapbot-engine")
         register_engine(engine)  # its models, batching and store counts on /metrics
 
-    async def _run(self, fn: Callable[..., T], *args, **kwargs) -> T:
+    async def _run(self, fn: Callable[..., T], *args) -> T:
         loop = asyncio.get_running_loop()
         # In the caller's context: the engine's log lines carry the request's scope and command.
-        call = functools.partial(contextvars.copy_context().run, fn, *args, **kwargs)
+        call = functools.partial(contextvars.copy_context().run, fn, *args)
         return await loop.run_in_executor(self._executor, call)
 
-    async def remember(self, scope, image, name, description, user, box=None, source=None):
-        return await self._run(
-            self.engine.remember, scope, image, name, description, user, box=box, source=source
-        )
+    async def _call(self, declared: Operation, arguments: dict[str, Any]) -> Any:
+        # Positional, in the declared order: the engine's method takes these first.
+        return await self._run(getattr(self.engine, declared.name), *arguments.values())
 
-    async def recognize(self, scope, image, user=None):
-        return await self._run(self.engine.recognize, scope, image, user)
-
-    async def ask(self, scope, image, question, user=None):
-        return await self._run(self.engine.ask, scope, image, question, user)
-
-    async def caption(self, scope, image, user=None):
-        return await self._run(self.engine.caption, scope, image, user)
-
-    def ask_stream(self, scope, image, question, user=None) -> AsyncIterator[str | Answer]:
-        return self._stream(self.engine.ask_stream, scope, image, question, user)
-
-    def caption_stream(self, scope, image, user=None) -> AsyncIterator[str | Answer]:
-        return self._stream(self.engine.caption_stream, scope, image, user)
-
-    async def _stream(self, fn: Callable[..., Iterator[T]], *args) -> AsyncIterator[T]:
-        """Runs a blocking generator on the engine thread and hands its items to the event
-        loop as they come; leaving the loop early stops the generator (and the generation)."""
+    async def _stream(self, declared: Operation, arguments: dict[str, Any]) -> AsyncIterator:
+        """Runs the engine's blocking generator on the engine thread and hands its items to
+        the event loop as they come; leaving the loop early stops the generator (and the
+        generation)."""
+        fn: Callable[..., Iterator] = getattr(self.engine, declared.stream_name)
         loop = asyncio.get_running_loop()
         items: asyncio.Queue = asyncio.Queue()
         leave = threading.Event()
@@ -146,7 +71,7 @@ class LocalGateway:
                 leave.set()
 
         def produce() -> None:
-            iterator = fn(*args)
+            iterator = fn(*arguments.values())
             try:
                 for item in iterator:
                     send(item)
@@ -170,39 +95,6 @@ class LocalGateway:
                 yield item
         finally:
             leave.set()
-
-    async def list_concepts(self, scope):
-        return await self._run(self.engine.list_concepts, scope)
-
-    async def concept_sheet(self, scope, page=1):
-        return await self._run(self.engine.concept_sheet, scope, page)
-
-    async def example_crops(self, scope, name, limit=None):
-        return await self._run(self.engine.example_crops, scope, name, limit)
-
-    async def rename(self, scope, name, new_name, actor):
-        return await self._run(self.engine.rename, scope, name, new_name, actor)
-
-    async def describe(self, scope, name, description, actor):
-        return await self._run(self.engine.describe, scope, name, description, actor)
-
-    async def forget(self, scope, name, actor):
-        return await self._run(self.engine.forget, scope, name, actor)
-
-    async def forget_user(self, user):
-        return await self._run(self.engine.forget_user, user)
-
-    async def set_indexing(self, scope, enabled, actor, delete=False):
-        return await self._run(self.engine.set_indexing, scope, enabled, actor, delete=delete)
-
-    async def indexing(self, scope):
-        return await self._run(self.engine.indexing, scope)
-
-    async def index_photo(self, scope, image, user, source):
-        return await self._run(self.engine.index_photo, scope, image, user, source)
-
-    async def search(self, scope, text="", ref_image=None, k=10):
-        return await self._run(self.engine.search, scope, text, ref_image, k)
 
     async def close(self) -> None:
         await self._run(self.engine.close)
