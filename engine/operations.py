@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from engine.permissions import Actor
-from engine.types import Answer, Box, Concept, PhotoHit, RememberResult
+from engine.types import Answer, Box, Concept, ConceptSheet, PhotoHit, RememberResult
 
 Queue = Literal["gpu", "cpu"]
 GPU: Queue = "gpu"  # model work (detector, CLIP, the LLM)
@@ -52,6 +52,7 @@ IN_PROCESS_ONLY = frozenset(
         "photos",
         "search_encoder",
         "generator",
+        "compose_query",
     }
 )
 
@@ -149,6 +150,16 @@ def caption(scope: str, image: bytes, user: str | None = None) -> Answer:
 @operation(CPU, result_key="concepts")
 def list_concepts(scope: str) -> list[Concept]:
     """The scope's concepts."""
+
+
+@operation(CPU)
+def concept_sheet(scope: str, page: int = 1) -> ConceptSheet:
+    """One page of the scope's concepts with their contact sheet (a JPEG)."""
+
+
+@operation(CPU, result_key="crops")
+def example_crops(scope: str, name: str) -> list[bytes]:
+    """The JPEG crops of a concept's example photos, first example first."""
 
 
 @operation(CPU, result_key="concept")

@@ -14,7 +14,16 @@ import pytest
 from engine.engine import Engine
 from engine.operations import IN_PROCESS_ONLY, OPERATIONS, EngineGateway, Operation
 from engine.permissions import Actor
-from engine.types import Answer, Box, Concept, PhotoHit, Recognition, RememberResult, UnknownObject
+from engine.types import (
+    Answer,
+    Box,
+    Concept,
+    ConceptSheet,
+    PhotoHit,
+    Recognition,
+    RememberResult,
+    UnknownObject,
+)
 
 CONCEPT = Concept("c1", "tg:1", "Mochi", "my grey cat", "cat", "alice", 1.5, 2)
 SAMPLES: dict[Any, Any] = {
@@ -42,6 +51,8 @@ RESULTS: dict[Any, Any] = {
     bool: True,
     int | None: 12,
     list[PhotoHit]: [PhotoHit(4, 0.9, "tg-file-1")],
+    ConceptSheet: ConceptSheet([CONCEPT], 1, 1, 1, b"\xff\xd8sheet"),
+    list[bytes]: [b"\xff\xd8crop-1", b"\xff\xd8crop-2"],
 }
 
 
