@@ -174,6 +174,8 @@ class CeleryGateway(EngineGateway):
             async_result = self.app.send_task(name, kwargs=kwargs, **options)
             if on_piece is not None:
                 self._relay_pieces(async_result, deadline, on_piece, leave or threading.Event())
+                if leave is not None and leave.is_set():
+                    return None  # the caller left the stream: nobody waits for the result
             # Results are pushed (Redis pub/sub), not polled: get() returns as one arrives.
             remaining = max(0.05, deadline - time.monotonic())
             value = async_result.get(timeout=remaining, propagate=False)
