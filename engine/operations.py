@@ -41,6 +41,7 @@ CPU: Queue = "cpu"  # store-only work: no model is loaded for it
 IN_PROCESS_ONLY = frozenset(
     {
         "open",
+        "open_store",
         "close",
         "loaded_parts",
         "concept",
@@ -53,6 +54,7 @@ IN_PROCESS_ONLY = frozenset(
         "search_encoder",
         "generator",
         "compose_query",
+        "retrieval_policy",
     }
 )
 
@@ -158,8 +160,8 @@ def concept_sheet(scope: str, page: int = 1) -> ConceptSheet:
 
 
 @operation(CPU, result_key="crops")
-def example_crops(scope: str, name: str) -> list[bytes]:
-    """The JPEG crops of a concept's example photos, first example first."""
+def example_crops(scope: str, name: str, limit: int | None = None) -> list[bytes]:
+    """The JPEG crops of a concept's example photos, first example first (at most ``limit``)."""
 
 
 @operation(CPU, result_key="concept")

@@ -172,10 +172,20 @@ def test_concepts_command_answers_with_the_sheet_and_pages(tiny_engine, dreamboo
 
 
 def test_sheet_and_crops_cross_the_wire_unchanged():
+    from engine.operations import OPERATIONS
     from engine.types import Concept, ConceptSheet
     from workers import wire
 
+    blobs: dict[str, bytes] = {}
+
+    def put(data: bytes) -> str:
+        blobs[f"k{len(blobs)}"] = data
+        return f"k{len(blobs) - 1}"
+
     concept = Concept("c1", "tg:1", "ミミ", "cat", "pet", "tg:5", 1.0, 2)
     sheet = ConceptSheet([concept], 2, 3, 49, b"jpeg")
-    assert wire.concept_sheet_from_json(wire.concept_sheet_to_json(sheet, "key"), b"jpeg") == sheet
-    assert wire.crops_from_json(wire.crops_to_json([b"\xff\xd8a", b"b"])) == [b"\xff\xd8a", b"b"]
+    for name, value in (("concept_sheet", sheet), ("example_crops", [b"\xff\xd8a", b"b"])):
+        declared = OPERATIONS[name]
+        sent = wire.result_to_json(declared, value, put)
+        assert wire.result_from_json(declared, sent, blobs.pop) == value
+    assert blobs == {}  # every picture went by reference and was taken back

@@ -34,6 +34,7 @@ SAMPLES: dict[Any, Any] = {
     Box | None: Box(1, 2, 3, 4),
     bytes | None: b"\xff\xd8ref",
     str | None: "alice",
+    int | None: 2,
     Actor: Actor("alice", True),
 }
 RESULTS: dict[Any, Any] = {

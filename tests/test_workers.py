@@ -641,10 +641,12 @@ def test_concept_sheet_and_crops_tasks(worker_state, dreambooth) -> None:
 
     runtime.engine().remember("tg:1", cat_photo(dreambooth), "Mochi", user="tg:5")
     value = concept_sheet.apply(kwargs={"scope": "tg:1", "page": 1}).get()
-    sheet = wire.concept_sheet_from_json(value, worker_state.take(value["image"]))
+    sheet = wire.result_from_json(OPERATIONS["concept_sheet"], value, worker_state.take)
     assert [c.name for c in sheet.concepts] == ["Mochi"] and sheet.image[:2] == b"\xff\xd8"
-    crops = wire.crops_from_json(
-        example_crops.apply(kwargs={"scope": "tg:1", "name": "mochi"}).get()
+    crops = wire.result_from_json(
+        OPERATIONS["example_crops"],
+        example_crops.apply(kwargs={"scope": "tg:1", "name": "mochi"}).get(),
+        worker_state.take,
     )
     assert len(crops) == 1 and crops[0][:2] == b"\xff\xd8"
     missing = concept_sheet.apply(kwargs={"scope": "tg:1", "page": 2}).get()
