@@ -21,6 +21,7 @@ from engine.answers import ask_sentence, caption_sentence, rough_position, who_s
 from engine.categories import category_from_text
 from engine.contact_sheet import PAGE_SIZE, SheetTile, check_page, page_count, render_contact_sheet
 from engine.errors import (
+    ImageError,
     InvalidInputError,
     MissingWeightError,
     NameTakenError,
@@ -737,17 +738,44 @@ class Engine:
         )
 
     def reindex_photos(self, force: bool = False) -> int:
+        """:meth:`reindex_report`'s count of re-embedded photos."""
+        return self.reindex_report(force).photos
+
+    def reindex_report(self, force: bool = False) -> ReindexReport:
         """Re-embed every indexed photo (all scopes) with the configured search encoder, from
-        the stored thumbnails, after switching encoders; returns how many photos. Does nothing
-        (returns 0) when the index already comes from the configured encoder, since 256-pixel
-        thumbnails give worse vectors than the photos did; ``force`` re-embeds anyway."""
+        the stored thumbnails, after switching encoders. Does nothing (0 photos) when the index
+        already comes from the configured encoder, since 256-pixel thumbnails give worse
+        vectors than the photos did; ``force`` re-embeds anyway. A thumbnail the safe decoder
+        refuses (an archive's, a damaged file's) is forgotten first and reported with its chat,
+        so one bad photo cannot stop the re-index of every chat half-way."""
         if not force and self.photos.mismatch is None:
             log.info("reindex_photos model=%s: already matches", self.photos.model_id)
-            return 0
-
+            return ReindexReport(0, {})
+        skipped = self._drop_unreadable_photos()
         count = self.photos.reembed(self.embed_thumbnails)
         log.info("reindex_photos model=%s photos=%d", self.photos.model_id, count)
-        return count
+        return ReindexReport(count, skipped)
+
+    def _drop_unreadable_photos(self) -> dict[str, list[int]]:
+        """Forget the photos whose thumbnails cannot be decoded; their ids by chat."""
+        skipped: dict[str, list[int]] = {}
+        for scope in self.photos.scopes():
+            bad = []
+            for photo in self.photos.rows(scope):
+                try:
+                    decode_image(photo.thumbnail, self.limits)
+                except ImageError as error:
+                    log.warning(
+                        "reindex: chat %s photo %d unreadable (%s); forgotten",
+                        scope,
+                        photo.photo_id,
+                        error,
+                    )
+                    bad.append(photo.photo_id)
+            if bad:
+                self.photos.delete_photos(scope, bad)
+                skipped[scope] = bad
+        return skipped
 
     def search(
         self,
@@ -829,6 +857,15 @@ class Engine:
             parts = cir_query(encoder, text, ref, concepts)
         with timer.stage("search"):
             return search_parts(self.photos, scope, parts, k, self.settings.search_candidates)
+
+
+@dataclass(frozen=True)
+class ReindexReport:
+    """What :meth:`Engine.reindex_report` did: photos re-embedded, and the photos left out
+    (unreadable thumbnails, now forgotten) by chat."""
+
+    photos: int
+    skipped: dict[str, list[int]]
 
 
 def _whole(answer: Answer) -> Iterator[str | Answer]:

@@ -642,6 +642,27 @@ class PhotoStore:
                 self._after_write(scope, versions, removed=removed)
             return sum(len(ids) for ids in by_scope.values())
 
+    def delete_photos(self, scope: str, photo_ids: list[int]) -> int:
+        """Forget these photos of the scope (unreadable ones, before a re-index); how many."""
+        scope = check_scope(scope)
+        ids = [int(i) for i in photo_ids]
+        if not ids:
+            return 0
+        with self._lock:
+            with self._write() as db:
+                marks = ",".join("?" * len(ids))
+                found = [
+                    r[0]
+                    for r in db.execute(
+                        f"SELECT id FROM photos WHERE scope = ? AND id IN ({marks})", (scope, *ids)
+                    )
+                ]
+                db.execute(f"DELETE FROM photos WHERE scope = ? AND id IN ({marks})", (scope, *ids))
+                versions = bump_scope_version(db, scope)
+                _log_deletions(db, scope, found, versions[1])
+            self._after_write(scope, versions, removed=np.asarray(found, dtype=np.int64))
+            return len(found)
+
     def delete_scope(self, scope: str) -> int:
         """Forget every photo of the scope; returns how many."""
         scope = check_scope(scope)

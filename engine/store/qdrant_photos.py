@@ -406,6 +406,16 @@ class QdrantPhotoStore:
         with self._calls():
             return self._delete_where(_poster_filter(poster))
 
+    def delete_photos(self, scope: str, photo_ids: list[int]) -> int:
+        """Forget these photos of the scope (unreadable ones, before a re-index); how many."""
+        scope = check_scope(scope)
+        if not photo_ids:
+            return 0
+        flt = _scope_filter(scope)
+        flt.must.append(models.HasIdCondition(has_id=[int(i) for i in photo_ids]))
+        with self._calls():
+            return self._delete_where(flt)
+
     def delete_scope(self, scope: str) -> int:
         scope = check_scope(scope)
         with self._calls():

@@ -73,9 +73,13 @@ def _rebuild(args: argparse.Namespace) -> int:
         raise InvalidInputError("Give either photos or --rebuild, not both.")
     with open_engine(settings_for(args)) as engine:
         stale = engine.photos.mismatch is not None  # made by another encoder
-        count = engine.reindex_photos(force=args.force)
+        report = engine.reindex_report(force=args.force)
+    count = report.photos
     text = replies.reindexed(count, already_current=count == 0 and not (stale or args.force))
-    emit(args, {"reindexed": count}, text)
+    for chat, ids in sorted(report.skipped.items()):  # one bad thumbnail stops no other photo
+        shown = ", ".join(str(i) for i in ids[:10]) + (" ..." if len(ids) > 10 else "")
+        text += f"\nChat {chat}: left out {len(ids)} unreadable photo(s) (ids {shown})."
+    emit(args, {"reindexed": count, "skipped": report.skipped}, text)
     return 0
 
 
