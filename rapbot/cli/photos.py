@@ -79,7 +79,8 @@ def _rebuild(args: argparse.Namespace) -> int:
     for chat, ids in sorted(report.skipped.items()):  # one bad thumbnail stops no other photo
         shown = ", ".join(str(i) for i in ids[:10]) + (" ..." if len(ids) > 10 else "")
         text += f"\nChat {chat}: left out {len(ids)} unreadable photo(s) (ids {shown})."
-    emit(args, {"reindexed": count, "skipped": report.skipped}, text)
+    payload = {"reindexed": count} | ({"skipped": report.skipped} if report.skipped else {})
+    emit(args, payload, text)
     return 0
 
 
