@@ -37,8 +37,10 @@ The photo history is people's photos and user ids, and a chat's /index flag is i
 decision, so both stay with their chat: an import sets a chat's flag only when it goes back into
 that same chat (never when ``scope_map`` renames it), and writes the photos of a renamed chat
 only when asked (``include_photos=True``). A photo's source is what the bot sends back from a
-search (Telegram sends it by file id, fetching anything that is a URL), so each one must fit
-the target chat's platform (:func:`source_fits`); those that don't are skipped and counted.
+search: opaque to the engine, its form known only to the adapter of the platform that made it
+(the scope's prefix). The caller passes that rule (``source_fits``, e.g.
+``bots.core.platforms.source_fits``); photos whose source does not fit the target chat are
+skipped and counted.
 """
 
 from __future__ import annotations
@@ -92,13 +94,6 @@ MANIFEST, CONCEPTS, EXAMPLES, EMBEDDINGS = (
 )
 PHOTOS, PHOTO_EMBEDDINGS = "photos.jsonl", "photo_embeddings.npy"
 _CROP = re.compile(r"crops/(\d{8})\.jpg")
-# What a platform's adapter indexes a photo as (and sends back from a search): a Telegram file id
-# (``document:`` for an image file), a Discord message link with ``#N`` for its Nth attachment
-# (``@me`` for a DM). ASCII only: ``\d`` would take any script's digits.
-_TELEGRAM_SOURCE = re.compile(r"(?:document:)?[A-Za-z0-9_-]{10,}")
-_DISCORD_SOURCE = re.compile(
-    r"https://discord\.com/channels/(?:[0-9]+|@me)/[0-9]+/[0-9]+(?:#[0-9]+)?"
-)
 _THUMB = re.compile(r"thumbs/(\d{8})\.jpg")
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _MAX_ID = 2**63 - 1  # example and photo ids: SQLite's INTEGER
@@ -803,6 +798,7 @@ def import_archive(
     photos: PhotoStore | None = None,
     photo_embedder: Callable[[list[bytes]], np.ndarray] | None = None,
     include_photos: bool | None = None,
+    source_fits: Callable[[str, str], bool] | None = None,
 ) -> ImportReport:
     """Import an archive into ``store`` (and its photo history into ``photos``); see the
     module doc.
@@ -822,8 +818,9 @@ def import_archive(
     False: nobody's (concepts only; the photo store is not touched).
     A chat's /index flag is set to the archive's only when the chat keeps its own id (merge or
     replace); a renamed chat keeps its own flag, which only its admins decide.
-    Photos whose source does not fit the target chat's platform (:func:`source_fits`) are
-    skipped and counted, not an error.
+    ``source_fits(target scope, source)``: whether a photo's source has the form the target
+    chat's platform sends (see the module doc); photos whose source does not fit are skipped
+    and counted, not an error. None: any non-empty source fits (sources are opaque here).
     ``photo_embedder`` (thumbnail JPEGs -> unit rows of the photo store's size, e.g.
     :meth:`engine.engine.Engine.embed_thumbnails`) is needed only when the photos were
     embedded by another model than the photo store's.
@@ -842,7 +839,8 @@ def import_archive(
         # A chat's /index flag only ever into that same chat: never onto another one.
         flags = {s: on for s, on in flags_of.items() if s in wanted and targets[s] == s}
         asked = [(r, p) for r, p in enumerate(archive.photos) if p.scope in wanted]
-        rows = [r for r, p in asked if source_fits(targets[p.scope], p.source)]
+        fits = source_fits or _any_source
+        rows = [r for r, p in asked if fits(targets[p.scope], p.source)]
         left_out, foreign = len(archive.photos) - len(asked), len(asked) - len(rows)
         photo_vectors, photos_reembedded = (
             _photo_vectors_for(archive, photos, photo_embedder, rows)
@@ -884,18 +882,6 @@ def import_archive(
     )
 
 
-def source_fits(scope: str, source: str) -> bool:
-    """Whether a photo's ``source`` is what the platform of chat ``scope`` indexes photos as,
-    i.e. what its adapter may send back from a search: a Telegram chat (``tg:``) only Telegram
-    file ids (Telegram would fetch a URL given in their place), a Discord chat (``dc:``) only
-    Discord message links; any other chat (the CLI's, files' paths) any non-empty text."""
-    if scope.startswith("tg:"):
-        return _TELEGRAM_SOURCE.fullmatch(source) is not None
-    if scope.startswith("dc:"):
-        return _DISCORD_SOURCE.fullmatch(source) is not None
-    return bool(source.strip())
-
-
 def _refuse_look_alikes(archive: Archive, store: ConceptStore, targets: dict[str, str]) -> None:
     """A merge must not bring ``Моchi`` (Cyrillic) into a chat that has ``Mochi``: the same
     rule as ``/remember`` (:func:`engine.validation.refuse_look_alike`), checked up front."""
@@ -908,6 +894,10 @@ def _refuse_look_alikes(archive: Archive, store: ConceptStore, targets: dict[str
             refuse_look_alike(archived.name, existing[target])
         except InvalidInputError as error:
             raise InvalidInputError(f"{error} (chat '{target}'). Nothing was imported.") from None
+
+
+def _any_source(scope: str, source: str) -> bool:
+    return bool(source.strip())
 
 
 def _targets(archive: Archive, scope_map: Mapping[str, str]) -> dict[str, str]:

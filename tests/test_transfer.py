@@ -1266,8 +1266,10 @@ def test_the_engine_rebuild_completes_an_interrupted_one(tiny_engine, tmp_path) 
 @pytest.mark.parametrize(
     "scope, source, fits",
     [
-        ("tg:-100123", "AgACAgIAAxkBAAIBZ2X", True),
-        ("tg:-100123", "document:BQACAgIAAxkBAAIB", True),
+        ("tg:-100123", "AgACAgIAAxkBAAIBZ2XyAAE", True),
+        ("tg:-100123", "document:BQACAgIAAxkBAAIBZ2XyAAE", True),
+        ("tg:1", "document:credentials", False),  # a file of the bot's folder, not an id
+        ("tg:1", "AgACAgIAAxkBAAIBZ2X", False),  # too short for a real file id
         ("tg:1", "short", False),
         ("tg:1", "https://evil.example/a.jpg", False),
         ("tg:1", "document:https://evil.example/a.jpg", False),
@@ -1277,6 +1279,8 @@ def test_the_engine_rebuild_completes_an_interrupted_one(tiny_engine, tmp_path) 
         ("dc:42", "https://discord.com/channels/1/42/1000", True),
         ("dc:42", "https://discord.com/channels/1/42/1000#2", True),
         ("dc:42", "https://discord.com/channels/@me/42/1000", True),
+        ("dc:42", "https://ptb.discord.com/channels/1/42/1000", True),
+        ("dc:42", "https://canary.discord.com/channels/1/42/1000#3", True),
         ("dc:42", "https://discord.com/channels/1/42/1000/evil", False),
         ("dc:42", "https://discord.com.evil.example/channels/1/42/1000", False),
         ("dc:42", "http://discord.com/channels/1/42/1000", False),
@@ -1287,7 +1291,8 @@ def test_the_engine_rebuild_completes_an_interrupted_one(tiny_engine, tmp_path) 
     ],
 )
 def test_source_fits_the_platform(scope, source, fits) -> None:
-    from engine.backup import source_fits
+    """Each platform's adapter owns its source form (bots.core.platforms); the engine none."""
+    from bots.core.platforms import source_fits
 
     assert source_fits(scope, source) is fits
 
@@ -1296,12 +1301,15 @@ def test_photos_whose_sources_dont_fit_the_chat_are_skipped(
     source, full, target, target_photos, tmp_path
 ) -> None:
     """Telegram sends search results by source and fetches a URL: an archive's source must be
-    what the target chat's platform indexes, else that photo (only) is skipped and counted."""
+    what the target chat's platform indexes, else that photo (only) is skipped and counted.
+    The rule is the platforms' (bots.core.platforms), handed to the engine as the CLI does."""
+    from bots.core.platforms import source_fits
+
     url = "https://evil.example/track.jpg"
     step = rewrite(full, tmp_path / "step.zip", put=_photo_lines_with(full, 0, source=url))
     link = "https://discord.com/channels/1/5/77"
     foreign = rewrite(step, tmp_path / "foreign.zip", put=_photo_lines_with(step, 2, source=link))
-    report = import_archive(foreign, target, photos=target_photos)
+    report = import_archive(foreign, target, photos=target_photos, source_fits=source_fits)
     assert [p[0] for p in photo_rows(target_photos, "tg:1")] == [file_id(12)]
     assert photo_rows(target_photos, "tg:3") == []
     assert url not in str(photo_state(target_photos))
@@ -1313,11 +1321,14 @@ def test_photos_whose_sources_dont_fit_the_chat_are_skipped(
         scope_map={"tg:3": "dc:5", "tg:1": "local"},
         photos=target_photos,
         include_photos=True,
+        source_fits=source_fits,
     )
     assert (moved.photos, moved.photos_skipped_foreign) == (3, 0)
     assert [p[0] for p in photo_rows(target_photos, "dc:5")] == [link]
     assert [p[0] for p in photo_rows(target_photos, "local")] == [url, file_id(12)]
     # Replace mode checks them too.
-    replaced = import_archive(foreign, target, mode="replace", photos=target_photos)
+    replaced = import_archive(
+        foreign, target, mode="replace", photos=target_photos, source_fits=source_fits
+    )
     assert (replaced.photos, replaced.photos_skipped_foreign) == (1, 2)
     assert [p[0] for p in photo_rows(target_photos, "tg:1")] == [file_id(12)]

@@ -42,6 +42,11 @@ def reply_content(reply: Reply, note: str = "") -> str:
     return text
 
 
+def is_message_link(source: str) -> bool:
+    """Whether ``source`` is a search source of this adapter's form (bots.core.platforms)."""
+    return MESSAGE_LINK.fullmatch(source) is not None
+
+
 def photo_link(ref: str) -> str:
     """A search result's source as shown: the link to the message with the photo, plus which
     attachment it is when the source says (``#N``); anything else (a URL elsewhere, markdown,

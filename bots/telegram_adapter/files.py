@@ -71,6 +71,11 @@ def sendable_source(source: str) -> SentFile | None:
     return SentFile(kind, source) if _FILE_ID.fullmatch(source) else None
 
 
+def is_telegram_source(source: str) -> bool:
+    """Whether ``source`` is a search source of this adapter's form (bots.core.platforms)."""
+    return sendable_source(source) is not None
+
+
 @dataclass(frozen=True)
 class Attachment:
     """A downloadable image: its Telegram file id and the size Telegram says it has."""

@@ -73,6 +73,7 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_import(args: argparse.Namespace) -> int:
+    from bots.core.platforms import source_fits
     from engine.backup import import_archive, read_archive
     from engine.validation import TextLimits
 
@@ -105,6 +106,7 @@ def run_import(args: argparse.Namespace) -> int:
                 # Called only for photos of another search encoder (it loads that encoder).
                 photo_embedder=engine.embed_thumbnails,
                 include_photos=True if args.with_photos else None,
+                source_fits=source_fits,  # only sources the target chat's adapter can send
             )
     counts = {
         "scopes": report.scopes,
