@@ -69,8 +69,8 @@ class TerminalChat:
         is_admin: bool = True,
         out_dir: Path = Path("."),
         limits: ImageLimits | None = None,
-        stdin: TextIO = sys.stdin,
-        stdout: TextIO = sys.stdout,
+        stdin: TextIO | None = None,
+        stdout: TextIO | None = None,
     ) -> None:
         self.core = core
         self.scope = scope
@@ -78,8 +78,9 @@ class TerminalChat:
         self.is_admin = is_admin
         self.out_dir = Path(out_dir)
         self.limits = limits or ImageLimits()
-        self.stdin = stdin
-        self.stdout = stdout
+        # Resolved per call, not at import: the streams can be replaced after this module loads.
+        self.stdin = stdin or sys.stdin
+        self.stdout = stdout or sys.stdout
         self.last_photo: bytes | None = None
         self.message_count = 0
 

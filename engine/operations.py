@@ -48,6 +48,7 @@ IN_PROCESS_ONLY = frozenset(
         "vocabulary",
         "embed_thumbnails",
         "reindex_photos",
+        "reindex_report",
         "models",
         "retriever",
         "photos",

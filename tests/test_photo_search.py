@@ -357,8 +357,10 @@ def test_cli_index_and_search_json(tiny_models, tmp_path, monkeypatch, capsys, d
     assert json.loads(capsys.readouterr().out) == {"reindexed": len(paths)}
     assert main(["search", "--ref", paths[2], "--json", "-k", "1"]) == 0
     assert json.loads(capsys.readouterr().out)["results"][0]["source"] == paths[2]
-    assert main(["index"]) == 1
-    assert "Give the photos to index (or --rebuild)." in capsys.readouterr().err
+    with pytest.raises(SystemExit) as usage:  # a usage error: the command's usage, exit 2
+        main(["index"])
+    assert usage.value.code == 2
+    assert "give the photos to index (or --rebuild)" in capsys.readouterr().err
 
 
 def test_core_index_and_search_commands(tiny_engine, dreambooth) -> None:
