@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.cir.lvlm import CirLvlmEncoder, PromptPool
+from engine.cir.lvlm import INSTRUCTIONS, TARGET_PROMPT, CirLvlmEncoder, PromptPool
 from engine.cir.train import (
     CirTrainConfig,
     ImageCache,
@@ -235,8 +235,7 @@ def test_prompt_selection_pools_image_and_text_separately(tiny_llava, shapes) ->
     assert enc.pool.keys.shape[-1] == 2 * hidden
 
     def feature(name: str, text: str) -> torch.Tensor:
-        prompt = enc.query_prompt.format(image=enc.image_text, text=text)
-        batch = enc._batch([prompt], [images(name)])
+        batch = enc._batch(enc.query_texts([text]), [images(name)])
         embeds = enc._merged_embeds(batch)
         return enc.selection_features(embeds, batch["input_ids"], batch["attention_mask"])[0]
 
@@ -406,8 +405,88 @@ def test_trained_folder_is_self_contained(cir_folder, monkeypatch) -> None:
     meta = json.loads((cir_folder / "cir_config.json").read_text())
     assert meta["base"] == "base" and (cir_folder / "base" / "config.json").is_file()
     assert not Path(meta["base_source"]).exists()  # deleted: loading cannot be using it
+    assert meta["instructions"] == INSTRUCTIONS  # the wording it was trained with
     enc = load_encoder(cir_folder)
     assert enc.encode_texts(["a red square"]).embeddings.shape == (1, 64)
+
+
+class _Recorder:
+    """Every (texts, input_ids, attention_mask) the encoder's processor was given."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.calls: list[tuple[list[str], torch.Tensor, torch.Tensor]] = []
+        real = CirLvlmEncoder._batch
+
+        def batch(encoder, texts, images):
+            out = real(encoder, texts, images)
+            self.calls.append((list(texts), out["input_ids"], out["attention_mask"]))
+            return out
+
+        monkeypatch.setattr(CirLvlmEncoder, "_batch", batch)
+
+    def targets(self) -> list[tuple[list[str], torch.Tensor, torch.Tensor]]:
+        """The calls without a modification text (the QUERY prompt's words are not there)."""
+        return [c for c in self.calls if all("Modify this image" not in t for t in c[0])]
+
+
+def test_targets_carry_the_target_instruction_in_training_and_indexing(
+    tiny_models, cir_folder, shapes, dreambooth, tmp_path, monkeypatch
+) -> None:
+    """Targets are encoded with TARGET_PROMPT (the paper's target-side task prompt): the text
+    the processor gets and the token ids that reach the model end in the instruction, and a
+    training step, evaluation and the engine's photo indexing render the very same text."""
+    from engine.cir.train import embed
+
+    root, train_set, _ = shapes
+    images = ImageCache(root)
+    recorder = _Recorder(monkeypatch)
+    enc = _encoder(cir_folder / "base")
+    config = CirTrainConfig(data=None, images=root, base="", out=Path("."))
+    optimizer = torch.optim.AdamW([p for p in enc.parameters() if p.requires_grad], lr=1e-3)
+    train_step(enc, optimizer, train_set[:3], images, config)
+    training = recorder.targets()
+    assert len(training) == 1 and len(recorder.calls) == 2  # the queries, then the targets
+    recorder.calls.clear()
+    embed(enc, train_set[:2], images, gallery=[train_set[0].target])
+    evaluation = recorder.targets()
+    recorder.calls.clear()
+    engine = _cir_engine(tiny_models, tmp_path, search_model=str(cir_folder))
+    try:
+        _index_all(engine, "chat", [dreambooth / "dog" / "00.jpg"])
+    finally:
+        engine.close()
+    indexing = recorder.targets()
+    assert len(indexing) == 1 and len(recorder.calls) == 1
+
+    rendered = TARGET_PROMPT.format(image=enc.image_text)
+    assert rendered.endswith("Describe this image in one word:")
+    for texts, _, _ in training + evaluation + indexing:
+        assert texts == [rendered] * len(texts)
+    instruction = rendered.replace(enc.image_text, "").strip()
+    tokenizer = enc.processor.tokenizer
+    tail = tokenizer(instruction, add_special_tokens=False)["input_ids"]
+    for _, ids, mask in training + indexing:
+        for row, real in zip(ids, mask, strict=True):
+            assert row[real.bool()][-len(tail) :].tolist() == tail  # the summary token is last
+
+
+def test_encoder_trained_with_other_wording_is_refused(cir_folder, tmp_path) -> None:
+    """A checkpoint records its instructions; one trained under other wording is refused with
+    one line before any weight is loaded, instead of indexing with text it never saw."""
+    from engine.cir.train import encoder_base
+    from engine.errors import MissingWeightError
+
+    folder = tmp_path / "old"
+    folder.mkdir()
+    (folder / "cir_encoder.pt").write_bytes(b"")
+    meta = json.loads((cir_folder / "cir_config.json").read_text())
+    meta["instructions"] = {**INSTRUCTIONS, "target": "{image} What is this?"}
+    (folder / "cir_config.json").write_text(json.dumps(meta))
+    with pytest.raises(MissingWeightError, match="other target instructions"):
+        encoder_base(folder)
+    del meta["instructions"]  # written before the wording was recorded: today's wording
+    (folder / "cir_config.json").write_text(json.dumps(meta))
+    assert "instructions" not in encoder_base(folder)[0]
 
 
 def test_engine_cir_search_reference_text_and_concepts(

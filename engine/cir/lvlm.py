@@ -14,8 +14,13 @@ often each prompt is chosen (:meth:`PromptPool.usage_share`, logged by training)
 training, selection subtracts ``usage_weight`` x (a prompt's share of past choices - 1/size)
 from each similarity, so selection cannot collapse onto one prompt (L2P's frequency penalty,
 in additive form); inference selects by similarity alone. Targets get their own task prompt
-(``TARGET_PROMPT``) and no soft prompt. The language model's linear projections get LoRA
-through peft; the vision tower and projector stay frozen.
+(``TARGET_PROMPT``: the target-side instruction) and no soft prompt: the pool's keys need the
+query's words, and a target's embedding must not depend on any query (photos are indexed
+once). The three instructions are declared here once (:data:`INSTRUCTIONS`); training, evaluation
+and photo indexing all render them through this class, and ``rapbot train cir`` records them
+in its ``cir_config.json`` so that a checkpoint trained under other wording is refused rather
+than indexed with text it never saw (:func:`engine.cir.train.load_encoder`). The language
+model's linear projections get LoRA through peft; the vision tower and projector stay frozen.
 
 Text-only queries (photo search without a reference photo, :mod:`engine.cir.search`) go through
 ``TEXT_PROMPT``, the target prompt with the words where the image would be, without a soft prompt:
@@ -41,6 +46,8 @@ from torch import nn
 QUERY_PROMPT = "{image} Modify this image: {text}. Describe the target image in one word:"
 TARGET_PROMPT = "{image} Describe this image in one word:"
 TEXT_PROMPT = "{text}. Describe this image in one word:"
+# What a checkpoint records and is checked against (the one declaration of the wording).
+INSTRUCTIONS = {"query": QUERY_PROMPT, "target": TARGET_PROMPT, "text": TEXT_PROMPT}
 
 
 @dataclass
@@ -93,6 +100,11 @@ class PromptPool(nn.Module):
         return self.prompts[ids], ids, key_loss
 
 
+def _clause(text: str) -> str:
+    """Words as a clause of the instruction (its own full stop follows)."""
+    return text.strip().rstrip(".")
+
+
 def _masked_mean(embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     m = mask[..., None].to(embeds.dtype)
     return (embeds * m).sum(1) / m.sum(1).clamp(min=1)
@@ -116,9 +128,6 @@ class CirLvlmEncoder(nn.Module):
         lora_alpha: int = 16,
         lora_dropout: float = 0.0,
         use_lora: bool = True,
-        query_prompt: str = QUERY_PROMPT,
-        target_prompt: str = TARGET_PROMPT,
-        text_prompt: str = TEXT_PROMPT,
     ) -> None:
         super().__init__()
         self.processor = processor
@@ -131,9 +140,6 @@ class CirLvlmEncoder(nn.Module):
             image_token = f"{vision_start}{image_token}{vision_end}"
         self.image_text = image_token
         self.image_token_id = tokenizer.convert_tokens_to_ids(processor.image_token)
-        self.query_prompt = query_prompt
-        self.target_prompt = target_prompt
-        self.text_prompt = text_prompt
         model.requires_grad_(False)
         if use_lora:
             from peft import LoraConfig, get_peft_model
@@ -217,14 +223,21 @@ class CirLvlmEncoder(nn.Module):
 
     # -- encoding -----------------------------------------------------------------------------
 
+    # -- instructions (rendered from the module's constants only) ----------------------------
+
+    def query_texts(self, texts: Sequence[str]) -> list[str]:
+        return [QUERY_PROMPT.format(image=self.image_text, text=_clause(t)) for t in texts]
+
+    def target_texts(self, count: int) -> list[str]:
+        return [TARGET_PROMPT.format(image=self.image_text)] * count
+
+    def text_texts(self, texts: Sequence[str]) -> list[str]:
+        return [TEXT_PROMPT.format(text=_clause(t)) for t in texts]
+
     def encode_queries(self, images: Sequence, texts: Sequence[str]) -> Encoded:
         if len(images) != len(texts):
             raise ValueError("encode_queries needs one modification text per reference image")
-        prompts = [
-            self.query_prompt.format(image=self.image_text, text=t.strip().rstrip("."))
-            for t in texts
-        ]
-        batch = self._batch(prompts, images)
+        batch = self._batch(self.query_texts(texts), images)
         embeds = self._merged_embeds(batch)
         soft, ids, key_loss = self.pool.select(
             self.selection_features(embeds, batch["input_ids"], batch["attention_mask"])
@@ -235,16 +248,14 @@ class CirLvlmEncoder(nn.Module):
         return Encoded(self._last_token(embeds, mask), key_loss, ids)
 
     def encode_targets(self, images: Sequence) -> Encoded:
-        prompts = [self.target_prompt.format(image=self.image_text)] * len(images)
-        batch = self._batch(prompts, images)
+        batch = self._batch(self.target_texts(len(images)), images)
         embeds = self._merged_embeds(batch)
         return Encoded(self._last_token(embeds, batch["attention_mask"]))
 
     def encode_texts(self, texts: Sequence[str]) -> Encoded:
-        """Text-only queries through ``text_prompt`` (no image, no soft prompt; see the module
+        """Text-only queries through ``TEXT_PROMPT`` (no image, no soft prompt; see the module
         doc): for searching a target gallery by words alone."""
-        prompts = [self.text_prompt.format(text=t.strip().rstrip(".")) for t in texts]
-        batch = self.processor.tokenizer(prompts, return_tensors="pt", padding=True)
+        batch = self.processor.tokenizer(self.text_texts(texts), return_tensors="pt", padding=True)
         ids = batch["input_ids"].to(self.device)
         mask = batch["attention_mask"].to(self.device)
         return Encoded(self._last_token(self.vlm.get_input_embeddings()(ids), mask))

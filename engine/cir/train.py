@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from engine.cir.lvlm import CirLvlmEncoder
+from engine.cir.lvlm import INSTRUCTIONS, CirLvlmEncoder
 from engine.errors import InvalidInputError, MissingWeightError
 from engine.weights import first_line
 
@@ -291,7 +291,12 @@ def save_encoder(encoder, config: CirTrainConfig) -> None:
     out = Path(config.out)
     save_base(encoder, str(config.base), out)
     torch.save(encoder.trainable_state(), out / ENCODER_FILE)
-    meta = {"base": BASE_DIR, "base_source": str(config.base), **encoder_kwargs(config)}
+    meta = {
+        "base": BASE_DIR,
+        "base_source": str(config.base),
+        "instructions": INSTRUCTIONS,  # the wording it learned; loading checks it
+        **encoder_kwargs(config),
+    }
     (out / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
 
 
@@ -312,6 +317,17 @@ def encoder_base(folder: str | Path) -> tuple[dict, str]:
         message = f"Unreadable {folder / CONFIG_FILE}: {first_line(error)}"
         raise MissingWeightError(message) from None
     meta.pop("base_source", None)
+    # Folders written before the wording was recorded were trained under today's wording
+    # (unchanged since the encoder was added).
+    trained = meta.pop("instructions", INSTRUCTIONS)
+    if trained != INSTRUCTIONS:
+        trained = trained if isinstance(trained, dict) else {}
+        changed = [k for k, text in INSTRUCTIONS.items() if trained.get(k) != text]
+        raise MissingWeightError(
+            f"The CIR-LVLM encoder in {folder} was trained with other {'/'.join(changed)}"
+            " instructions than this version encodes with; train it again with `rapbot train"
+            " cir` (its embeddings would not match)."
+        )
     inside = folder / base
     # Folders from before the base was saved inside name it by its own path or hub name.
     return meta, str(inside) if inside.is_dir() else base
