@@ -193,7 +193,7 @@ def set_indexing(scope: str, enabled: bool, actor: Actor, delete: bool = False) 
 @operation(CPU, result_key="enabled")
 def indexing(scope: str) -> bool:
     """Whether the scope's posted photos are indexed for /search (cheap: no model); bots
-    ask before downloading a posted photo (``bots.core.gateway.PhotoIndexing``)."""
+    ask before downloading a posted photo (``bots.core.photo_indexing.PhotoIndexing``)."""
 
 
 @operation(GPU, result_key="photo_id")

@@ -59,11 +59,6 @@ def log_context(**fields: str | None) -> Iterator[None]:
             var.reset(token)
 
 
-def current_context() -> dict[str, str]:
-    """The context fields that are set right now."""
-    return {name: value for name, var in _vars.items() if (value := var.get()) is not None}
-
-
 class ContextFilter(logging.Filter):
     """Puts the context fields on every record (None when not set); values a caller passed in
     ``extra=`` are kept. Never drops a record."""

@@ -8,9 +8,10 @@ from itertools import pairwise
 import pytest
 
 from bots.core import commands as c
-from bots.core.gateway import LocalGateway, PhotoIndexing
+from bots.core.gateway import LocalGateway
 from bots.core.limits import InFlightLimiter, Limits, RateLimiter
 from bots.core.messages import Reply
+from bots.core.photo_indexing import PhotoIndexing
 from bots.core.request import ChatRequest, CollectingPort, Sender
 from bots.core.serve import CommandCore
 from engine.errors import EngineUnavailableError
@@ -426,7 +427,7 @@ def test_photos_a_command_downloaded_are_indexed_without_a_second_download(caplo
         assert sorted(fetched) == ["bad-2", "d"]
         assert sorted(indexed) == [("tg:1", b"a"), ("tg:1", b"d")]
 
-    with caplog.at_level("INFO", logger="bots.core.gateway"):
+    with caplog.at_level("INFO", logger="bots.core.photo_indexing"):
         asyncio.run(scenario())
     (line,) = [r.getMessage() for r in caplog.records if "not indexed" in r.getMessage()]
     assert line == "photo not indexed scope=tg:1 photo=bad-2: ImageError"

@@ -77,10 +77,6 @@ class InFlightLimiter:
         self._counts[key] = count + 1
         return True
 
-    def is_full(self, key: str) -> bool:
-        """Whether ``try_enter`` would refuse now (a check that enters nothing)."""
-        return self._counts.get(key, 0) >= self.limit
-
     def leave(self, key: str) -> None:
         count = self._counts.get(key, 0) - 1
         if count > 0:

@@ -59,14 +59,16 @@ class Sender:
 class ChatRequest:
     """One chat message (or slash command) addressed to the bot.
 
-    ``command`` is a parsed command (typed slash options become one directly, so a name may
-    hold any character) or the text the user typed (``/remember Mochi | my cat``), parsed
-    once by the core. ``photos``: the photo the command is about first (the message's own or
-    the one it replies to), an album's other photos after it. ``photo_error``: the message
-    carried a file that is no photo (a PDF, a video); the user hears it when the command
-    wanted a photo. ``is_admin``: known up front, or None to ask ``port.is_admin()`` only
-    for commands where it matters (it may cost a platform request). ``message_id`` makes
-    /remember idempotent when a platform delivers a message twice.
+    ``command`` is a parsed command (typed slash options become one directly: nothing is
+    re-parsed, so a ``|`` in a description or question stays as typed) or the text the user
+    typed (``/remember Mochi | my cat``), parsed once by the core. Either way a name follows
+    the engine's one naming rule (``engine.validation.clean_name``). ``photos``: the photo
+    the command is about first (the message's own or the one it replies to), an album's other
+    photos after it. ``photo_error``: the message carried a file that is no photo (a PDF, a
+    video); the user hears it when the command wanted a photo. ``is_admin``: known up front,
+    or None to ask ``port.is_admin()`` only for commands where it matters (it may cost a
+    platform request). ``message_id`` makes /remember idempotent when a platform delivers a
+    message twice.
     """
 
     scope: str

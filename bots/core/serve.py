@@ -41,9 +41,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from bots.core import commands as c
 from bots.core import replies
-from bots.core.gateway import Downloaded, EngineGateway, PhotoIndexing, answer_stream, growing_text
+from bots.core.gateway import EngineGateway, answer_stream, growing_text
 from bots.core.limits import InFlightLimiter, Limits, RateLimiter
 from bots.core.messages import Reply
+from bots.core.photo_indexing import Downloaded, PhotoIndexing
 from bots.core.request import ChatPort, ChatRequest, PhotoRef, Sender
 from engine.errors import RapbotError
 from engine.permissions import Actor

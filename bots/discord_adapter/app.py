@@ -18,8 +18,9 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bots.core.gateway import INDEX_DRAIN_S, EngineGateway, make_gateway
+from bots.core.gateway import EngineGateway, make_gateway
 from bots.core.limits import Limits
+from bots.core.photo_indexing import INDEX_DRAIN_S
 from bots.core.serve import INTERNAL_ERROR, CommandCore
 from bots.discord_adapter.format import ERROR_PREFIX, NO_MENTIONS
 from bots.discord_adapter.handlers import PLATFORM_HELP, RapbotCog

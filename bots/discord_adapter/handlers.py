@@ -28,7 +28,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bots.core import commands as c
-from bots.core.gateway import Downloaded
+from bots.core.photo_indexing import Downloaded
 from bots.core.request import ChatRequest, Sender, user_id
 from bots.core.serve import CommandCore
 from bots.discord_adapter.files import (

@@ -24,8 +24,8 @@ from telegram import Bot, Chat, Message, MessageEntity, Update
 from telegram.ext import BaseHandler, CommandHandler, ContextTypes, MessageHandler, filters
 
 from bots.core import commands as c
-from bots.core.gateway import INDEX_DRAIN_S, Downloaded
 from bots.core.messages import Reply
+from bots.core.photo_indexing import INDEX_DRAIN_S, Downloaded
 from bots.core.request import ChatRequest, Sender, user_id
 from bots.core.serve import INTERNAL_ERROR, CommandCore
 from bots.telegram_adapter.admins import AdminCache

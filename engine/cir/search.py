@@ -178,11 +178,6 @@ def load_search_encoder(settings: EngineSettings) -> CirSearchEncoder:
         return _cache[key]
 
 
-def clear_cache() -> None:
-    with _cache_lock:
-        _cache.clear()
-
-
 # ------------------------------------------------------------------------------- queries
 
 
