@@ -160,10 +160,8 @@ def search_parts(
 
 
 def concept_vectors(store, scope: str, concept_ids: list[str]) -> list[np.ndarray]:
-    """The normalised mean example embedding of each concept (same order), from ``examples``."""
-    sums: dict[str, np.ndarray] = {}
-    for example in store.examples(scope):
-        if example.concept_id in concept_ids:
-            vector = normalize(example.embedding)
-            sums[example.concept_id] = sums.get(example.concept_id, 0) + vector
-    return [normalize(sums[c]) for c in concept_ids if c in sums]
+    """The normalised mean example embedding of each concept (same order; concepts without
+    examples left out). Only these concepts' vectors are read, no crops and no other concept."""
+    found = store.example_embeddings(scope, concept_ids)
+    means = {c: np.sum([normalize(v) for v in rows], axis=0) for c, rows in found.items()}
+    return [normalize(means[c]) for c in concept_ids if c in means]

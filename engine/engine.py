@@ -268,13 +268,20 @@ class Engine:
         with timer.stage("decode"):
             return decode_image(bytes(image), self.limits)
 
+    def categories(self, scope: str) -> list[str]:
+        """The scope's categories the detector looks for: all of them, or when a chat has more
+        than ``detector_max_categories``, those that most concepts have. An open-vocabulary
+        detector's cost grows with its classes (5,000 imported categories made one /who 17x
+        slower), and any chat member can add categories."""
+        return self.store.categories(scope, limit=self.settings.detector_max_categories)
+
     def vocabulary(self, scope: str) -> list[str]:
-        """The detector's classes for a scope: its concepts' categories, then the general list."""
+        """The detector's classes for a scope: its (capped) categories, then the general list."""
         from engine.detector import GENERAL_VOCABULARY
 
         seen: set[str] = set()
         words: list[str] = []
-        for word in [*self.store.categories(scope), *GENERAL_VOCABULARY]:
+        for word in [*self.categories(scope), *GENERAL_VOCABULARY]:
             if word and word.casefold() not in seen:
                 seen.add(word.casefold())
                 words.append(word)
@@ -430,7 +437,7 @@ class Engine:
         generator, then (for the annotated photo and the fallback sentence) the threshold's
         matches and the unmatched detections at the configured confidence."""
         width, height = picture.size
-        categories = self.store.categories(scope)
+        categories = self.categories(scope)
         detections = (
             self._detect(scope, picture, timer, categories, RAP_DETECTOR_CONFIDENCE)
             if categories
@@ -850,7 +857,7 @@ class Engine:
         concepts = []
         if text:  # the scope's names in the text, without loading the retriever's models
             for concept in named_concepts(self.store, scope, text):
-                crops = self.store.example_crops(scope, concept.id)[:MAX_CONCEPT_EXAMPLES]
+                crops = self.store.example_crops(scope, concept.id, MAX_CONCEPT_EXAMPLES)
                 pictures = [decode_image(c, self.limits) for c in crops]
                 concepts.append((concept, pictures))
         with timer.stage("embed"):

@@ -95,6 +95,12 @@ class EngineSettings(BaseSettings):
         640, ge=32, description="detector input size in pixels (default: the profile's)"
     )
     max_detections: int = Field(20, ge=1, description="regions looked at per photo")
+    detector_max_categories: int = Field(
+        100,
+        ge=1,
+        description="most of a chat's categories an open-vocabulary detector looks for (those "
+        "most concepts have; the general list is always added)",
+    )
     match_threshold: float | None = Field(
         None,
         ge=-1.0,

@@ -11,7 +11,8 @@ from __future__ import annotations
 import shutil
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -324,6 +325,72 @@ def test_bad_queries_and_names_are_rejected(store: ConceptStore) -> None:
         add(store, "", "Bo", 3)
     with pytest.raises(InvalidInputError):
         store.delete_user("")
+
+
+def test_categories_limit_keeps_those_most_concepts_have(store: ConceptStore) -> None:
+    """The detector's vocabulary cap: with ``limit`` the most used categories (ties by name),
+    sorted; without it, or under it, all of them (RAP's parity: the database's categories)."""
+    for i, category in enumerate(["cat", "dog", "cat", "teapot", "person", "dog", "cat", ""]):
+        add(store, "dc:9", f"n{i}", i, category=category)
+    add(store, "dc:10", "Other", 99, category="car")
+    assert store.categories("dc:9", limit=2) == ["cat", "dog"]
+    assert store.categories("dc:9", limit=3) == ["cat", "dog", "person"]  # person < teapot
+    everything = ["cat", "dog", "person", "teapot"]
+    assert store.categories("dc:9", limit=4) == store.categories("dc:9", limit=50) == everything
+    assert store.categories("dc:9") == everything and store.categories("dc:10", limit=1) == ["car"]
+    with pytest.raises(InvalidInputError):
+        store.categories("dc:9", limit=0)
+
+
+@contextmanager
+def crop_reads(store: ConceptStore) -> Iterator[list[str]]:
+    """What the store asks its database for that includes crops (SQL for FAISS, the payload
+    of Qdrant scrolls), while the block runs."""
+    seen: list[str] = []
+    if isinstance(store, FaissConceptStore):
+        store._db.set_trace_callback(lambda sql: seen.append(sql) if "crop" in sql else None)
+        try:
+            yield seen
+        finally:
+            store._db.set_trace_callback(None)
+        return
+    scroll = store.client.scroll
+
+    def watched(*args, **kwargs):
+        payload = kwargs.get("with_payload")
+        if payload is True or (isinstance(payload, list) and "crop" in payload):
+            seen.append(f"scroll with_payload={payload}")
+        return scroll(*args, **kwargs)
+
+    store.client.scroll = watched
+    try:
+        yield seen
+    finally:
+        del store.client.scroll
+
+
+def test_example_embeddings_read_only_the_named_concepts_vectors(store: ConceptStore) -> None:
+    """Photo search brings a named concept in through its examples' vectors: only the named
+    concepts', and no crop bytes (3,000 examples read with their crops made /search 30x
+    slower)."""
+    mochi = add(store, "tg:1", "Mochi", 1, crop=b"c" * 10_000)
+    add_example(store, "tg:1", mochi, 3)
+    add_example(store, "tg:1", mochi, 4)
+    bo = add(store, "tg:1", "Bo", 2, category="dog")
+    other = add(store, "dc:2", "Other", 5)
+    with crop_reads(store) as reads:
+        found = store.example_embeddings("tg:1", [bo.id, mochi.id, other.id, "0" * 32, bo.id])
+        assert store.example_embeddings("tg:1", []) == {}
+    assert reads == []
+    assert list(found) == [bo.id, mochi.id]  # the asked order; other scopes' ids left out
+    assert found[mochi.id].dtype == np.float32 and found[mochi.id].shape == (3, DIM)
+    np.testing.assert_allclose(found[mochi.id], np.stack([unit(1), unit(3), unit(4)]), atol=1e-6)
+    np.testing.assert_allclose(found[bo.id], unit(2)[None, :], atol=1e-6)
+    with crop_reads(store) as reads:  # the check sees crop reads where there are some
+        store.example_crops("tg:1", mochi.id, 1)
+    assert reads
+    with pytest.raises(InvalidInputError):
+        store.example_embeddings("tg:1", mochi.id)  # one id, not a list of them
 
 
 def test_scopes_and_examples_export_everything_of_a_scope(store: ConceptStore) -> None:

@@ -9,7 +9,7 @@ scope. Implementations: :class:`engine.store.faiss_store.FaissConceptStore` (loc
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -64,7 +64,10 @@ class ConceptStore(Protocol):
 
     def list_concepts(self, scope: str) -> list[Concept]: ...
 
-    def categories(self, scope: str) -> list[str]: ...
+    def categories(self, scope: str, limit: int | None = None) -> list[str]:
+        """The scope's distinct non-empty categories, sorted; ``limit``: only the ``limit``
+        categories that most concepts have (ties by name), still sorted."""
+        ...
 
     def rename(self, scope: str, concept_id: str, new_name: str) -> Concept: ...
 
@@ -81,6 +84,12 @@ class ConceptStore(Protocol):
 
     def example_crops(self, scope: str, concept_id: str, limit: int | None = None) -> list[bytes]:
         """The concept's crops (JPEG), oldest first; ``limit``: only that many are read."""
+        ...
+
+    def example_embeddings(self, scope: str, concept_ids: Sequence[str]) -> dict[str, np.ndarray]:
+        """The listed concepts' example embeddings, ``(n, dim)`` float32 rows in the order they
+        were added; ids not in the scope are left out. Reads vectors only, never crops: photo
+        search needs a few concepts' vectors, not the whole chat (:meth:`examples`)."""
         ...
 
     def count(self, scope: str | None = None) -> int: ...
@@ -206,6 +215,13 @@ def check_queries(queries: np.ndarray, dim: int) -> np.ndarray:
     if not np.isfinite(queries).all():
         raise InvalidInputError("Search queries must be finite (no NaN or infinity).")
     return np.ascontiguousarray(queries, dtype=np.float32)
+
+
+def check_ids(concept_ids: Sequence[str]) -> list[str]:
+    """Concept ids to look up: a list of strings, de-duplicated (first wins)."""
+    if isinstance(concept_ids, str) or not all(isinstance(c, str) for c in concept_ids):
+        raise InvalidInputError("Concept ids must be a list of strings.")
+    return list(dict.fromkeys(concept_ids))
 
 
 def check_k(k: int) -> int:

@@ -52,6 +52,7 @@ from engine.store.base import (
     check_box,
     check_crop,
     check_embedding,
+    check_ids,
     check_k,
     check_model,
     check_name,
@@ -1005,15 +1006,15 @@ class FaissConceptStore:
             ).fetchall()
         return [_concept(r) for r in rows]
 
-    def categories(self, scope: str) -> list[str]:
+    def categories(self, scope: str, limit: int | None = None) -> list[str]:
         scope = check_scope(scope)
         with self._read() as db:
             rows = db.execute(
-                "SELECT DISTINCT category FROM concepts WHERE scope = ? AND category != ''"
-                " ORDER BY category",
-                (scope,),
+                "SELECT category FROM concepts WHERE scope = ? AND category != ''"
+                " GROUP BY category ORDER BY COUNT(*) DESC, category LIMIT ?",
+                (scope, -1 if limit is None else check_k(limit)),
             ).fetchall()
-        return [r[0] for r in rows]
+        return sorted(r[0] for r in rows)
 
     def example_crops(self, scope: str, concept_id: str, limit: int | None = None) -> list[bytes]:
         scope = check_scope(scope)
@@ -1024,6 +1025,22 @@ class FaissConceptStore:
                 (scope, concept_id, -1 if limit is None else check_k(limit)),
             ).fetchall()
         return [bytes(r[0]) for r in rows]
+
+    def example_embeddings(self, scope: str, concept_ids: Sequence[str]) -> dict[str, np.ndarray]:
+        scope, wanted = check_scope(scope), check_ids(concept_ids)
+        rows: list[tuple[str, bytes]] = []
+        with self._read() as db:
+            for start in range(0, len(wanted), _SQL_CHUNK):
+                chunk = wanted[start : start + _SQL_CHUNK]
+                rows += db.execute(
+                    "SELECT concept_id, embedding FROM examples WHERE scope = ? AND concept_id IN"
+                    f" ({','.join('?' * len(chunk))}) ORDER BY id",
+                    (scope, *chunk),
+                ).fetchall()
+        found: dict[str, list[np.ndarray]] = {}
+        for concept_id, blob in rows:
+            found.setdefault(concept_id, []).append(np.frombuffer(blob, dtype=np.float32))
+        return {c: np.stack(found[c]) for c in wanted if c in found}
 
     def scopes(self) -> list[str]:
         with self._read() as db:

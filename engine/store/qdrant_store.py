@@ -33,7 +33,8 @@ import threading
 import time
 import uuid
 import warnings
-from collections.abc import Iterable, Iterator
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
@@ -57,6 +58,7 @@ from engine.store.base import (
     check_box,
     check_crop,
     check_embedding,
+    check_ids,
     check_k,
     check_model,
     check_name,
@@ -603,11 +605,15 @@ class QdrantConceptStore:
         concepts = [_concept(records) for records in groups.values()]
         return sorted(concepts, key=lambda c: (name_key(c.name), c.id))
 
-    def categories(self, scope: str) -> list[str]:
+    def categories(self, scope: str, limit: int | None = None) -> list[str]:
         scope = check_scope(scope)
+        limit = None if limit is None else check_k(limit)
         with self._reading(), self._calls():
             groups = _group(self._scroll(_where(scope)))
-        return sorted({_head(r)["category"] for r in groups.values()} - {""})
+        concepts = Counter(_head(r)["category"] for r in groups.values())
+        concepts.pop("", None)
+        ranked = sorted(concepts, key=lambda c: (-concepts[c], c))
+        return sorted(ranked[:limit])
 
     def example_crops(self, scope: str, concept_id: str, limit: int | None = None) -> list[bytes]:
         scope = check_scope(scope)
@@ -627,6 +633,22 @@ class QdrantConceptStore:
             )
         crops = {str(r.id): r.payload["crop"] for r in full}
         return [base64.b64decode(crops[str(i)]) for i in wanted if str(i) in crops]
+
+    def example_embeddings(self, scope: str, concept_ids: Sequence[str]) -> dict[str, np.ndarray]:
+        scope, wanted = check_scope(scope), check_ids(concept_ids)
+        if not wanted:
+            return {}
+        among = models.FieldCondition(key="concept_id", match=models.MatchAny(any=wanted))
+        with self._reading(), self._calls():
+            records = self._scroll(
+                _where(scope, among), payload=["concept_id", "seq"], vectors=True
+            )
+        groups = _group(sorted(records, key=lambda r: r.payload["seq"]))
+        return {
+            c: np.asarray([r.vector for r in groups[c]], dtype=np.float32)
+            for c in wanted
+            if c in groups
+        }
 
     def count(self, scope: str | None = None) -> int:
         """Example vectors in the scope, or in the whole collection."""
