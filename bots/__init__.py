@@ -1,1 +1,2 @@
-"""Chat adapters (terminal, Telegram, Discord) over one platform-neutral command core."""
+"""Chat adapters (Telegram, Discord, the web chat, the terminal) over one platform-neutral command
+core."""

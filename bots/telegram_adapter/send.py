@@ -160,28 +160,27 @@ async def _send_refs(bot: Bot, target: Target, refs: list[SentFile], caption: st
         caption = None
 
 
+async def _send_message(bot: Bot, target: Target, text: str, **markup) -> None:
+    """One text message in reply to the request (in its thread, no link previews)."""
+    await bot.send_message(
+        target.chat_id,
+        text,
+        reply_parameters=_reply_parameters(target),
+        message_thread_id=target.thread_id,
+        link_preview_options=_NO_PREVIEW,
+        **markup,
+    )
+
+
 async def _send_text(bot: Bot, target: Target, text: str, bold: list[str]) -> None:
     for piece in split_text(text, MESSAGE_LIMIT):
         try:
-            await bot.send_message(
-                target.chat_id,
-                to_html(piece, bold),
-                parse_mode=ParseMode.HTML,
-                reply_parameters=_reply_parameters(target),
-                message_thread_id=target.thread_id,
-                link_preview_options=_NO_PREVIEW,
-            )
+            await _send_message(bot, target, to_html(piece, bold), parse_mode=ParseMode.HTML)
         except BadRequest as error:
             if "entities" not in str(error).lower():
                 raise
             # Our markup was refused (should not happen): the same words without any markup.
-            await bot.send_message(
-                target.chat_id,
-                piece,
-                reply_parameters=_reply_parameters(target),
-                message_thread_id=target.thread_id,
-                link_preview_options=_NO_PREVIEW,
-            )
+            await _send_message(bot, target, piece)
 
 
 async def _send_plain_fallback(bot: Bot, target: Target, reply: Reply) -> None:
@@ -190,13 +189,7 @@ async def _send_plain_fallback(bot: Bot, target: Target, reply: Reply) -> None:
         text += "\n(Telegram refused the photo, so here is my answer without it.)"
     try:
         for piece in split_text(text, MESSAGE_LIMIT):
-            await bot.send_message(
-                target.chat_id,
-                piece,
-                reply_parameters=_reply_parameters(target),
-                message_thread_id=target.thread_id,
-                link_preview_options=_NO_PREVIEW,
-            )
+            await _send_message(bot, target, piece)
     except TelegramError as error:
         log.error("could not reply in chat=%s at all: %s", target.chat_id, error)
 

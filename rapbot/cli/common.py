@@ -59,6 +59,16 @@ def global_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
     )
 
 
+def gateway_option(parser: argparse.ArgumentParser) -> None:
+    """``--gateway`` of the commands that run a chat (``serve``, ``web``)."""
+    parser.add_argument(
+        "--gateway",
+        choices=["local", "celery"],  # bots.core.gateway.GATEWAY_KINDS, not imported: start-up
+        default=None,
+        help="run the engine in-process (local) or on Celery workers (celery); env RAPBOT_GATEWAY",
+    )
+
+
 class UsageError(InvalidInputError):
     """The command line itself is wrong: reported with the command's usage, exit status 2."""
 

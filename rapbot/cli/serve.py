@@ -7,19 +7,14 @@ import os
 from pathlib import Path
 
 from engine.errors import RapbotError
-from rapbot.cli.common import settings_for
+from rapbot.cli.common import gateway_option, settings_for
 
 
 def register(sub, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("serve", parents=[common], help="run the chat bot on a platform")
     p.set_defaults(handler=run_serve)
     p.add_argument("platform", choices=["telegram", "discord"], help="the chat platform")
-    p.add_argument(
-        "--gateway",
-        choices=["local", "celery"],
-        default=None,
-        help="run the engine in-process (local) or on Celery workers (celery); env RAPBOT_GATEWAY",
-    )
+    gateway_option(p)
     p.add_argument(
         "--sync",
         action="store_true",

@@ -60,14 +60,7 @@ def register(sub, common: argparse.ArgumentParser) -> None:
     t.add_argument(
         "--train-projector", action="store_true", default=None, help="also train the projector"
     )
-    t.add_argument(
-        "--resume",
-        nargs="?",
-        const="latest",
-        default=None,
-        metavar="CHECKPOINT",
-        help="continue from the newest checkpoint in --out (or the one given)",
-    )
+    _resume_option(t)
     t.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps")
     t.add_argument("--keep-checkpoints", type=int, default=2)
     t.add_argument("--seed", type=int, default=0)
@@ -93,7 +86,12 @@ def register(sub, common: argparse.ArgumentParser) -> None:
     c.add_argument("--save-every", type=int, default=500)
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--device", default="cpu")
-    c.add_argument(
+    _resume_option(c)
+    c.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _resume_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
         "--resume",
         nargs="?",
         const="latest",
@@ -101,7 +99,6 @@ def register(sub, common: argparse.ArgumentParser) -> None:
         metavar="CHECKPOINT",
         help="continue from the newest checkpoint in --out (or the one given)",
     )
-    c.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run_train_rap(args: argparse.Namespace) -> int:

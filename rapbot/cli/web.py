@@ -6,7 +6,7 @@ import argparse
 import asyncio
 from pathlib import Path
 
-from rapbot.cli.common import settings_for
+from rapbot.cli.common import gateway_option, settings_for
 
 
 def register(sub, common: argparse.ArgumentParser) -> None:
@@ -25,12 +25,7 @@ def register(sub, common: argparse.ArgumentParser) -> None:
     p.set_defaults(handler=run_web)
     p.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1 (default 8765)")
     p.add_argument("--no-browser", action="store_true", help="don't open a browser tab")
-    p.add_argument(
-        "--gateway",
-        choices=["local", "celery"],
-        default=None,
-        help="run the engine in-process (local) or on Celery workers (celery); env RAPBOT_GATEWAY",
-    )
+    gateway_option(p)
 
 
 def run_web(args: argparse.Namespace) -> int:
