@@ -33,3 +33,23 @@ def test_readme_is_short_and_keeps_the_two_set_up_commands():
     blocks = re.findall(r"```bash\n(.*?)```", readme, flags=re.S)
     assert any("pytest" in block for block in blocks)
     assert any(block.strip().endswith("chat") for block in blocks)
+
+
+# A repository path as the code map names it: under a top-level folder of this repository.
+REPO_PATH = re.compile(
+    r"(?<![\w./<-])((?:bots|engine|workers|rapbot|tests|docs|deploy|benchmarks|scripts)/[\w./-]*)"
+)
+
+
+def named_paths(page: Path) -> set[str]:
+    """Every repository path the page names, in `code` or in a code block (a placeholder
+    such as ``bots/<name>_adapter/`` counts up to its placeholder)."""
+    return {m.group(1).rstrip(".") for m in REPO_PATH.finditer(page.read_text())}
+
+
+def test_the_code_map_names_only_paths_that_exist():
+    pages = [ROOT / "docs" / "architecture.md", ROOT / "README.md"]
+    named = {(page.name, path) for page in pages for path in named_paths(page)}
+    assert len(named) > 20  # the map names the files: a page that names none has lost its map
+    missing = sorted(f"{name}: {path}" for name, path in named if not (ROOT / path).exists())
+    assert not missing, missing
