@@ -46,6 +46,7 @@ IN_PROCESS_ONLY = frozenset(
         "loaded_parts",
         "concept",
         "vocabulary",
+        "categories",
         "embed_thumbnails",
         "reindex_photos",
         "reindex_report",
