@@ -41,12 +41,14 @@ def _answers(engine: Engine, photos: dict[str, bytes]) -> dict[str, tuple]:
     out = {}
     for scope, photo in photos.items():
         answer = engine.recognize(scope, photo, "someone", annotate=False)
+        # Sorted: concepts of equal score (1.0 here, the crops are the remembered ones) have no
+        # meaningful order, and FAISS and Qdrant break such ties differently.
         out[scope] = (
             answer.text,
-            [
+            sorted(
                 (r.name, round(r.score, 5), r.box.as_list() if r.box else None)
                 for r in answer.concepts
-            ],
+            ),
         )
     return out
 
