@@ -721,7 +721,9 @@ class Archive:
         data = self._read(name, n * dim * 4 + 4096)
         try:
             vectors = np.load(io.BytesIO(data), allow_pickle=False)
-        except (ValueError, OSError, EOFError) as error:
+        except Exception as error:
+            # numpy parses the header with Python's own tokenizer and literal_eval: a crafted
+            # one raises tokenize.TokenError, SyntaxError, TypeError... not only ValueError.
             raise self._error(f"has an unreadable {name} ({_reason(error)})") from None
         if vectors.dtype != np.dtype("<f4") or vectors.shape != (n, dim):
             raise self._error(
@@ -731,7 +733,9 @@ class Archive:
         if not np.isfinite(vectors).all():
             raise self._error(f"has {name} with vectors that are not finite")
         # CLIP embeddings are unit length; a long vector would out-score every honest one.
-        if n and np.abs(np.linalg.norm(vectors, axis=1) - 1.0).max() > 1e-3:
+        with np.errstate(over="ignore"):  # 1e38 squared: inf, refused below
+            norms = np.linalg.norm(vectors, axis=1)
+        if n and np.abs(norms - 1.0).max() > 1e-3:
             raise self._error(f"has {name} with vectors that are not unit length")
         return np.ascontiguousarray(vectors, dtype=np.float32)
 
@@ -849,8 +853,7 @@ def import_archive(
         )
         photo_targets = {targets[s] for s in wanted}
         chats = sorted({targets[c.scope] for c in archive.concepts} | photo_targets)
-        if mode == "merge":
-            _refuse_look_alikes(archive, store, targets)
+        _refuse_look_alikes(archive, store, targets, merge=mode == "merge")
         # Everything is checked: only now are the stores touched, in one transaction (FAISS:
         # one SQLite transaction; Qdrant: undone on failure), so a failure at any point,
         # the photo history's included, leaves the concepts as they were.
@@ -882,18 +885,23 @@ def import_archive(
     )
 
 
-def _refuse_look_alikes(archive: Archive, store: ConceptStore, targets: dict[str, str]) -> None:
-    """A merge must not bring ``Моchi`` (Cyrillic) into a chat that has ``Mochi``: the same
-    rule as ``/remember`` (:func:`engine.validation.refuse_look_alike`), checked up front."""
-    existing: dict[str, list[str]] = {}
+def _refuse_look_alikes(
+    archive: Archive, store: ConceptStore, targets: dict[str, str], merge: bool
+) -> None:
+    """No import brings ``Моchi`` (Cyrillic) into a chat that has ``Mochi``: the same rule as
+    ``/remember`` (:func:`engine.validation.refuse_look_alike`), checked up front among the
+    names that go into one chat (``scope_map`` can send two archived chats there) and, in a
+    merge, the names it already has."""
+    names: dict[str, list[str]] = {}
     for archived in archive.concepts:
         target = targets[archived.scope]
-        if target not in existing:
-            existing[target] = [c.name for c in store.list_concepts(target)]
+        if target not in names:
+            names[target] = [c.name for c in store.list_concepts(target)] if merge else []
         try:
-            refuse_look_alike(archived.name, existing[target])
+            refuse_look_alike(archived.name, names[target])
         except InvalidInputError as error:
             raise InvalidInputError(f"{error} (chat '{target}'). Nothing was imported.") from None
+        names[target].append(archived.name)
 
 
 def _any_source(scope: str, source: str) -> bool:

@@ -23,6 +23,7 @@ from engine.backup import (
     export_scopes,
     import_archive,
 )
+from engine.errors import InvalidInputError
 from engine.store.base import ConceptStore
 from tests.test_transfer import faiss, fill, fill_photos, jpeg, lines_with, photo_store, qdrant
 from tests.test_transfer import rewrite as _rewrite
@@ -250,3 +251,49 @@ def test_members_are_capped_by_the_bytes_they_really_unpack_to(archive, target) 
     assert dump(target) == before
     assert jpeg(1)  # the fixture's photos are real JPEGs (the import below decodes them)
     import_archive(archive, target, limits=ArchiveLimits(max_bytes=real))
+
+
+# ----------------------------------------------------------------------------- found by fuzzing
+# (tests/test_trust_fuzz.py): each failed before its fix.
+
+
+def _npy_with_header(header: bytes) -> bytes:
+    """An .npy file (format 1.0) whose header dict is ``header``, padded as numpy pads it."""
+    body = header + b" " * (-(len(header) + 11) % 64) + b"\n"
+    return b"\x93NUMPY\x01\x00" + len(body).to_bytes(2, "little") + body
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        b"{'descr': '<f4', 'fortran_order': False, 'shape': (4, 16), (",  # tokenize.TokenError
+        b"{'descr': '<f4', 'fortran_order': False, 'shape': (4, 16)",  # SyntaxError
+    ],
+)
+def test_a_vectors_member_with_a_broken_header_is_an_archive_error(archive, target, header):
+    """Before: numpy's header parser let tokenize.TokenError out of np.load: a traceback."""
+    before = dump(target)
+    bad = rewrite(archive, "npy", put={"embeddings.npy": _npy_with_header(header)})
+    with pytest.raises(ArchiveError, match="unreadable embeddings.npy"):
+        import_archive(bad, target)
+    assert dump(target) == before
+
+
+@pytest.mark.parametrize("mode", ["merge", "replace"])
+def test_two_chats_imported_into_one_cannot_bring_look_alike_names(archive, target, mode):
+    """Before: the look-alike check compared the archive's names with the target's only, so
+    tg:1's 'Mochi' and tg:2's Cyrillic 'Моchi', both mapped onto tg:7, ended up side by side."""
+    bad = _rewrite(
+        archive, archive.with_name("twins.zip"), put=lines_with(archive, CONCEPTS, 2, name="Моchi")
+    )
+    before = dump(target)
+    with pytest.raises(InvalidInputError, match="'Моchi' looks like 'Mochi'.*chat 'tg:7'"):
+        import_archive(bad, target, mode=mode, scope_map={"tg:1": "tg:7", "tg:2": "tg:7"})
+    assert dump(target) == before
+    # The same name from two chats is one concept, as before: its photos are merged.
+    same = _rewrite(
+        archive, archive.with_name("same.zip"), put=lines_with(archive, CONCEPTS, 2, name="Mochi")
+    )
+    report = import_archive(same, target, mode=mode, scope_map={"tg:1": "tg:7", "tg:2": "tg:7"})
+    assert sorted(c.name for c in target.list_concepts("tg:7")) == ["Bo", "Mochi"]
+    assert report.examples == 4
