@@ -67,6 +67,7 @@ import numpy as np
 
 from engine.errors import ImageError, InvalidInputError, RapbotError, StoreError
 from engine.images import ImageLimits, decode_image
+from engine.progress import Progress, counter
 from engine.store.base import ConceptStore, check_scope, name_key
 from engine.types import Box
 from engine.validation import (
@@ -164,13 +165,15 @@ def export_scopes(
     path: str | os.PathLike[str],
     model_id: str | None = None,
     photos: PhotoStore | None = None,
+    progress: Progress | None = None,
 ) -> ExportReport:
     """Write the concepts of ``scopes`` (None: every scope) to one archive at ``path``.
 
     ``model_id`` (default: the store's) is recorded with the embeddings; it must be the
     store's. ``photos``: the photo search history, written too: every chosen chat's photos and
     indexing flag (with ``scopes=None`` the chats of either store). The file appears
-    atomically: a failed export leaves no partial archive.
+    atomically: a failed export leaves no partial archive. ``progress("Exporting", done,
+    total)`` is called as the examples and photos are written.
     """
     if model_id is not None and model_id != store.model_id:
         raise InvalidInputError(
@@ -189,6 +192,7 @@ def export_scopes(
     path = Path(path).expanduser()
     if path.is_dir():
         raise InvalidInputError(f"{path} is a folder; give a file name for the export.")
+    tick = counter(progress, "Exporting", _export_size(store, scopes, chosen, photos))
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         with (
@@ -196,7 +200,9 @@ def export_scopes(
             tempfile.TemporaryFile() as vectors,
             tempfile.TemporaryFile() as photo_vectors,
         ):
-            report = _write_archive(store, chosen, archive, (vectors, photo_vectors), path, photos)
+            report = _write_archive(
+                store, chosen, archive, (vectors, photo_vectors), path, photos, tick
+            )
         os.replace(tmp, path)
     except OSError as error:
         raise InvalidInputError(f"Can't write {path}: {error.strerror or error}") from None
@@ -212,6 +218,7 @@ def _write_archive(
     vectors: tuple[Any, Any],  # temporary files: the examples' and the photos' rows
     path: Path,
     photos: PhotoStore | None,
+    tick: Callable[[], None],
 ) -> ExportReport:
     concepts: list[str] = []
     examples: list[str] = []
@@ -252,10 +259,11 @@ def _write_archive(
                     added_by=ex.added_by or ex.owner,
                 )
             )
+            tick()
         entry = {"scope": scope, "concepts": len(seen), "examples": len(examples) - first}
         if photos is not None:
             entry["photos"] = _write_photos(
-                photos, scope, archive, vectors[1], photo_lines, photo_dim
+                photos, scope, archive, vectors[1], photo_lines, photo_dim, tick
             )
             indexing[scope] = photos.indexing(scope)
         per_scope.append(entry)
@@ -292,6 +300,7 @@ def _write_photos(
     vectors: Any,
     lines: list[str],
     dim: int,
+    tick: Callable[[], None],
 ) -> int:
     """Write the scope's photos (thumbnail, vector, line); returns how many."""
     first = len(lines)
@@ -312,7 +321,22 @@ def _write_photos(
                 posted_at=photo.posted_at,
             )
         )
+        tick()
     return len(lines) - first
+
+
+def _export_size(
+    store: ConceptStore,
+    scopes: Sequence[str] | None,
+    chosen: list[str],
+    photos: PhotoStore | None,
+) -> int:
+    """The examples and photos an export writes (its progress total)."""
+    if scopes is None:  # every chat of either store: all rows
+        return store.count() + (photos.total() if photos is not None else 0)
+    return sum(
+        store.count(scope) + (photos.total(scope) if photos is not None else 0) for scope in chosen
+    )
 
 
 def _write_npy(archive: zipfile.ZipFile, name: str, rows: Any, n: int, dim: int) -> None:
@@ -803,6 +827,7 @@ def import_archive(
     photo_embedder: Callable[[list[bytes]], np.ndarray] | None = None,
     include_photos: bool | None = None,
     source_fits: Callable[[str, str], bool] | None = None,
+    progress: Progress | None = None,
 ) -> ImportReport:
     """Import an archive into ``store`` (and its photo history into ``photos``); see the
     module doc.
@@ -828,13 +853,15 @@ def import_archive(
     ``photo_embedder`` (thumbnail JPEGs -> unit rows of the photo store's size, e.g.
     :meth:`engine.engine.Engine.embed_thumbnails`) is needed only when the photos were
     embedded by another model than the photo store's.
+    ``progress(stage, done, total)`` hears each stage: "Embedding crops again" and "Embedding
+    photos again" (only when needed), then "Importing" (examples and photos written).
     """
     if mode not in ("merge", "replace"):
         raise InvalidInputError(f"Unknown import mode {mode!r}: use 'merge' or 'replace'.")
     archive = path if isinstance(path, Archive) else read_archive(path, limits)
     with nullcontext(archive) if isinstance(path, Archive) else archive:
         targets = _targets(archive, scope_map or {})
-        vectors, reembedded = _vectors_for(archive, store, embedder)
+        vectors, reembedded = _vectors_for(archive, store, embedder, progress)
         # The photo history only goes into a photo store; left out, its chats are not touched.
         history = archive.photo_index if photos is not None else None
         flags_of = history.indexing if history is not None and include_photos is not False else {}
@@ -847,13 +874,15 @@ def import_archive(
         rows = [r for r, p in asked if fits(targets[p.scope], p.source)]
         left_out, foreign = len(archive.photos) - len(asked), len(asked) - len(rows)
         photo_vectors, photos_reembedded = (
-            _photo_vectors_for(archive, photos, photo_embedder, rows)
+            _photo_vectors_for(archive, photos, photo_embedder, rows, progress)
             if photos is not None
             else (None, False)
         )
         photo_targets = {targets[s] for s in wanted}
         chats = sorted({targets[c.scope] for c in archive.concepts} | photo_targets)
         _refuse_look_alikes(archive, store, targets, merge=mode == "merge")
+        written = sum(len(a.rows) for a in archive.concepts) + (len(rows) if photo_targets else 0)
+        tick = counter(progress, "Importing", written)
         # Everything is checked: only now are the stores touched, in one transaction (FAISS:
         # one SQLite transaction; Qdrant: undone on failure), so a failure at any point,
         # the photo history's included, leaves the concepts as they were.
@@ -863,7 +892,7 @@ def import_archive(
                 for target in chats:
                     for concept in store.list_concepts(target):
                         store.delete(target, concept.id)
-            counts = _write(archive, store, vectors, targets)
+            counts = _write(archive, store, vectors, targets, tick)
             # The photos after the concepts, one transaction per chat.
             if photo_targets:
                 by_target: dict[str, list[tuple[int, np.ndarray]]] = {t: [] for t in photo_targets}
@@ -871,7 +900,7 @@ def import_archive(
                     by_target[targets[archive.photos[row].scope]].append((row, vector))
                 write = _replace_photos_of if mode == "replace" else _add_photos_to
                 added = sum(  # flags are keyed by archive chat, which is the target for these
-                    write(archive, photos, target, picked, flags.get(target))
+                    write(archive, photos, target, picked, flags.get(target), tick)
                     for target, picked in sorted(by_target.items())
                 )
                 counts |= {"photos": added, "photos_skipped": len(rows) - added}
@@ -915,7 +944,9 @@ def _targets(archive: Archive, scope_map: Mapping[str, str]) -> dict[str, str]:
     return {scope: clean_scope(scope_map.get(scope, scope)) for scope in archive.scopes}
 
 
-def _vectors_for(archive: Archive, store: ConceptStore, embedder: Any) -> tuple[np.ndarray, bool]:
+def _vectors_for(
+    archive: Archive, store: ConceptStore, embedder: Any, progress: Progress | None = None
+) -> tuple[np.ndarray, bool]:
     if archive.model_id == store.model_id:
         if archive.dim != store.dim:
             raise archive._error(
@@ -935,6 +966,7 @@ def _vectors_for(archive: Archive, store: ConceptStore, embedder: Any) -> tuple[
         )
     rows: list[np.ndarray] = []
     n = len(archive.examples)
+    tick = counter(progress, "Embedding crops again", n)
     for start in range(0, n, _EMBED_BATCH):
         images = []
         for row in range(start, min(start + _EMBED_BATCH, n)):
@@ -945,6 +977,7 @@ def _vectors_for(archive: Archive, store: ConceptStore, embedder: Any) -> tuple[
                     f"has a photo {_crop_name(row)} that can't be read ({error})"
                 ) from None
         rows.append(np.asarray(embedder.embed_images(images), dtype=np.float32))
+        tick(len(images))
     vectors = np.concatenate(rows) if rows else np.zeros((0, store.dim), np.float32)
     return np.ascontiguousarray(vectors), True
 
@@ -954,6 +987,7 @@ def _photo_vectors_for(
     photos: PhotoStore,
     embed: Callable[[list[bytes]], np.ndarray] | None,
     rows: list[int],
+    progress: Progress | None = None,
 ) -> tuple[np.ndarray, bool]:
     """The vectors to store with the archive's photos ``rows`` (one per row, in order): its
     own, or its thumbnails embedded again when the photo store uses another model. Raises
@@ -980,6 +1014,7 @@ def _photo_vectors_for(
             " Nothing was imported."
         )
     batches: list[np.ndarray] = []
+    tick = counter(progress, "Embedding photos again", n)
     for start in range(0, n, _EMBED_BATCH):
         chunk = rows[start : start + _EMBED_BATCH]
         try:
@@ -995,6 +1030,7 @@ def _photo_vectors_for(
                 f" ({len(chunk)}, {photos.dim}) finite ones. Nothing was imported."
             )
         batches.append(batch.astype(np.float32))
+        tick(len(chunk))
     return np.ascontiguousarray(np.concatenate(batches)), True
 
 
@@ -1012,6 +1048,7 @@ def _add_photos_to(
     target: str,
     picked: list[tuple[int, np.ndarray]],  # (archive row, vector to store)
     flag: bool | None,
+    tick: Callable[..., None],
 ) -> int:
     """Merge: add the photos to the chat in batches (a photo with the same source there is
     kept as it is: PhotoStore ignores a repeated source), then set its flag unless None;
@@ -1020,6 +1057,7 @@ def _add_photos_to(
     for start in range(0, len(picked), _PHOTO_WRITE_BATCH):
         batch = picked[start : start + _PHOTO_WRITE_BATCH]
         added += photos.add_many(target, [_photo_row(archive, r, v) for r, v in batch])
+        tick(len(batch))
     if flag is not None:
         photos.set_indexing(target, flag)
     return added
@@ -1031,10 +1069,17 @@ def _replace_photos_of(
     target: str,
     picked: list[tuple[int, np.ndarray]],
     flag: bool | None,
+    tick: Callable[..., None],
 ) -> int:
     """Replace: the chat's photos become these (and its flag, unless None) in one
     transaction, the thumbnails read as they are written; returns how many it holds."""
-    return photos.replace_scope(target, (_photo_row(archive, r, v) for r, v in picked), flag)
+
+    def rows() -> Iterator[tuple[np.ndarray, bytes, str, float, str]]:
+        for r, v in picked:
+            yield _photo_row(archive, r, v)
+            tick()
+
+    return photos.replace_scope(target, rows(), flag)
 
 
 def import_source(origin: str, target: str, example: ArchivedExample) -> str:
@@ -1051,7 +1096,11 @@ def import_source(origin: str, target: str, example: ArchivedExample) -> str:
 
 
 def _write(
-    archive: Archive, store: ConceptStore, vectors: np.ndarray, targets: dict[str, str]
+    archive: Archive,
+    store: ConceptStore,
+    vectors: np.ndarray,
+    targets: dict[str, str],
+    tick: Callable[..., None],
 ) -> dict[str, int]:
     counts = {"concepts": 0, "merged": 0, "examples": 0, "skipped": 0}
     for archived in archive.concepts:
@@ -1065,6 +1114,7 @@ def _write(
         )
         counts["merged"] += concept is not None
         for row in archived.rows:
+            tick()  # counted as it is taken up: written or skipped below
             example = archive.examples[row]
             source = import_source(archived.scope, target, example)
             crop = archive.crop(row)

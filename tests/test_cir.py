@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -292,7 +293,8 @@ def _write_cirr(root: Path, triplets: list[Triplet]) -> Path:
     return path
 
 
-def test_train_checkpoint_resume_and_cli(tiny_llava, shapes, tmp_path, capsys) -> None:
+def test_train_checkpoint_resume_and_cli(tiny_llava, shapes, tmp_path, capsys, monkeypatch) -> None:
+    import rapbot.cli.common
     from rapbot.cli import main
 
     root, train_set, held_out = shapes
@@ -336,9 +338,15 @@ def test_train_checkpoint_resume_and_cli(tiny_llava, shapes, tmp_path, capsys) -
     trained = json.loads(capsys.readouterr().out)
     assert trained["step"] == 1 and sum(trained["prompt_usage"]) == 4  # one batch of 4 queries
     test_set = _write_cirr(tmp_path, held_out[:6])
-    args = ["--json", "eval", "cir", str(test_set), "--images", str(root), "--encoder", str(out)]
-    assert main([*args, "--gallery", str(root)]) == 0  # the whole folder ranked
-    scores = json.loads(capsys.readouterr().out)[test_set.name]
+    args = ["eval", "cir", str(test_set), "--images", str(root), "--encoder", str(out)]
+    monkeypatch.setattr(rapbot.cli.common, "stderr_is_terminal", lambda: True)
+    assert main([*args, "--gallery", str(root)]) == 0  # on a terminal: a bar on stderr
+    shown = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", capsys.readouterr().err)
+    assert test_set.name in shown and "18/18" in shown  # 6 queries + 12 gallery images
+    assert main(["--json", *args, "--gallery", str(root)]) == 0  # the whole folder ranked
+    captured = capsys.readouterr()
+    assert test_set.name not in captured.err  # --json: not our bar (transformers' may load)
+    scores = json.loads(captured.out)[test_set.name]
     assert set(scores) == {"R@1", "R@5", "R@10", "R@50"}  # CIRR without img_set: no subsets
     assert 0 <= scores["R@1"] <= scores["R@5"] <= 100
 

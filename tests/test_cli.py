@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -313,3 +314,30 @@ def test_chat_saves_annotated_photos_under_the_data_folder(
     saved = list((tmp_path / "data" / "chat-photos").glob("*.jpg"))
     assert len(saved) == 1 and str(saved[0]) in out
     assert not list(tmp_path.glob("*.jpg"))  # nothing in the current folder
+
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def test_export_and_import_show_progress_with_counts_on_a_terminal(
+    cli, dreambooth, tmp_path, monkeypatch
+) -> None:
+    """On a terminal, export and import draw a bar on stderr with done/total counts and an
+    ETA; --json output stays one clean JSON document (no bar)."""
+    import rapbot.cli.common
+
+    cli("remember", dreambooth / "cat/00.jpg", "Mochi")
+    cli("remember", dreambooth / "dog/00.jpg", "Rex")
+    cli("index", dreambooth / "cat/01.jpg", dreambooth / "dog/01.jpg")
+    monkeypatch.setattr(rapbot.cli.common, "stderr_is_terminal", lambda: True)
+    code, out, err = cli("export", "--out", tmp_path / "chat.zip")
+    assert code == 0 and "Exported 2 concept(s)" in out
+    shown = ANSI.sub("", err)
+    assert "Exporting" in shown and "4/4" in shown and "ETA" in shown  # 2 crops, 2 photos
+    code, out, err = cli("--chat", "cli:2", "import", tmp_path / "chat.zip", "--with-photos")
+    assert code == 0, err
+    shown = ANSI.sub("", err)
+    assert "Importing" in shown and "4/4" in shown
+    code, out, err = cli("--json", "export", "--out", tmp_path / "again.zip")
+    assert code == 0 and err == ""
+    assert json.loads(out)["exported"]["photos"] == 2

@@ -5,6 +5,7 @@ and the CLI on tiny LLaVA."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -151,7 +152,7 @@ class Scripted:
 def test_run_eval_and_scores_by_hand(tmp_path) -> None:
     eval_set = load_eval_set(write_set(tmp_path))
     answerer = Scripted()
-    run = run_eval(eval_set, answerer, method="scripted", progress=False)
+    run = run_eval(eval_set, answerer, method="scripted")
     assert ("caption", "t2.png", ["Mochi", "Bo"]) in answerer.asked
     assert (
         "ask",
@@ -182,11 +183,11 @@ def test_run_eval_and_scores_by_hand(tmp_path) -> None:
         ["scripted", "1.000", "0.500", "0.667"],  # QA, lenient reading: bare letters agree
     ]
     partial = run_eval(
-        eval_set, Scripted(), method="rec", tasks=["recognition"], limit=1, progress=False
+        eval_set, Scripted(), method="rec", tasks=["recognition"], limit=1
     )
     assert len(partial["recognition"]) == 1 and "caption" not in partial
     with pytest.raises(InvalidInputError, match="Unknown task"):
-        run_eval(eval_set, Scripted(), method="x", tasks=["vqa"], progress=False)
+        run_eval(eval_set, Scripted(), method="x", tasks=["vqa"])
 
 
 class RecordingGenerator:
@@ -230,7 +231,7 @@ def test_engine_answerer_end_to_end(tiny_engine, dreambooth, tmp_path) -> None:
     (tmp_path / "set.json").write_text(json.dumps(data))
     eval_set = load_eval_set(tmp_path / "set.json")
     answerer = EngineAnswerer(tiny_engine, eval_set)
-    run = run_eval(eval_set, answerer, method="engine", progress=False)
+    run = run_eval(eval_set, answerer, method="engine")
     scores = score_predictions(run)
     assert "Mochi" in run["caption"][0]["output"]
     assert scores.caption.recall == 1.0
@@ -244,16 +245,23 @@ def tiny_llava(tmp_path_factory) -> Path:
     return tiny_model_path("tiny-llava", tmp_path_factory.mktemp("tiny-gen"))
 
 
-def test_cli_eval_rap_on_tiny_llava(tiny_llava, tmp_path, capsys) -> None:
+def test_cli_eval_rap_on_tiny_llava(tiny_llava, tmp_path, capsys, monkeypatch) -> None:
+    import rapbot.cli.common
+
     torch.set_num_threads(1)  # see tests/test_rap_train.py: tiny forwards on a busy 2-core CPU
     set_path = write_set(tmp_path)
     pred = tmp_path / "pred.json"
     args = ["eval", "rap", set_path, "--generator", tiny_llava, "--name", "tiny", "--limit", "1"]
     args += ["--max-new-tokens", "4", "--device", "cpu", "--out", pred]
+    monkeypatch.setattr(rapbot.cli.common, "stderr_is_terminal", lambda: True)
     assert main([str(a) for a in args]) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert "Personalized captioning (Table 3)" in out and "Table 4" in out
     saved = json.loads(pred.read_text())
+    # The bar on a terminal: items answered of all of them (at most one per task: --limit 1).
+    n = sum(len(saved[t]) for t in ("caption", "visual_qa", "text_qa", "recognition"))
+    assert n >= 2 and "eval rap" in err
+    assert f"{n}/{n}" in re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", err)
     assert saved["method"] == "tiny" and len(saved["caption"]) == 1
     assert all(isinstance(p["output"], str) for t in ("caption", "recognition") for p in saved[t])
     assert main(["--json", "eval", "rap", "--score", str(pred), str(pred)]) == 0

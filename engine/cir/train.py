@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from engine.cir.lvlm import INSTRUCTIONS, CirLvlmEncoder
 from engine.errors import InvalidInputError, MissingWeightError
+from engine.progress import Progress, counter
 from engine.weights import first_line
 
 log = logging.getLogger(__name__)
@@ -413,11 +414,15 @@ def embed(
     images: ImageCache,
     batch_size: int = 32,
     gallery: list[str] | None = None,
+    progress: Progress | None = None,
+    stage: str = "eval cir",
 ):
     """(query embeddings, gallery embeddings, gallery names); the gallery is ``gallery`` or
-    every image the triplets name. Images are loaded one batch at a time (not kept)."""
+    every image the triplets name. Images are loaded one batch at a time (not kept).
+    ``progress(stage, done, total)`` counts the queries and gallery images encoded."""
     encoder.eval()
     names = list(gallery) if gallery is not None else gallery_names(triplets)
+    tick = counter(progress, stage, len(triplets) + len(names))
     qs, gs = [], []
     for i in range(0, len(triplets), batch_size):
         chunk = triplets[i : i + batch_size]
@@ -426,9 +431,11 @@ def embed(
                 [images(t.reference) for t in chunk], [t.text for t in chunk]
             ).embeddings.cpu()
         )
+        tick(len(chunk))
     for i in range(0, len(names), batch_size):
         batch = [images(n) for n in names[i : i + batch_size]]
         gs.append(encoder.encode_targets(batch).embeddings.cpu())
+        tick(len(batch))
     return torch.cat(qs), torch.cat(gs), names
 
 
@@ -438,10 +445,13 @@ def evaluate(
     images: ImageCache,
     batch_size: int = 32,
     gallery: list[str] | None = None,
+    progress: Progress | None = None,
+    stage: str = "eval cir",
 ) -> dict:
     """The benchmark's metrics in percent under its official protocol
     (:mod:`engine.eval.cir_protocol`): ``gallery`` is the split's image names (required for
-    FashionIQ and CIRCO); the reference is left out of its own ranking for CIRR only."""
+    FashionIQ and CIRCO); the reference is left out of its own ranking for CIRR only.
+    ``progress``: see :func:`embed`."""
     from engine.eval import cir_protocol
     from engine.eval.cir_metrics import rank_gallery
 
@@ -450,7 +460,7 @@ def evaluate(
         raise InvalidInputError(f"one benchmark's triplets at a time, not {sorted(kinds)}")
     kind = kinds.pop()
     cir_protocol.check_gallery(kind, gallery, triplets)
-    q, g, names = embed(encoder, triplets, images, batch_size, gallery)
+    q, g, names = embed(encoder, triplets, images, batch_size, gallery, progress, stage)
     exclude = [t.reference for t in triplets] if cir_protocol.excludes_reference(kind) else None
     rankings = rank_gallery(q, g, names, exclude=exclude)
     return cir_protocol.score(kind, rankings, triplets)
@@ -462,10 +472,12 @@ def evaluate_files(
     galleries: list[str] | None = None,
     images: str | Path | None = None,
     batch_size: int = 32,
+    progress: Progress | None = None,
 ) -> dict[str, dict[str, float]]:
     """``rapbot eval cir``: each triplet file scored under its benchmark's protocol, keyed by
     the file's name (FashionIQ: its category), with ``galleries`` one per file or one for all;
-    several FashionIQ categories add their ``average``."""
+    several FashionIQ categories add their ``average``. ``progress(file name, done, total)``
+    counts each file's queries and gallery images as they are encoded."""
     from engine.eval import cir_protocol
 
     galleries = list(galleries or [])
@@ -480,7 +492,7 @@ def evaluate_files(
         spec = galleries[i if len(galleries) > 1 else 0] if galleries else None
         gallery = cir_protocol.read_gallery(spec) if spec else None
         root = ImageCache(Path(images).expanduser() if images else path.parent)
-        scores = evaluate(encoder, triplets, root, batch_size, gallery)
+        scores = evaluate(encoder, triplets, root, batch_size, gallery, progress, path.name)
         key = path.name
         if triplets[0].kind == "fashioniq":
             key = cir_protocol.fashioniq_category(path)

@@ -54,6 +54,7 @@ from engine.eval.rap_metrics import (
     qa_table,
     recognition_scores,
 )
+from engine.progress import Progress, counter
 
 log = logging.getLogger(__name__)
 
@@ -289,12 +290,6 @@ def evaluate_engine(engine, eval_set: EvalSet, **options: Any) -> dict[str, Any]
 # ------------------------------------------------------------------------------ running
 
 
-def _progress(total: int, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, disable=not enabled, desc="eval rap", unit="item")
-
-
 def run_eval(
     eval_set: EvalSet,
     answerer: Answerer,
@@ -302,9 +297,10 @@ def run_eval(
     method: str,
     tasks: Iterable[str] = TASKS,
     limit: int | None = None,
-    progress: bool = True,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Ask every item of the chosen tasks; the predictions (answers with their ground truth)."""
+    """Ask every item of the chosen tasks; the predictions (answers with their ground truth).
+    ``progress("eval rap", done, total)`` counts the items answered."""
     tasks = list(tasks)
     unknown = sorted(set(tasks) - set(TASKS))
     if unknown:
@@ -312,15 +308,12 @@ def run_eval(
     chosen = {task: getattr(eval_set, task)[:limit] for task in tasks}
     vocabulary = set(eval_set.concepts) | {n for i in eval_set.caption for n in i["concepts"]}
     out: dict[str, Any] = {"method": method, "vocabulary": sorted(vocabulary)}
-    bar = _progress(sum(len(items) for items in chosen.values()), progress)
-    try:
-        for task, items in chosen.items():
-            out[task] = []
-            for item in items:
-                out[task].append({**item, "output": _answer(task, item, eval_set, answerer)})
-                bar.update(1)
-    finally:
-        bar.close()
+    tick = counter(progress, "eval rap", sum(len(items) for items in chosen.values()))
+    for task, items in chosen.items():
+        out[task] = []
+        for item in items:
+            out[task].append({**item, "output": _answer(task, item, eval_set, answerer)})
+            tick()
     return out
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from bots.core import replies
 from engine.errors import InvalidInputError
-from rapbot.cli.common import emit, open_engine, settings_for
+from rapbot.cli.common import emit, open_engine, progress_of, settings_for
 
 
 def register(sub, common: argparse.ArgumentParser) -> None:
@@ -50,12 +50,16 @@ def run_export(args: argparse.Namespace) -> int:
 
     if args.all and args.chat_given:
         raise InvalidInputError("Give either --chat CHAT or --all, not both.")
-    with open_engine(settings_for(args), store_only=True) as engine:
+    with (
+        open_engine(settings_for(args), store_only=True) as engine,
+        progress_of(args, "Exporting") as report_progress,
+    ):
         report = export_scopes(
             engine.store,
             None if args.all else [args.chat],
             args.out,
             photos=None if args.no_photos else engine.photos,
+            progress=report_progress,
         )
         left_out = 0
         if args.no_photos:  # what was not written, to say so
@@ -92,7 +96,10 @@ def run_import(args: argparse.Namespace) -> int:
             scope_map = {scopes[0]: args.chat}
         # Into another chat, the photo history (other people's photos) only when asked.
         renamed = scope_map is not None and args.chat.strip() != scopes[0]
-        with open_engine(settings, store_only=True) as engine:
+        with (
+            open_engine(settings, store_only=True) as engine,
+            progress_of(args, "Importing") as report_progress,
+        ):
             embedder = None
             if archive.model_id != engine.store.model_id:  # another CLIP: embed crops again
                 embedder = engine.models.embedder  # the store's model, or a one-line error
@@ -107,6 +114,7 @@ def run_import(args: argparse.Namespace) -> int:
                 photo_embedder=engine.embed_thumbnails,
                 include_photos=True if args.with_photos else None,
                 source_fits=source_fits,  # only sources the target chat's adapter can send
+                progress=report_progress,
             )
     counts = {
         "scopes": report.scopes,

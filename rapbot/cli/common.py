@@ -110,12 +110,18 @@ def check_output(out: str | None) -> None:
             raise InvalidInputError(f"--out {out}: give an image file name (.jpg, .png, .webp)")
 
 
+def stderr_is_terminal() -> bool:
+    return sys.stderr.isatty()
+
+
 @contextlib.contextmanager
-def progress(args: argparse.Namespace, total: int, what: str) -> Iterator[Callable[[], None]]:
-    """A progress bar with counts and ETA on stderr while ``advance()`` is called ``total``
-    times; shown only on a terminal, so --json output and logs stay clean."""
-    if total < 2 or args.json or not sys.stderr.isatty():
-        yield lambda: None
+def progress_of(args: argparse.Namespace, what: str) -> Iterator[Callable[[str, int, int], None]]:
+    """A progress bar with counts and ETA on stderr for work that reports itself:
+    ``report(stage, done, total)`` (an engine callback; a new stage starts the bar again under
+    its name). Shown only on a terminal and for two or more items, so --json output and logs
+    stay clean."""
+    if args.json or not stderr_is_terminal():
+        yield lambda stage, done, total: None
         return
     from rich.console import Console
     from rich.progress import (
@@ -135,9 +141,29 @@ def progress(args: argparse.Namespace, total: int, what: str) -> Iterator[Callab
         TextColumn("ETA"),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task(what, total=total)
-        yield lambda: bar.advance(task)
+    # force_terminal: stderr is one (checked above), whatever TERM says.
+    console = Console(stderr=True, force_terminal=True)
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task(what, total=None, visible=False)
+        current = [what]
+
+        def report(stage: str, done: int, total: int) -> None:
+            if stage != current[0]:  # a new stage: its own count and speed
+                current[0] = stage
+                bar.reset(task, total=total, completed=done, description=stage)
+            bar.update(task, completed=done, total=total, visible=total >= 2)
+
+        yield report
+
+
+@contextlib.contextmanager
+def progress(args: argparse.Namespace, total: int, what: str) -> Iterator[Callable[[], None]]:
+    """:func:`progress_of` for a loop of the CLI's own: ``advance()`` once per item, ``total``
+    items."""
+    from engine.progress import counter
+
+    with progress_of(args, what) as report:
+        yield counter(report, what, total)
 
 
 def settings_for(args: argparse.Namespace) -> Settings:

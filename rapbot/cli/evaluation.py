@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from engine.errors import InvalidInputError
-from rapbot.cli.common import emit, settings_for
+from rapbot.cli.common import emit, progress_of, settings_for
 
 
 def register(sub, common: argparse.ArgumentParser) -> None:
@@ -89,16 +89,21 @@ def run_eval_rap(args: argparse.Namespace) -> int:
             )
         eval_set = load_eval_set(args.set, args.images)
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-        progress = not args.json
         if args.engine:
             from engine.engine import Engine
 
             engine = Engine.open(settings)
             try:
                 name = args.name or f"engine ({settings.profile})"
-                run = evaluate_engine(
-                    engine, eval_set, method=name, tasks=tasks, limit=args.limit, progress=progress
-                )
+                with progress_of(args, "eval rap") as progress:
+                    run = evaluate_engine(
+                        engine,
+                        eval_set,
+                        method=name,
+                        tasks=tasks,
+                        limit=args.limit,
+                        progress=progress,
+                    )
             finally:
                 engine.close()
         else:
@@ -118,9 +123,15 @@ def run_eval_rap(args: argparse.Namespace) -> int:
                 generator, eval_set, k=args.k, distractors=not args.no_distractors
             )
             name = args.name or args.generator + (" + adapter" if args.adapter else "")
-            run = run_eval(
-                eval_set, answerer, method=name, tasks=tasks, limit=args.limit, progress=progress
-            )
+            with progress_of(args, "eval rap") as progress:
+                run = run_eval(
+                    eval_set,
+                    answerer,
+                    method=name,
+                    tasks=tasks,
+                    limit=args.limit,
+                    progress=progress,
+                )
         if args.out:
             Path(args.out).expanduser().write_text(json.dumps(run, indent=1, ensure_ascii=False))
         runs = [run]
@@ -132,7 +143,10 @@ def run_eval_cir(args: argparse.Namespace) -> int:
     from engine.cir.train import evaluate_files, load_encoder
 
     encoder = load_encoder(args.encoder, device=args.device)
-    results = evaluate_files(encoder, args.set, args.gallery, args.images)
+    with progress_of(args, "eval cir") as report_progress:
+        results = evaluate_files(
+            encoder, args.set, args.gallery, args.images, progress=report_progress
+        )
     lines = [
         f"{name}: " + "  ".join(f"{k} {v:.2f}" for k, v in scores.items())
         for name, scores in results.items()

@@ -53,11 +53,13 @@ GUIDE: dict[str, tuple[str, str]] = {
         'rapbot search "Mochi on the sofa" -k 5   (or --ref photo.jpg "but at the beach")',
     ),
     "export": (
-        "what was written: concepts, their photos, the search history, chats",
+        "what was written: concepts, their photos, the search history, chats; a progress"
+        " bar on a terminal",
         "rapbot export --chat tg:-100123 --out chat.zip   (--all: every chat, a backup)",
     ),
     "import": (
-        "what was added, merged, skipped or left out, and whether it was re-embedded",
+        "what was added, merged, skipped or left out, and whether it was re-embedded; a"
+        " progress bar per stage (embedding again, importing) on a terminal",
         "rapbot import chat.zip --chat tg:-100456",
     ),
     "chat": (
@@ -99,12 +101,14 @@ GUIDE: dict[str, tuple[str, str]] = {
     "eval": ("see `rapbot eval rap --help`, `rapbot eval cir --help`", "rapbot eval cir"),
     "eval rap": (
         "a table per task: caption recall/precision, visual and text QA accuracy,"
-        " recognition precision/recall/F1 (weighted as RAP); --json: the scores",
+        " recognition precision/recall/F1 (weighted as RAP); a progress bar on a terminal;"
+        " --json: the scores",
         "rapbot eval rap evalset.json --generator tiny-llava --limit 20",
     ),
     "eval cir": (
         "Recall@1/5/10/50 and Recall_subset@1/2/3 (CIRR), Recall@10/50 per category and"
-        " average (FashionIQ), mAP@5/10/25/50 (CIRCO); --json: the metrics",
+        " average (FashionIQ), mAP@5/10/25/50 (CIRCO); a progress bar per set on a"
+        " terminal; --json: the metrics",
         "rapbot eval cir cirr_val.json --gallery cirr_val_split.json --encoder runs/cir",
     ),
     "calibrate": (
