@@ -91,8 +91,9 @@ def jpeg_of(photo: Path, side: int, quality: int) -> bytes:
     """A real photo upscaled to ``side`` x ``side`` (a camera's worth of pixels)."""
     from PIL import Image
 
-    with Image.open(photo) as image:
-        big = image.convert("RGB").resize((side, side), Image.Resampling.BICUBIC)
+    from engine.images import load_image_file
+
+    big = load_image_file(photo).resize((side, side), Image.Resampling.BICUBIC)
     out = io.BytesIO()
     big.save(out, "JPEG", quality=quality)
     return out.getvalue()

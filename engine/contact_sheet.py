@@ -70,7 +70,7 @@ def owner_initials(owner: str) -> str:
 def _crop_tile(crop_jpeg: bytes | None, limits: ImageLimits) -> Image.Image:
     if crop_jpeg:
         try:
-            picture = decode_image(crop_jpeg, limits)
+            picture = decode_image(crop_jpeg, limits, min_side=TILE)  # never full size
             return ImageOps.fit(picture, (TILE, TILE), Image.Resampling.LANCZOS)
         except InvalidInputError:  # an unreadable stored crop: the tile still shows its name
             pass

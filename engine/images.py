@@ -167,11 +167,18 @@ def _show_path(path: str | os.PathLike[str] | os.PathLike[bytes]) -> str:
 # --------------------------------------------------------------------------- decoding
 
 
-def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Image:
+def decode_image(
+    data: bytes, limits: ImageLimits = ImageLimits(), min_side: int | None = None
+) -> Image.Image:
     """Decode untrusted bytes into a loaded, upright, 8-bit RGB image, or raise ImageError.
 
     Animated images give their first frame; transparency is composited onto white; 16/32-bit
     grey and float images are scaled (not clipped) to 8 bits.
+
+    ``min_side``: the caller needs no more than this many pixels on the shorter side (a
+    contact sheet tile, a generator's input), so a larger image comes out scaled down to it.
+    A JPEG is then decoded at 1/2, 1/4 or 1/8 scale (Pillow's draft mode: the full-size
+    pixels never exist), which is what keeps a 49 MP crop from an archive cheap.
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"decode_image expects bytes, not {type(data).__name__}")
@@ -182,14 +189,14 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Imag
     if size > limits.max_bytes:
         raise ImageError(_too_many_bytes(size, limits))
     try:
-        return _decode(bytes(data), limits)
+        return _decode(bytes(data), limits, min_side)
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         # Pillow's own guard (global MAX_IMAGE_PIXELS) fired inside Image.open, before our
         # per-call check could run; report it in our terms. The warning only arrives here
         # when a warnings filter turns it into an exception.
-        return _after_pillow_bomb_guard(bytes(data), limits, error)
+        return _after_pillow_bomb_guard(bytes(data), limits, error, min_side)
     except MemoryError:
         raise ImageError(_NO_MEMORY) from None
     except UnidentifiedImageError:
@@ -198,12 +205,23 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Imag
         raise ImageError(_CORRUPT) from None
 
 
-def _decode(data: bytes, limits: ImageLimits) -> Image.Image:
+def _decode(data: bytes, limits: ImageLimits, min_side: int | None = None) -> Image.Image:
     image = _pillow_open()(io.BytesIO(data), formats=_available_formats())
-    return _load_checked(image, limits)
+    return _load_checked(image, limits, min_side)
 
 
-def _load_checked(image: ImageFile.ImageFile, limits: ImageLimits) -> Image.Image:
+def _smaller_size(size: tuple[int, int], min_side: int | None) -> tuple[int, int] | None:
+    """``size`` scaled so its shorter side is ``min_side``; None when it is not larger."""
+    width, height = size
+    if min_side is None or min(width, height) <= min_side:
+        return None
+    scale = min_side / min(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def _load_checked(
+    image: ImageFile.ImageFile, limits: ImageLimits, min_side: int | None = None
+) -> Image.Image:
     if image.format not in _ALLOWED_FORMATS:
         raise ImageError(_NOT_AN_IMAGE)
     width, height = image.size
@@ -221,8 +239,14 @@ def _load_checked(image: ImageFile.ImageFile, limits: ImageLimits) -> Image.Imag
     animated = bool(getattr(image, "is_animated", False))
     if animated:
         image.seek(0)
+    wanted = _smaller_size((width, height), min_side)
+    if wanted is not None:
+        image.draft(None, wanted)  # JPEG only (others ignore it): at least ``wanted``
     # Truncation raises here unless someone set ImageFile.LOAD_TRUNCATED_IMAGES globally.
     image.load()
+    if wanted is not None and image.size != wanted:
+        # Not image.size's own aspect: EXIF rotation comes after, and keeps the short side.
+        image = image.resize(_smaller_size(image.size, min_side), Image.Resampling.LANCZOS)
     upright = _upright(image)
     rgb = _to_rgb(upright)
     if rgb is image and animated:
@@ -249,7 +273,9 @@ def _available_formats() -> tuple[str, ...]:
     return tuple(name for name in _OPEN_FORMATS if name in Image.OPEN)
 
 
-def _after_pillow_bomb_guard(data: bytes, limits: ImageLimits, error: Exception) -> Image.Image:
+def _after_pillow_bomb_guard(
+    data: bytes, limits: ImageLimits, error: Exception, min_side: int | None = None
+) -> Image.Image:
     declared = _declared_size(data)
     if declared is None:
         match = re.search(r"\((\d+) pixels\)", str(error))
@@ -260,7 +286,7 @@ def _after_pillow_bomb_guard(data: bytes, limits: ImageLimits, error: Exception)
     # Only a warning turned into an error can get here: the image is within *our* limit
     # but above Pillow's default. Open it through the plugin directly, which has no guard.
     try:
-        return _decode_with_readers(data, limits)
+        return _decode_with_readers(data, limits, min_side)
     except ImageError:
         raise
     except MemoryError:
@@ -283,11 +309,13 @@ def _declared_size(data: bytes) -> tuple[int, int] | None:
     return None if image is None else image.size
 
 
-def _decode_with_readers(data: bytes, limits: ImageLimits) -> Image.Image:
+def _decode_with_readers(
+    data: bytes, limits: ImageLimits, min_side: int | None = None
+) -> Image.Image:
     image = _open_with_readers(data)
     if image is None:
         raise ImageError(_corrupt_or_unknown(data))
-    return _load_checked(image, limits)
+    return _load_checked(image, limits, min_side)
 
 
 def _corrupt_or_unknown(data: bytes | bytearray | memoryview) -> str:

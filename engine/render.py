@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 from PIL import Image, ImageDraw
 
@@ -14,6 +15,8 @@ from engine.types import Box, Recognition, UnknownObject
 PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45"]
 UNKNOWN_COLOUR = "#505050"
 UNKNOWN_HALO = "#ffffff"
+# Longest side of an annotated reply: Telegram's largest photo size; Discord previews less.
+REPLY_MAX_SIDE = 2560
 
 
 def _label(
@@ -39,14 +42,27 @@ def _unknown_box(draw: ImageDraw.ImageDraw, box: Box, width: int) -> None:
         draw.rectangle(inner, outline=UNKNOWN_COLOUR, width=width)
 
 
+def _scaled(box: Box, scale: float) -> Box:
+    return Box(*(round(v * scale) for v in box.as_list()))
+
+
 def annotate(
     image: Image.Image,
     known: Sequence[Recognition],
     unknown: Sequence[UnknownObject] = (),
+    max_side: int = REPLY_MAX_SIDE,
 ) -> Image.Image:
     """A copy of ``image`` with a named box per recognition and a labelled grey box ("dog?")
-    for every detection that matched nobody."""
-    out = image.convert("RGB")
+    for every detection that matched nobody, at most ``max_side`` pixels on its longer side
+    (a 49 MP upload must not cost a 49 MP copy and JPEG; chats show less anyway)."""
+    scale = min(1.0, max_side / max(image.size))
+    if scale < 1.0:
+        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        out = image.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0).convert("RGB")
+        known = [replace(r, box=None if r.box is None else _scaled(r.box, scale)) for r in known]
+        unknown = [replace(u, box=_scaled(u.box, scale)) for u in unknown]
+    else:
+        out = image.convert("RGB")
     draw = ImageDraw.Draw(out)
     short_side = min(out.size)
     width = max(2, short_side // 150)

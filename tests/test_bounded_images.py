@@ -134,3 +134,81 @@ def test_save_image_writes_any_format_and_refuses_with_one_line(tmp_path: Path) 
         save_image(jpeg, tmp_path / "missing" / "out.png")
     with pytest.raises(ImageError):
         save_image(raw_png(1, 1, b"\x00\x00\x00"), tmp_path / "out.unknownext")
+
+
+def _photo_jpeg(size: tuple[int, int], orientation: int = 1) -> bytes:
+    """A JPEG with detail (a gradient), optionally with an EXIF orientation."""
+    image = Image.radial_gradient("L").resize(size).convert("RGB")
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    out = io.BytesIO()
+    image.save(out, format="JPEG", exif=exif.tobytes())
+    return out.getvalue()
+
+
+def test_min_side_decodes_a_large_jpeg_at_a_reduced_scale(monkeypatch) -> None:
+    """Issue 11, the worst request: a 49 MP crop (allowed: under 50 MP and 20 MB) decoded in
+    full for every /ask and contact sheet tile cost +1 GB. Callers that need a small picture
+    say so, and a JPEG never exists at full size (draft mode), EXIF rotation still applied."""
+    from PIL import JpegImagePlugin
+
+    loaded: list[tuple[int, int]] = []
+    load = JpegImagePlugin.JpegImageFile.load
+
+    def watched(self):
+        loaded.append(self.size)
+        return load(self)
+
+    data = _photo_jpeg((4000, 3000), orientation=6)  # stored landscape, shown portrait
+    full = decode_image(data)
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "load", watched)
+    small = decode_image(data, min_side=300)
+    assert full.size == (3000, 4000) and small.size == (300, 400)
+    assert max(loaded) <= (1000, 750)  # decoded at 1/4 scale or less, never 4000x3000
+    expected = np.asarray(full.resize(small.size, Image.Resampling.LANCZOS), dtype=int)
+    assert np.abs(expected - np.asarray(small, dtype=int)).mean() < 2
+    # Other formats are scaled after decoding; images already small enough are left as they are.
+    png = io.BytesIO()
+    Image.new("RGB", (900, 600)).save(png, format="PNG")
+    assert decode_image(png.getvalue(), min_side=300).size == (450, 300)
+    assert decode_image(data, min_side=5000).size == (3000, 4000)
+
+
+def test_the_generator_and_the_contact_sheet_get_small_crops(tmp_path: Path) -> None:
+    from engine.contact_sheet import TILE, SheetTile, render_contact_sheet
+    from engine.generator.rap import EXAMPLE_MIN_SIDE, example_image
+
+    big = _photo_jpeg((3000, 2000))
+    with FaissConceptStore(tmp_path, "m", 4) as store:
+        mochi = store.add_concept(
+            "tg:1",
+            name="Mochi",
+            description="",
+            category="cat",
+            owner="u1",
+            embedding=np.array([1, 0, 0, 0], np.float32),
+            crop_jpeg=big,
+            box=Box(0, 0, 3000, 2000),
+        )
+        shown = example_image(store, "tg:1", mochi.id)
+    assert min(shown.size) == EXAMPLE_MIN_SIDE and shown.size[0] > shown.size[1]
+    sheet = Image.open(io.BytesIO(render_contact_sheet([SheetTile("Mochi", "u1", big)])))
+    assert min(sheet.size) > TILE  # drawn (from a crop decoded at tile size)
+
+
+def test_annotated_reply_is_bounded_and_boxes_follow() -> None:
+    """A 49 MP upload's /who reply was a 49 MP copy and JPEG (+190 MB): the annotated photo is
+    at most REPLY_MAX_SIDE wide or high, its boxes scaled with it."""
+    from engine.render import PALETTE, REPLY_MAX_SIDE, annotate
+    from engine.types import Recognition
+
+    photo = Image.new("RGB", (REPLY_MAX_SIDE * 2, 1000), "black")
+    box = Box(2000, 400, 3000, 900)
+    out = annotate(photo, [Recognition("c1", "Mochi", "", "cat", 0.9, box)])
+    assert out.size == (REPLY_MAX_SIDE, 500)
+    colour = tuple(int(PALETTE[0][i : i + 2], 16) for i in (1, 3, 5))
+    pixels = np.asarray(out)
+    assert tuple(pixels[350, 1000]) == colour and tuple(pixels[350, 1500]) == colour  # x1, x2
+    assert tuple(pixels[350, 1250]) == (0, 0, 0)  # inside the box: the photo
+    small = Image.new("RGB", (400, 300))
+    assert annotate(small, []).size == (400, 300)

@@ -29,6 +29,10 @@ from engine.types import Concept, Recognition
 log = logging.getLogger(__name__)
 
 NAMED_SCORE = 1.0  # a concept named in the question is certain to be relevant
+# A concept's crop is shown to the generator with at most this shorter side: twice LLaVA-1.5's
+# 336 px input, so its processor still resizes from more than it keeps; smaller crops (what
+# /remember stores from ordinary photos) are shown as they are.
+EXAMPLE_MIN_SIDE = 672
 
 
 def candidates(named: Sequence[Concept], known: Sequence[Recognition]) -> list[Recognition]:
@@ -53,8 +57,9 @@ def candidates(named: Sequence[Concept], known: Sequence[Recognition]) -> list[R
 def example_image(store: ConceptStore, scope: str, concept_id: str) -> Image.Image | None:
     """The concept's first example crop (RAP shows one image per concept), or None."""
     for jpeg in store.example_crops(scope, concept_id, limit=1):
-        try:  # crops can come from an archive: decoded with the limits of any upload
-            return decode_image(jpeg)
+        try:  # crops can come from an archive: decoded with the limits of any upload, and
+            # no larger than a generator needs (a 49 MP crop cost +1 GB per /ask)
+            return decode_image(jpeg, min_side=EXAMPLE_MIN_SIDE)
         except ImageError as error:  # unreadable = the concept is shown without its image
             log.warning("unreadable crop for concept %s in %s: %s", concept_id, scope, error)
     return None
