@@ -14,17 +14,22 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-from bots.core.commands import is_command
+from bots.core.commands import PhotoWords, is_command
 from bots.core.messages import Reply
 from bots.core.request import ChatRequest, CollectingPort, Sender
 from bots.core.serve import CommandCore
 from engine.errors import RapbotError
 from engine.images import ImageLimits, read_image_file
 
-# The terminal's own words for attaching a photo (the core's default speaks Telegram).
-NO_PHOTO = (
-    "Attach a photo to this command with '< PATH' at the end of the line"
-    " (/who < party.jpg), or post the photo's path on its own line just before the command."
+# The terminal's own words for attaching a photo.
+TERMINAL_WORDS = PhotoWords(
+    attach="with '< PATH' at the end of the line",
+    short="'< PATH'",
+    reference="with '< PATH'",
+    missing=(
+        "Attach a photo to this command with '< PATH' at the end of the line"
+        " (/who < party.jpg), or post the photo's path on its own line just before the command."
+    ),
 )
 TERMINAL_HELP = (
     "Here a photo is a file: end a line with '< PATH', or post a path on its own line and the"
@@ -43,7 +48,11 @@ def terminal_core(gateway, **options) -> CommandCore:
     from bots.core.limits import Limits
 
     return CommandCore(
-        gateway, TERMINAL_HELP, limits=Limits(enabled=False), no_photo=NO_PHOTO, **options
+        gateway,
+        TERMINAL_HELP,
+        limits=Limits(enabled=False),
+        photo_words=TERMINAL_WORDS,
+        **options,
     )
 
 

@@ -300,7 +300,7 @@ def test_search_by_a_photo_alone_and_without_anything(tiny_engine, dreambooth) -
     assert set(like.photo_refs) == {"cat-id", "dog-0", "dog-1"}
     assert like.text.startswith("Found 3 photos, best first:\n1. score 1.00")
     for reply in (nothing, blank):
-        assert reply.error and reply.text == f"Usage: {c.USAGE['search']}"
+        assert reply.error and reply.text == f"Usage: {c.usage('search')}"
 
 
 class ListingGateway:

@@ -25,7 +25,6 @@ from discord.webhook.async_ import AsyncWebhookAdapter, async_context
 from bots.core.gateway import LocalGateway
 from bots.core.limits import Limits
 from bots.core.messages import Reply
-from bots.core.serve import CommandCore
 from bots.discord_adapter.app import RapbotBot
 from bots.discord_adapter.files import fit_upload
 from bots.discord_adapter.format import (
@@ -35,7 +34,12 @@ from bots.discord_adapter.format import (
     reply_content,
     split_content,
 )
-from bots.discord_adapter.handlers import ABORTED, PLATFORM_HELP, interaction_is_admin
+from bots.discord_adapter.handlers import (
+    ABORTED,
+    DISCORD_WORDS,
+    discord_core,
+    interaction_is_admin,
+)
 from engine.images import ImageLimits
 from tests.badfiles import BAD_IMAGE_REASONS, BAD_IMAGES, MIB
 from tests.metric_samples import counted_once, metric, request_counts
@@ -412,7 +416,7 @@ async def settle() -> None:
 @contextlib.asynccontextmanager
 async def discord_bot(engine, limits: Limits | None = None, gateway=None):
     gateway = gateway or LocalGateway(engine)
-    core = CommandCore(gateway, platform_help=PLATFORM_HELP, limits=limits or Limits())
+    core = discord_core(gateway, limits=limits or Limits())  # as the bot builds it
     bot = RapbotBot(core, ImageLimits())
     recorder = Recorder()
     bot.http.request = recorder.http_request  # type: ignore[method-assign]
@@ -1085,3 +1089,27 @@ def test_splitting_never_cuts_an_escape_at_any_position() -> None:
         assert all(len(piece) <= limit for piece in pieces)
         assert "".join(pieces) == text
         assert "".join(shown(piece) for piece in pieces) == shown(text), limit
+
+
+TELEGRAM_GESTURES = ("caption of a photo", "in reply to one", "(caption or reply)")
+
+
+def test_help_and_usage_say_how_to_attach_a_photo_on_discord(tiny_engine) -> None:
+    """Discord's own words for giving a command its photo, in /help, a usage error and the
+    missing-photo reply; none of Telegram's."""
+
+    async def scenario(h: DiscordHarness):
+        helped = await h.command("help")
+        usage = (await h.message(f"<@{APP_ID}> /remember"))[-1]  # after "typing..."
+        no_photo = (await h.message(f"<@{APP_ID}> /who"))[-1]
+        return helped, usage, no_photo
+
+    helped, usage, no_photo = run(tiny_engine, scenario)
+    # Discord's markdown escapes ("\\|") taken out, to compare with the words themselves.
+    help_text = assert_deferred_then_followup(helped, ephemeral=True).content.replace("\\", "")
+    assert f"/remember NAME | description — {DISCORD_WORDS.attach}" in help_text
+    assert f"/search TEXT — find photos of this chat; {DISCORD_WORDS.reference}" in help_text
+    assert "Usage: /remember NAME \\| description — with a photo attached" in usage.content
+    assert "attach one (the command's photo option)" in no_photo.content
+    for text in (help_text, usage.content, no_photo.content):
+        assert not any(gesture in text for gesture in TELEGRAM_GESTURES), text

@@ -27,6 +27,7 @@ from bots.core.messages import Reply
 from bots.core.serve import INTERNAL_ERROR, TIMEOUT_TEXT
 from bots.telegram_adapter import build_application, rapbot_of
 from bots.telegram_adapter.format import split_text, to_html
+from bots.telegram_adapter.handlers import TELEGRAM_WORDS
 from bots.telegram_adapter.send import Target, send_reply
 from engine.images import ImageLimits
 from engine.types import ConceptSheet
@@ -518,6 +519,17 @@ def test_help_explains_privacy_mode(tiny_engine) -> None:
             assert "/remember NAME" in reply.text
             assert "privacy mode" in reply.text and "/setprivacy" in reply.text
             assert "/index on I can index only the photos sent with a command" in reply.text
+            # Telegram's own words for giving a command its photo.
+            assert (
+                "/remember NAME | description — as the caption of a photo, or in reply to one"
+                in reply.text
+            )
+            assert "/search TEXT — find photos of this chat; in reply to a photo" in reply.text
+        usage = only_reply(await tg.say(GROUP_A, text="/remember"))
+        assert usage.text == f"Usage: /remember NAME | description — {TELEGRAM_WORDS.attach}"
+        no_photo = only_reply(await tg.say(GROUP_A, text="/who"))
+        assert no_photo.text == TELEGRAM_WORDS.missing
+        assert "caption" in no_photo.text and "reply to a photo" in no_photo.text
 
     with_engine(tiny_engine, scenario)
 
@@ -734,6 +746,9 @@ def test_polling_finishes_work_in_flight_then_closes_the_gateway() -> None:
 
     methods = [c.method for c in request.calls]
     assert methods[:3] == ["getMe", "setMyCommands", "deleteWebhook"]
+    menu = request.calls[1].params["commands"]
+    menu = {c["command"]: c["description"] for c in (json.loads(menu) if isinstance(menu, str) else menu)}
+    assert menu["remember"] == "as the caption of a photo, or in reply to one"  # Telegram's words
     sent = {c.params["chat_id"]: c for c in replies(request.calls)}
     assert sent[GROUP_A].text.startswith("I don't remember anyone in this chat yet")
     assert sent[GROUP_A].reply_to == asked["message_id"]

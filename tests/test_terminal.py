@@ -130,6 +130,24 @@ def test_the_local_user_administers_the_chat(tiny_engine, tmp_path) -> None:
     assert any("'< PATH'" in line for line in out[2:])  # /help explains the terminal's way
 
 
+TELEGRAM_GESTURES = ("caption of a photo", "in reply to", "(caption or reply)")
+
+
+def test_help_and_usage_speak_the_terminal_not_telegram(tiny_engine, tmp_path) -> None:
+    """/help's usage lines, a usage error and the missing-photo reply say '< PATH', never
+    Telegram's caption or reply."""
+    out = chat(tiny_engine, ["/help", "/remember", "/ask", "/search"], tmp_path)
+    text = "\n".join(out[1:-1])
+    assert "• /remember NAME | description — with '< PATH' at the end of the line" in text
+    assert "• /who — with '< PATH' at the end of the line: who do I know in it?" in text
+    assert "• /ask QUESTION — about a photo ('< PATH') or about a name I know" in text
+    assert "• /search TEXT — find photos of this chat; with '< PATH': more like it" in text
+    assert "! Usage: /remember NAME | description — with '< PATH' at the end of the line" in out
+    assert "! Usage: /ask QUESTION — about a photo ('< PATH') or about a name I know" in out
+    assert any(line.startswith("! Usage: /search TEXT — find photos of this chat; with '< PATH'") for line in out)
+    assert not any(gesture in text for gesture in TELEGRAM_GESTURES), text
+
+
 def test_annotated_photos_never_overwrite_a_file(tiny_engine, dreambooth, tmp_path) -> None:
     cat = dreambooth / "cat" / "00.jpg"
     chat(tiny_engine, [f"/remember Mochi < {cat}"], tmp_path)

@@ -22,8 +22,7 @@ from PIL import Image
 from bots.core.gateway import LocalGateway
 from bots.core.limits import Limits
 from bots.core.messages import Reply
-from bots.core.serve import CommandCore
-from bots.web_adapter import WebChat, create_app
+from bots.web_adapter import WebChat, create_app, web_core
 from bots.web_adapter.files import PhotoFolder, source_of
 from bots.web_adapter.format import reply_event
 from engine.errors import RapbotError
@@ -65,7 +64,7 @@ def served(tiny_engine, tmp_path) -> Iterator[Served]:
     chat = WebChat("ada", tmp_path / "web-photos", ImageLimits(max_bytes=2 * 1024 * 1024))
     gateway = LocalGateway(tiny_engine)
     # The adapters' rate limits apply; this test's user may send a dozen commands at once.
-    core = CommandCore(gateway, limits=Limits(user_burst=20, chat_burst=20))
+    core = web_core(gateway, limits=Limits(user_burst=20, chat_burst=20))  # as `rapbot web`
     app = create_app(core, chat, token=TOKEN)
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
@@ -127,6 +126,33 @@ def test_bad_uploads_get_the_same_one_line_messages(served: Served, tmp_path: Pa
     assert no_photo[-1]["error"] and "photo" in no_photo[-1]["text"]
     unknown = _events(httpx.post(url, headers=headers, data={"text": "/forget Nobody"}))
     assert unknown[-1]["error"] and "Nobody" in unknown[-1]["text"]
+
+
+TELEGRAM_GESTURES = ("caption of a photo", "in reply to", "(caption or reply)")
+
+
+def test_help_and_usage_say_drop_or_paste_a_photo(served: Served):
+    """The web chat's own words for giving a command its photo, in the page's help, /help, a
+    usage error and the missing-photo reply; none of Telegram's."""
+    import httpx
+
+    headers = {"X-Rapbot-Token": TOKEN}
+    url = served.url + "/api/message"
+    page_help = httpx.get(served.url + "/api/session", headers=headers).json()["help"]
+    helped = _events(httpx.post(url, headers=headers, data={"text": "/help"}))[-1]["text"]
+    assert helped == page_help
+    assert "/remember NAME | description — with a photo dropped or pasted in" in helped
+    assert "/ask QUESTION — about a photo (drop or paste one)" in helped
+    usage = _events(httpx.post(url, headers=headers, data={"text": "/remember"}))[-1]
+    assert usage["error"] and usage["text"].startswith(
+        "Usage: /remember NAME | description — with a photo dropped or pasted in"
+    )
+    no_photo = _events(httpx.post(url, headers=headers, data={"text": "/caption"}))[-1]
+    assert no_photo["error"] and no_photo["text"].startswith(
+        "This command needs a photo: drop or paste one"
+    )
+    for text in (helped, usage["text"], no_photo["text"]):
+        assert not any(gesture in text for gesture in TELEGRAM_GESTURES), text
 
 
 def test_search_results_show_only_photos_this_chat_kept(tmp_path: Path):

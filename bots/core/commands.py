@@ -10,7 +10,30 @@ from engine.errors import InvalidInputError
 
 
 class CommandError(InvalidInputError):
-    """A malformed command; the message says how to write it."""
+    """A malformed command; the message says how to write it. ``usage``: the USAGE key when
+    the message is that command's usage (the core says it again in its surface's words)."""
+
+    usage: str | None = None
+
+
+@dataclass(frozen=True)
+class PhotoWords:
+    """How a chat surface gives a command its photo, in its own words: each adapter passes
+    its own to the core, and /help, usage errors and the missing-photo reply use them."""
+
+    attach: str  # a command on a photo: "as the caption of a photo, or in reply to one"
+    short: str  # the same in a few words, in parentheses: "caption or reply"
+    reference: str  # /search by example: "in reply to a photo"
+    missing: str  # the reply when a command needs a photo and has none
+
+
+# Where no surface says otherwise (tests, the CLI's texts): no platform's gestures.
+PLAIN_WORDS = PhotoWords(
+    attach="with a photo",
+    short="with one",
+    reference="with a photo",
+    missing="This command needs a photo: send one with it.",
+)
 
 
 class BaseCommand:
@@ -130,23 +153,38 @@ Command = (
     | Help
 )
 
+# Each command's usage; {attach}, {short} and {reference} are a surface's PhotoWords.
 USAGE: dict[str, str] = {
-    "remember": "/remember NAME | description — as the caption of a photo, or in reply to one",
-    "who": "/who — on a photo, or in reply to one: who do I know in it?",
-    "ask": "/ask QUESTION — about a photo (caption or reply) or about a name I know",
-    "caption": "/caption — a caption for a photo that uses the names I know",
+    "remember": "/remember NAME | description — {attach}",
+    "who": "/who — {attach}: who do I know in it?",
+    "ask": "/ask QUESTION — about a photo ({short}) or about a name I know",
+    "caption": "/caption — {attach}: a caption that uses the names I know",
     "concepts": "/concepts [PAGE] — a picture of everyone and everything I remember here",
     "rename": "/rename OLD NAME | NEW NAME",
     "describe": "/describe NAME | new description",
     "forget": "/forget NAME",
     "forget_me": "/forget_me — forget everything you taught me, in every chat",
     "search": (
-        "/search TEXT — find photos of this chat; in reply to a photo: more like it"
+        "/search TEXT — find photos of this chat; {reference}: more like it"
         " (with TEXT: like it, but TEXT)"
     ),
     "index": "/index on|off — admins: keep this chat's photos searchable (off forgets them)",
     "help": "/help — this list",
 }
+
+
+def usage(command: str, words: PhotoWords = PLAIN_WORDS) -> str:
+    """The USAGE line of ``command`` in a surface's words."""
+    return USAGE[command].format(attach=words.attach, short=words.short, reference=words.reference)
+
+
+def usage_error(command: str) -> CommandError:
+    """``Usage: ...`` of ``command`` (plain words; the core words it for its surface)."""
+    error = CommandError(f"Usage: {usage(command)}")
+    error.usage = command
+    return error
+
+
 _ALIASES = {
     "forget-me": "forget_me",
     "forgetme": "forget_me",
@@ -167,7 +205,7 @@ def checked(command: BaseCommand) -> BaseCommand:
         if isinstance(value, str):
             value = value.strip()
             if not value and field.default is dataclasses.MISSING:
-                raise CommandError(f"Usage: {USAGE[command.command]}")
+                raise usage_error(command.command)
         values[field.name] = value
     return dataclasses.replace(command, **values)  # type: ignore[type-var]
 
@@ -178,7 +216,7 @@ def is_command(text: str) -> bool:
 
 def _split_pipe(args: str, command: str) -> tuple[str, str]:
     if "|" not in args:
-        raise CommandError(f"Usage: {USAGE[command]}")
+        raise usage_error(command)
     left, right = args.split("|", 1)
     return left.strip(), right.strip()
 
@@ -198,13 +236,13 @@ def parse_command(text: str) -> Command:
     if word == "remember":
         name, _, description = args.partition("|")
         if not name.strip():
-            raise CommandError(f"Usage: {USAGE['remember']}")
+            raise usage_error("remember")
         return Remember(name.strip(), description.strip())
     if word == "who":
         return Who()
     if word == "ask":
         if not args:
-            raise CommandError(f"Usage: {USAGE['ask']}")
+            raise usage_error("ask")
         return Ask(args)
     if word == "caption":
         return Caption()
@@ -212,21 +250,21 @@ def parse_command(text: str) -> Command:
         if not args:
             return Concepts()
         if not args.isdigit() or not 1 <= int(args) <= 10_000:
-            raise CommandError(f"Usage: {USAGE['concepts']}")
+            raise usage_error("concepts")
         return Concepts(int(args))
     if word == "rename":
         old, new = _split_pipe(args, "rename")
         if not old or not new:
-            raise CommandError(f"Usage: {USAGE['rename']}")
+            raise usage_error("rename")
         return Rename(old, new)
     if word == "describe":
         name, description = _split_pipe(args, "describe")
         if not name:
-            raise CommandError(f"Usage: {USAGE['describe']}")
+            raise usage_error("describe")
         return Describe(name, description)
     if word == "forget":
         if not args:
-            raise CommandError(f"Usage: {USAGE['forget']}")
+            raise usage_error("forget")
         return Forget(args)
     if word == "forget_me":
         return ForgetMe()
@@ -236,7 +274,7 @@ def parse_command(text: str) -> Command:
         return Search(args)
     if word == "index":
         if args.casefold() not in {"on", "off"}:
-            raise CommandError(f"Usage: {USAGE['index']}")
+            raise usage_error("index")
         return Index(args.casefold() == "on")
     if word == "help":
         return Help()

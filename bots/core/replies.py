@@ -6,14 +6,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from bots.core.commands import USAGE
+from bots.core.commands import PLAIN_WORDS, USAGE, PhotoWords, usage
 from engine.types import Box, Concept, ConceptSheet, RememberResult
 
 if TYPE_CHECKING:
     from engine.backup import ExportReport, ImportReport
-
-# How to give a command its photo, per surface (adapters pass theirs to the core).
-NO_PHOTO = "Send a photo with this command as its caption, or reply to a photo with the command."
 
 
 def plural(count: int, noun: str) -> str:
@@ -21,12 +18,13 @@ def plural(count: int, noun: str) -> str:
     return f"{count} {noun}{'s' if count != 1 else ''}"
 
 
-def help_text(platform_notes: str = "") -> str:
+def help_text(platform_notes: str = "", words: PhotoWords = PLAIN_WORDS) -> str:
+    """/help: every command's usage in the surface's ``words``, then its own notes."""
     lines = [
         "I remember the people, pets and things of this chat and recognize them in photos.",
         "",
     ]
-    lines += [f"• {usage}" for usage in USAGE.values()]
+    lines += [f"• {usage(command, words)}" for command in USAGE]
     if platform_notes:
         lines += ["", platform_notes]
     return "\n".join(lines)
@@ -58,7 +56,7 @@ def concept_list(concepts: list[Concept]) -> str:
 def concept_page(sheet: ConceptSheet) -> str:
     """The text of a /concepts page: the contact sheet's caption, or the list without it."""
     if not sheet.total:
-        return "I don't remember anyone in this chat yet. Teach me with " + USAGE["remember"]
+        return "I don't remember anyone in this chat yet. Teach me with " + usage("remember")
     head = f"I remember {sheet.total} in this chat"
     if sheet.pages > 1:
         following = sheet.page + 1 if sheet.page < sheet.pages else 1

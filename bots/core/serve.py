@@ -83,14 +83,15 @@ class CommandCore:
         limits: Limits | None = None,
         stream_interval: float = 1.0,
         time_limit_s: float | None = None,
-        no_photo: str = replies.NO_PHOTO,
+        photo_words: c.PhotoWords = c.PLAIN_WORDS,
     ) -> None:
-        """``no_photo``: the platform's own words for how to give a command its photo."""
+        """``photo_words``: the surface's own words for how to give a command its photo (in
+        /help, usage errors and the missing-photo reply)."""
         # Every Answer that comes back feeds rapbot_stage_seconds (its engine stage timings).
         self.gateway = metrics.observed_gateway(gateway)
         self.stream_interval = stream_interval  # seconds between partial answers
         self.platform_help = platform_help
-        self.no_photo = no_photo
+        self.photo_words = photo_words
         self.time_limit_s = time_limit_s  # bounds each request (and so a graceful shutdown)
         self.limits = limits or Limits()
         self._user_rate = RateLimiter(self.limits.user_per_minute, self.limits.user_burst)
@@ -150,7 +151,7 @@ class CommandCore:
             if limited is not None:
                 return limited, "rate_limited"
         if command is None:
-            return Reply(str(refused), error=True), "user_error"
+            return Reply(self._said(refused), error=True), "user_error"
         if self.limits.enabled and not self._in_flight.try_enter(scope):
             return Reply(BUSY, error=True), "busy"
         try:
@@ -160,7 +161,7 @@ class CommandCore:
                 work = await self._prepare(command, request, port, downloaded)
                 reply = await self.dispatch(command, work, port.show_partial)
         except RapbotError as error:
-            return Reply(str(error), error=True), metrics.error_outcome(error)
+            return Reply(self._said(error), error=True), metrics.error_outcome(error)
         except Exception:  # a bug or an outage: log it, tell the user something useful
             log.exception("command failed scope=%s", scope)
             return Reply(INTERNAL_ERROR, error=True), "internal_error"
@@ -169,6 +170,12 @@ class CommandCore:
                 self._in_flight.leave(scope)
         # An error reply from dispatch is the user's (no photo, nothing to search for...).
         return reply, "user_error" if reply.error else "ok"
+
+    def _said(self, error: RapbotError) -> str:
+        """An error as the user reads it; a usage in this surface's words for photos."""
+        if isinstance(error, c.CommandError) and error.usage:
+            return f"Usage: {c.usage(error.usage, self.photo_words)}"
+        return str(error)
 
     async def _prepare(
         self,
@@ -277,10 +284,10 @@ class CommandCore:
         actor = Actor(user, work.is_admin)
         match command:
             case c.Help():
-                return Reply(replies.help_text(self.platform_help))
+                return Reply(replies.help_text(self.platform_help, self.photo_words))
             case c.Remember(name, description):
                 if not work.images:
-                    return Reply(self.no_photo, error=True)
+                    return Reply(self.photo_words.missing, error=True)
                 results = []
                 for index, photo in enumerate(work.images):  # an album: every photo is an example
                     source = f"{request.message_id}#{index}" if request.message_id else None
@@ -290,7 +297,7 @@ class CommandCore:
                 return Reply(replies.remembered(results[-1], created=results[0].created))
             case c.Who() | c.Caption():
                 if work.image is None:
-                    return Reply(self.no_photo, error=True)
+                    return Reply(self.photo_words.missing, error=True)
                 if isinstance(command, c.Caption):
                     answer = await self._answer("caption", on_partial, scope, work.image, user)
                     return Reply(answer.text, concepts=answer.concepts)
@@ -322,7 +329,7 @@ class CommandCore:
                 return Reply(replies.indexing_off(removed))
             case c.Search(text):
                 if not text and work.image is None:
-                    raise c.CommandError(f"Usage: {c.USAGE['search']}")
+                    raise c.usage_error("search")
                 hits = await gateway.search(scope, text, work.image, k=SEARCH_K)
                 if not hits:
                     return Reply(replies.no_photos_found())

@@ -23,7 +23,7 @@ from bots.core.limits import Limits
 from bots.core.photo_indexing import INDEX_DRAIN_S
 from bots.core.serve import INTERNAL_ERROR, CommandCore
 from bots.discord_adapter.format import ERROR_PREFIX, NO_MENTIONS
-from bots.discord_adapter.handlers import PLATFORM_HELP, RapbotCog
+from bots.discord_adapter.handlers import RapbotCog, discord_core
 from engine.errors import RapbotError
 from engine.images import ImageLimits
 
@@ -159,9 +159,8 @@ async def _sync(token: str, guild_id: int | None) -> None:
 async def _serve(settings, gateway_kind: str, token: str, message_content: bool) -> None:
     gateway = await _open_gateway(settings, gateway_kind)
     try:
-        core = CommandCore(
+        core = discord_core(
             gateway,
-            platform_help=PLATFORM_HELP,
             limits=Limits.from_settings(settings),
             stream_interval=settings.stream_interval_s,
         )

@@ -57,12 +57,28 @@ NO_IMAGE_IN_MESSAGE = (
     "That message has no image attached. Use “Who is this?” on a message with a photo, "
     "or run /who with a photo."
 )
+DISCORD_WORDS = c.PhotoWords(
+    attach="with a photo attached (its photo option), or in a mention of me with one",
+    short="attached",
+    reference="with a photo attached",
+    missing=(
+        "This command needs a photo: attach one (the command's photo option), or mention me"
+        " in a message that has a photo or answers one."
+    ),
+)
 PLATFORM_HELP = (
     "On Discord: the slash commands take the photo as an attachment option "
     "(/remember, /who, /ask, /caption, /search); right-click a message with a photo → "
     "Apps → “Who is this?”; or mention me with a photo and a question. With /index on, "
     "photos attached to messages in this channel become searchable with /search."
 )
+
+
+def discord_core(gateway, **options) -> CommandCore:
+    """The command core as the Discord bot uses it: its help and its words for photos."""
+    return CommandCore(gateway, platform_help=PLATFORM_HELP, photo_words=DISCORD_WORDS, **options)
+
+
 # What files.download turns into "I couldn't download ...": the platform's failure, not the user's.
 # Messages whose attachments are photos posted in the chat (not joins, pins, threads...).
 _ORDINARY = (discord.MessageType.default, discord.MessageType.reply)
@@ -374,4 +390,4 @@ class RapbotCog(commands.Cog, name="rapbot"):
         return None
 
 
-__all__ = ["PLATFORM_HELP", "RapbotCog", "escape", "scope_of"]
+__all__ = ["DISCORD_WORDS", "PLATFORM_HELP", "RapbotCog", "discord_core", "escape", "scope_of"]

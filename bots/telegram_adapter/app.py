@@ -16,11 +16,11 @@ from telegram.error import InvalidToken, TelegramError
 from telegram.ext import AIORateLimiter, Application, BaseRateLimiter
 from telegram.request import BaseRequest
 
-from bots.core.commands import USAGE
+from bots.core.commands import USAGE, usage
 from bots.core.gateway import EngineGateway, make_gateway
 from bots.core.limits import Limits
 from bots.core.serve import CommandCore
-from bots.telegram_adapter.handlers import PLATFORM_NOTES, TelegramBot
+from bots.telegram_adapter.handlers import PLATFORM_NOTES, TELEGRAM_WORDS, TelegramBot
 from engine.errors import RapbotError
 from engine.images import ImageLimits
 
@@ -57,6 +57,7 @@ def build_application(
         CommandCore(
             gateway,
             platform_help=PLATFORM_NOTES,
+            photo_words=TELEGRAM_WORDS,
             limits=limits,
             stream_interval=stream_interval,
             time_limit_s=timeout_s,
@@ -67,7 +68,7 @@ def build_application(
 
     async def post_init(app: Application) -> None:
         # The command menu users see when they type '/'; best effort.
-        commands = [BotCommand(name, _menu_text(usage)) for name, usage in USAGE.items()]
+        commands = [BotCommand(name, _menu_text(usage(name, TELEGRAM_WORDS))) for name in USAGE]
         try:
             await app.bot.set_my_commands(commands)
         except TelegramError as error:

@@ -42,6 +42,12 @@ from engine.images import ImageLimits
 
 log = logging.getLogger(__name__)
 
+TELEGRAM_WORDS = c.PhotoWords(
+    attach="as the caption of a photo, or in reply to one",
+    short="caption or reply",
+    reference="in reply to a photo",
+    missing="Send a photo with this command as its caption, or reply to a photo with the command.",
+)
 PLATFORM_NOTES = (
     "On Telegram: put the command in a photo's caption, or send it as a reply to a photo; "
     "images sent as files work too. /remember NAME in the caption of an album adds every "

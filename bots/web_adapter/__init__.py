@@ -5,6 +5,6 @@ checks uploads and keeps the chat's indexed photos for search results, ``format`
 core Reply into the JSON the page shows; ``static/`` is the page itself (no build step).
 """
 
-from bots.web_adapter.app import WebChat, create_app, run_web
+from bots.web_adapter.app import WebChat, create_app, run_web, web_core
 
-__all__ = ["WebChat", "create_app", "run_web"]
+__all__ = ["WebChat", "create_app", "run_web", "web_core"]

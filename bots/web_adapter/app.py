@@ -44,6 +44,15 @@ from engine.images import ImageLimits
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "static"
+WEB_WORDS = c.PhotoWords(
+    attach="with a photo dropped or pasted in (or one from the chat clicked)",
+    short="drop or paste one",
+    reference="with a photo dropped or pasted in",
+    missing=(
+        "This command needs a photo: drop or paste one (or pick one with the camera button),"
+        " or click a photo in the chat, then send the command with it."
+    ),
+)
 WEB_HELP = (
     "In this web chat: drop or paste a photo (or pick one with the camera button) and type"
     " the command with it; a plain message is a question (/ask). Click a photo in the chat to"
@@ -53,6 +62,13 @@ TIME_LIMIT_S = 300.0  # per request; the first one may load the models
 _MESSAGE_ID = re.compile(r"[A-Za-z0-9-]{1,64}")
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 FORM_OVERHEAD = 64 * 1024  # bytes of a message request besides the photo
+
+
+def web_core(gateway, **options) -> CommandCore:
+    """The command core as the web chat uses it: its help, its words for photos and its time
+    limit (``options``: limits, stream_interval...)."""
+    options.setdefault("time_limit_s", TIME_LIMIT_S)
+    return CommandCore(gateway, platform_help=WEB_HELP, photo_words=WEB_WORDS, **options)
 
 
 @dataclass(frozen=True)
@@ -113,7 +129,9 @@ def create_app(core: CommandCore, chat: WebChat, token: str | None = None) -> Fa
 
     @app.get("/api/session")
     async def session() -> dict:
-        return {"scope": chat.scope, "user": chat.user, "help": help_text(WEB_HELP)}
+        # The core's own help: the one /help gives (web_core: the web chat's words).
+        help_ = help_text(core.platform_help, core.photo_words)
+        return {"scope": chat.scope, "user": chat.user, "help": help_}
 
     @app.post("/api/message")
     async def message(

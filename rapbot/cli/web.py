@@ -31,10 +31,8 @@ def register(sub, common: argparse.ArgumentParser) -> None:
 def run_web(args: argparse.Namespace) -> int:
     from bots.core.gateway import make_gateway
     from bots.core.limits import Limits
-    from bots.core.serve import CommandCore
-    from bots.web_adapter import WebChat
+    from bots.web_adapter import WebChat, web_core
     from bots.web_adapter import run_web as serve
-    from bots.web_adapter.app import TIME_LIMIT_S, WEB_HELP
     from engine.images import ImageLimits
 
     settings = settings_for(args)
@@ -44,12 +42,8 @@ def run_web(args: argparse.Namespace) -> int:
         limits=ImageLimits.from_settings(settings),
     )
     gateway = make_gateway(args.gateway or settings.gateway, settings, worker_settings=settings)
-    core = CommandCore(
-        gateway,
-        platform_help=WEB_HELP,
-        limits=Limits.from_settings(settings),
-        stream_interval=settings.stream_interval_s,
-        time_limit_s=TIME_LIMIT_S,
+    core = web_core(
+        gateway, limits=Limits.from_settings(settings), stream_interval=settings.stream_interval_s
     )
     try:
         serve(core, chat, args.port, open_browser=not args.no_browser)
