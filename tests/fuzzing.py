@@ -346,13 +346,17 @@ def _edited_lines(draw: Draw, data: bytes) -> bytes:
     lines: list[bytes] = data.splitlines()
     for _ in range(draw(st.integers(1, 2))):
         action = draw(
-            st.sampled_from(("field", "field", "field", "repeat", "drop", "swap", "junk"))
+            st.sampled_from(
+                ("field", "field", "field", "borrow", "borrow", "repeat", "drop", "swap", "junk")
+            )
         )
         at = draw(st.integers(0, max(len(lines) - 1, 0)))
         if action == "junk" or not lines:
             lines.insert(at, draw(st.one_of(st.binary(max_size=64), st.just(b"[]"))))
         elif action == "field":
             lines[at] = dump_json(draw(edited_json(_parsed(lines[at]))), draw(st.booleans()))
+        elif action == "borrow":
+            lines[at] = draw(_borrowed(lines, at))
         elif action == "repeat":
             lines.insert(at, lines[draw(st.integers(0, len(lines) - 1))])
         elif action == "drop":
@@ -361,6 +365,51 @@ def _edited_lines(draw: Draw, data: bytes) -> bytes:
             j = draw(st.integers(0, len(lines) - 1))
             lines[at], lines[j] = lines[j], lines[at]
     return b"\n".join(lines) + b"\n"
+
+
+# Ways to make a text that is, or looks like, another: the same, another case, fullwidth
+# (NFKC folds it back), Latin letters swapped for Cyrillic look-alikes, padded.
+_CYRILLIC = str.maketrans("AaBCcEeHKMOopTXxy", "АаВСсЕеНКМОорТХху")
+_LOOK_ALIKES: tuple[Callable[[str], str], ...] = (
+    lambda text: text,
+    str.swapcase,
+    lambda text: "".join(chr(ord(c) + 0xFEE0) if "!" <= c <= "~" else c for c in text),
+    lambda text: text.translate(_CYRILLIC),
+    lambda text: f" {text} ",
+)
+
+
+@st.composite
+def _borrowed(draw: Draw, lines: list[bytes], at: int) -> bytes:
+    """Line ``at`` with one field set to another line's value of that field, or a look-alike
+    of it: the records of one member collide (a name twice, or two look-alike names, in one
+    chat; one photo's source given to another; a concept moved to another chat)."""
+    record, other = _parsed(lines[at]), _parsed(lines[draw(st.integers(0, len(lines) - 1))])
+    if not isinstance(record, dict) or not isinstance(other, dict):
+        return lines[at]
+    shared = sorted(set(record) & set(other))
+    if not shared:
+        return lines[at]
+    key = draw(st.sampled_from(shared))
+    value = other[key]
+    if isinstance(value, str):
+        value = draw(st.sampled_from(_LOOK_ALIKES))(value)
+    return dump_json({**record, key: value}, draw(st.booleans()))
+
+
+@st.composite
+def collided_records(draw: Draw, seed: bytes) -> bytes:
+    """The seed archive with one record of a .jsonl member given another record's field, or a
+    look-alike of it (see ``_borrowed``): the collisions that random values almost never
+    make."""
+    members = members_of(seed)
+    names = [m.name for m in members if m.name.endswith(".jsonl")]
+    k = [m.name for m in members].index(draw(st.sampled_from(names)))
+    lines = members[k].data.splitlines()
+    at = draw(st.integers(0, len(lines) - 1))
+    lines[at] = draw(_borrowed(lines, at))
+    members[k] = replace(members[k], data=b"\n".join(lines) + b"\n")
+    return build_zip(members)
 
 
 def _parsed(line: bytes) -> Any:
@@ -438,6 +487,7 @@ def hostile_archives(seeds: Sequence[bytes]) -> st.SearchStrategy[bytes]:
     return st.one_of(
         seed.flatmap(record_edits),
         seed.flatmap(record_edits),
+        seed.flatmap(collided_records),
         seed.flatmap(member_edits),
         seed.flatmap(header_lies),
         mutated_bytes(seeds),
