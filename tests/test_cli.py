@@ -235,7 +235,8 @@ def test_store_only_commands_need_no_model_and_no_weights(cli, dreambooth, tmp_p
     # An archive of the store's own model is imported without embedding anything again.
     assert "Imported 2 new concept(s)" in run("--chat", "cli:2", "import", tmp_path / "backup.zip")
     assert run("--user", "alice", "forget", "Mochi").startswith("I've forgotten Mochi")
-    assert json.loads(run("--json", "forget-user", "alice")) == {"forgotten": 3}  # both chats
+    forgotten = json.loads(run("--json", "forget-user", "alice"))
+    assert forgotten == {"forgotten": 3, "files_deleted": 0}  # both chats; no adapter files
     assert json.loads(run("--json", "concepts")) == {"concepts": []}
 
 
@@ -341,3 +342,32 @@ def test_export_and_import_show_progress_with_counts_on_a_terminal(
     code, out, err = cli("--json", "export", "--out", tmp_path / "again.zip")
     assert code == 0 and err == ""
     assert json.loads(out)["exported"]["photos"] == 2
+
+
+def test_forget_user_deletes_the_web_chats_kept_photos_of_that_user(cli, tmp_path) -> None:
+    """The web chat keeps the photos it indexed under <data>/web/<name>/photos: forget-user
+    web:<name> deletes them with the stores' data, and nobody else's; a name that is no web
+    chat's ("..") deletes nothing."""
+    import io
+
+    from PIL import Image
+
+    from bots.web_adapter.files import PhotoFolder, photos_dir, source_of
+
+    data = tmp_path / "data"  # the cli fixture's RAPBOT_DATA_DIR
+    photo = io.BytesIO()
+    Image.new("RGB", (16, 16), "red").save(photo, format="JPEG")
+    for name in ("ada", "bob"):
+        PhotoFolder(photos_dir(data, name)).keep(source_of(photo.getvalue()), photo.getvalue())
+    code, out, err = cli("--json", "forget-user", "web:ada")
+    assert code == 0, err
+    assert json.loads(out)["files_deleted"] == 1
+    assert not photos_dir(data, "ada").exists()
+    assert len(list(photos_dir(data, "bob").iterdir())) == 1
+    code, out, _ = cli("forget-user", "web:bob")
+    assert code == 0 and "Deleted the 1 photo file kept for them on disk." in out
+    before = sorted(p.relative_to(data) for p in data.rglob("*"))
+    for outside in ("web:..", "web:.", "web:../photos", "tg:42"):
+        code, out, err = cli("--json", "forget-user", outside)
+        assert code == 0 and json.loads(out)["files_deleted"] == 0, err
+    assert sorted(p.relative_to(data) for p in data.rglob("*")) == before

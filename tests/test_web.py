@@ -155,6 +155,20 @@ def test_help_and_usage_say_drop_or_paste_a_photo(served: Served):
         assert not any(gesture in text for gesture in TELEGRAM_GESTURES), text
 
 
+def test_a_web_chat_name_cannot_point_outside_its_folder(tmp_path: Path):
+    """`rapbot web --user ..` once kept its photos in <data>/web/../photos: the photo store's
+    own folder, which /forget_me or /index off then deleted for every chat."""
+    from bots.web_adapter.files import photos_dir
+    from engine.errors import InvalidInputError
+
+    for name in ("..", ".", "a/b", ""):
+        with pytest.raises(InvalidInputError, match="web chat name"):
+            WebChat(name, tmp_path / "photos")
+        with pytest.raises(InvalidInputError, match="web chat name"):
+            photos_dir(tmp_path, name)
+    assert photos_dir(tmp_path, "..ada") == tmp_path / "web" / "..ada" / "photos"
+
+
 def test_search_results_show_only_photos_this_chat_kept(tmp_path: Path):
     folder = PhotoFolder(tmp_path / "photos")
     photo = io.BytesIO()

@@ -80,10 +80,14 @@ def forgotten(concept: Concept) -> str:
     return f"I've forgotten {concept.name} and all photos of them."
 
 
-def forgot_user(removed: int, user: str | None = None) -> str:
-    """``user`` None: the person asking (/forget_me); else who an operator named."""
+def forgot_user(removed: int, user: str | None = None, files: int = 0) -> str:
+    """``user`` None: the person asking (/forget_me); else who an operator named. ``files``:
+    the files an adapter kept for them on disk, deleted too (`rapbot forget-user`)."""
     who = "you" if user is None else user
-    return f"Done: I've forgotten the {plural(removed, 'concept')} {who} taught me, in every chat."
+    text = f"Done: I've forgotten the {plural(removed, 'concept')} {who} taught me, in every chat."
+    if files:
+        text += f" Deleted the {plural(files, 'photo file')} kept for them on disk."
+    return text
 
 
 # ----------------------------------------------------------------------------- photo search

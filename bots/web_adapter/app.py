@@ -36,7 +36,14 @@ from bots.core.messages import Reply
 from bots.core.replies import help_text
 from bots.core.request import BasePort, ChatRequest, Sender
 from bots.core.serve import INTERNAL_ERROR, CommandCore
-from bots.web_adapter.files import PhotoFolder, data_url, read_upload, source_of
+from bots.web_adapter.files import (
+    USER_PREFIX,
+    PhotoFolder,
+    check_chat_name,
+    data_url,
+    read_upload,
+    source_of,
+)
 from bots.web_adapter.format import reply_event
 from engine.errors import RapbotError
 from engine.images import ImageLimits
@@ -60,7 +67,6 @@ WEB_HELP = (
 )
 TIME_LIMIT_S = 300.0  # per request; the first one may load the models
 _MESSAGE_ID = re.compile(r"[A-Za-z0-9-]{1,64}")
-_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 FORM_OVERHEAD = 64 * 1024  # bytes of a message request besides the photo
 
 
@@ -81,18 +87,15 @@ class WebChat:
     heartbeat_s: float = 1.0  # seconds between "working" events
 
     def __post_init__(self) -> None:
-        if not _NAME.fullmatch(self.name):
-            raise RapbotError(
-                "A web chat name is 1 to 64 letters, digits, '.', '_' or '-' (e.g. --name ada)."
-            )
+        check_chat_name(self.name)
 
     @property
     def scope(self) -> str:
-        return f"web:{self.name}"
+        return f"{USER_PREFIX}{self.name}"
 
     @property
     def user(self) -> str:
-        return f"web:{self.name}"
+        return f"{USER_PREFIX}{self.name}"
 
 
 def create_app(core: CommandCore, chat: WebChat, token: str | None = None) -> FastAPI:

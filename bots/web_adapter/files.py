@@ -18,9 +18,13 @@ from pathlib import Path
 
 from starlette.datastructures import UploadFile
 
+from engine.errors import InvalidInputError
 from engine.images import ImageLimits, decode_image, encode_jpeg, thumbnail
 
 SOURCE_PREFIX = "web-photo:"
+USER_PREFIX = "web:"  # the web chat <name> is the scope and the user web:<name>
+# A chat name is a folder name under <data folder>/web: no separators, and not "." or "..".
+_CHAT_NAME = re.compile(r"(?!\.{1,2}$)[A-Za-z0-9_.-]{1,64}")
 _SOURCE = re.compile(r"web-photo:([0-9a-f]{64})")
 THUMBNAIL_SIDE = 320  # px, search results and posted photos in the page
 
@@ -66,6 +70,35 @@ class PhotoFolder:
     def clear(self) -> None:
         """After /index off or /forget_me: the photos go with their index entries."""
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def is_chat_name(name: str) -> bool:
+    return _CHAT_NAME.fullmatch(name) is not None
+
+
+def check_chat_name(name: str) -> str:
+    if not is_chat_name(name):
+        raise InvalidInputError(
+            "A web chat name is 1 to 64 letters, digits, '.', '_' or '-', and not '.' or '..'"
+            " (e.g. --user ada)."
+        )
+    return name
+
+
+def photos_dir(data_dir: Path, name: str) -> Path:
+    """Where the web chat ``name`` keeps its indexed photos (``name`` checked first)."""
+    check_chat_name(name)
+    return Path(data_dir).expanduser() / "web" / name / "photos"
+
+
+def user_folders(data_dir: Path, user: str) -> list[Path]:
+    """The folders the web chat keeps for ``user`` (``web:<name>``): its indexed photos, which
+    ``rapbot forget-user`` deletes with the user's data in the stores. None for another
+    platform's user or a name no web chat can have (never a path outside ``web/``)."""
+    prefix, _, name = user.partition(":")
+    if f"{prefix}:" != USER_PREFIX or not is_chat_name(name):
+        return []
+    return [photos_dir(data_dir, name)]
 
 
 def data_url(jpeg: bytes) -> str:

@@ -104,7 +104,13 @@ def run_forget(args: argparse.Namespace) -> int:
 
 
 def run_forget_user(args: argparse.Namespace) -> int:
-    with open_engine(settings_for(args), store_only=True) as engine:
+    from bots.core.platforms import forget_user_files
+
+    settings = settings_for(args)
+    with open_engine(settings, store_only=True) as engine:
         removed = engine.forget_user(args.target_user)
-    emit(args, {"forgotten": removed}, replies.forgot_user(removed, args.target_user))
+    # And what an adapter keeps on disk for them (the web chat's indexed photos).
+    files = forget_user_files(settings.data_dir, args.target_user)
+    text = replies.forgot_user(removed, args.target_user, files)
+    emit(args, {"forgotten": removed, "files_deleted": files}, text)
     return 0

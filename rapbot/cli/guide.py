@@ -29,7 +29,8 @@ GUIDE: dict[str, tuple[str, str]] = {
     ),
     "forget-user": (
         "how many concepts of USER were forgotten, in every chat; their indexed photos go"
-        " too (store only: works without the models, a privacy request)",
+        " too, and the web chat's kept photo files of a web:NAME user (store only: works"
+        " without the models, a privacy request); --json: forgotten, files_deleted",
         "rapbot forget-user tg:42",
     ),
     "who": (

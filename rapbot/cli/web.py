@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-from pathlib import Path
 
 from rapbot.cli.common import gateway_option, settings_for
 
@@ -33,12 +32,13 @@ def run_web(args: argparse.Namespace) -> int:
     from bots.core.limits import Limits
     from bots.web_adapter import WebChat, web_core
     from bots.web_adapter import run_web as serve
+    from bots.web_adapter.files import photos_dir
     from engine.images import ImageLimits
 
     settings = settings_for(args)
     chat = WebChat(  # checks the name before any model loads
         name=args.user,
-        photos_dir=Path(settings.data_dir).expanduser() / "web" / args.user / "photos",
+        photos_dir=photos_dir(settings.data_dir, args.user),
         limits=ImageLimits.from_settings(settings),
     )
     gateway = make_gateway(args.gateway or settings.gateway, settings, worker_settings=settings)
