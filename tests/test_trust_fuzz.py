@@ -122,20 +122,27 @@ def test_every_image_seed_decodes() -> None:
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning:PIL")  # Pillow's notes on corrupt EXIF
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # refused below
 @fuzz(2500)
-@given(data=hostile_bytes(IMAGE_SEEDS, SIGNATURES))
-def test_decode_image_returns_rgb_or_one_clear_error(data: bytes) -> None:
+@given(
+    data=hostile_bytes(IMAGE_SEEDS, SIGNATURES),
+    # The seeds are 5 to 20 pixels: small min_sides take the scaled (JPEG draft) path that
+    # archive validation and contact sheets use.
+    min_side=st.one_of(st.none(), st.integers(1, 16)),
+)
+def test_decode_image_returns_rgb_or_one_clear_error(data: bytes, min_side: int | None) -> None:
     try:
-        image = decode_image(data, IMAGE_LIMITS)
+        image = decode_image(data, IMAGE_LIMITS, min_side=min_side)
     except ImageError as error:
         assert_one_line(error)
         event(f"refused: {str(error).split(' (')[0][:48]}")
         return
-    event("decoded")
+    event("decoded" if min_side is None else "decoded, scaled")
     width, height = image.size
     assert image.mode == "RGB"
     assert 0 < width * height <= IMAGE_LIMITS.max_pixels
     assert max(width, height) <= IMAGE_LIMITS.max_aspect * min(width, height)
+    assert min_side is None or min(width, height) <= min_side
     assert len(image.tobytes()) == 3 * width * height  # loaded: the pixels are all there
 
 
