@@ -61,6 +61,7 @@ _PERSONAL_EXTRAS: tuple[str, ...] = (
 GENERAL_VOCABULARY: list[str] = list(dict.fromkeys(COCO_CLASSES + _PERSONAL_EXTRAS))
 
 NMS_IOU = 0.7  # ultralytics' predict default
+PRE_REDUCE_ABOVE = 4  # x the input size: larger images are shrunk in Pillow before the letterbox
 
 
 class Detector(Protocol):
@@ -209,12 +210,17 @@ class YoloWorldDetector:
         """Scale to fit ``image_size`` square, keep aspect, pad grey (as ultralytics' LetterBox)."""
         import cv2
 
-        rgb = np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
-        height, width = rgb.shape[:2]
+        width, height = image.size
         size = self.image_size
         ratio = min(size / height, size / width)
         new_w, new_h = max(1, round(width * ratio)), max(1, round(height * ratio))
-        if (new_w, new_h) != (width, height):
+        # An image far larger than the input (a 49 MP upload) is first shrunk by an integer
+        # factor in Pillow, to no less than 4x the input: its full-size NumPy copy cost 280 MB,
+        # and INTER_LINEAR from 10x the size only aliases. Ordinary photos are not touched.
+        factor = max(width, height) // (PRE_REDUCE_ABOVE * size)
+        source = image.reduce(factor) if factor >= 2 else image
+        rgb = np.asarray(source if source.mode == "RGB" else source.convert("RGB"))
+        if (new_w, new_h) != (rgb.shape[1], rgb.shape[0]):
             rgb = cv2.resize(rgb, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
         left, top = (size - new_w) // 2, (size - new_h) // 2
         canvas = np.full((size, size, 3), 114, dtype=np.uint8)

@@ -212,3 +212,36 @@ def test_annotated_reply_is_bounded_and_boxes_follow() -> None:
     assert tuple(pixels[350, 1250]) == (0, 0, 0)  # inside the box: the photo
     small = Image.new("RGB", (400, 300))
     assert annotate(small, []).size == (400, 300)
+
+
+def test_a_large_region_is_cropped_at_most_crop_max_side() -> None:
+    """The whole of a 49 MP photo (the fallback crop when nothing is detected) was copied at
+    full size for CLIP, which keeps 224 px of it: a crop's shorter side is bounded, and the
+    pixels are the region's."""
+    from engine.images import CROP_MAX_SIDE
+
+    image = Image.radial_gradient("L").resize((6000, 4000)).convert("RGB")
+    whole = crop(image, Box(0, 0, 6000, 4000))
+    assert whole.size == (CROP_MAX_SIDE * 3 // 2, CROP_MAX_SIDE)
+    part = crop(image, Box(1000, 1000, 4000, 2500))
+    expected = image.crop((1000, 1000, 4000, 2500)).resize(part.size, Image.Resampling.BICUBIC)
+    assert np.abs(np.asarray(part, int) - np.asarray(expected, int)).mean() < 2
+    assert crop(image, Box(10, 10, 500, 400)).size == (490, 390)  # small regions: as they are
+
+
+def test_the_detector_never_copies_a_huge_photo_to_numpy(tiny_models) -> None:
+    """YOLO-World's letterbox made a full-size NumPy copy of a 49 MP upload (280 MB at its
+    peak) to keep 640 px of it; a photo far larger than the input is shrunk in Pillow first,
+    and its detections still come back in the photo's own pixels."""
+    import tracemalloc
+
+    detector = tiny_models[1].detector
+    big = Image.radial_gradient("L").resize((6000, 4500)).convert("RGB")
+    tracemalloc.start()
+    try:
+        found = detector.detect([big], ["cat", "dog"])[0]
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 20 * 1024**2, f"{peak / 1024**2:.0f} MB of NumPy/Python memory"
+    assert all(0 <= d.box.x1 < d.box.x2 <= 6000 and 0 <= d.box.y1 < d.box.y2 <= 4500 for d in found)
