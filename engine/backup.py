@@ -66,7 +66,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from engine.errors import ImageError, InvalidInputError, RapbotError, StoreError
-from engine.images import ImageLimits, decode_image
+from engine.images import CROP_MAX_SIDE, ImageLimits, bounded_crop_jpeg, decode_image
 from engine.progress import Progress, counter
 from engine.store.base import ConceptStore, check_scope, name_key
 from engine.types import Box
@@ -973,7 +973,7 @@ def _vectors_for(
         images = []
         for row in range(start, min(start + _EMBED_BATCH, n)):
             try:
-                images.append(decode_image(archive.crop(row)))
+                images.append(decode_image(archive.crop(row), min_side=CROP_MAX_SIDE))
             except ImageError as error:
                 raise archive._error(
                     f"has a photo {_crop_name(row)} that can't be read ({error})"
@@ -1119,7 +1119,7 @@ def _write(
             tick()  # counted as it is taken up: written or skipped below
             example = archive.examples[row]
             source = import_source(archived.scope, target, example)
-            crop = archive.crop(row)
+            crop = bounded_crop_jpeg(archive.crop(row))  # as the live path stores crops
             holder = store.find_by_source(target, source)
             if holder is not None or _digest(crop) in known:
                 # Imported before; if since renamed, the rest of its photos still go to it.

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ImageLimits",
+    "bounded_crop_jpeg",
     "crop",
     "decode_image",
     "encode_jpeg",
@@ -472,6 +473,19 @@ def crop(
     if wanted is None:
         return image.crop(corners)
     return image.resize(wanted, Image.Resampling.BICUBIC, box=corners, reducing_gap=2.0)
+
+
+def bounded_crop_jpeg(
+    data: bytes, limits: ImageLimits = ImageLimits(), max_side: int = CROP_MAX_SIDE
+) -> bytes:
+    """A stored crop as :func:`crop` makes them: the JPEG unchanged when its shorter side is
+    at most ``max_side`` (read from the header), else decoded at a reduced scale and encoded
+    again. Imports use it, so an archive's 49 MP crop is not decoded by every /ask and
+    contact sheet that shows it."""
+    size = _declared_size(data)
+    if size is not None and min(size) <= max_side:
+        return data
+    return encode_jpeg(decode_image(data, limits, min_side=max_side))
 
 
 def _within_aspect(region: Box, width: int, height: int, max_aspect: float) -> Box:

@@ -297,3 +297,33 @@ def test_two_chats_imported_into_one_cannot_bring_look_alike_names(archive, targ
     report = import_archive(same, target, mode=mode, scope_map={"tg:1": "tg:7", "tg:2": "tg:7"})
     assert sorted(c.name for c in target.list_concepts("tg:7")) == ["Bo", "Mochi"]
     assert report.examples == 4
+
+
+def test_an_archives_huge_crop_is_stored_as_the_live_path_stores_crops(archive, tmp_path) -> None:
+    """The worst request: 20 concepts whose crops are 49 MP JPEGs (allowed: under 20 MB and
+    50 MP) made every /concepts sheet and /ask that showed them decode 49 MP photos. Crops
+    come in at most CROP_MAX_SIDE on their shorter side, as /remember makes them; ordinary
+    crops byte for byte; importing again still finds them already there."""
+    import io
+
+    from PIL import Image
+
+    from engine.images import CROP_MAX_SIDE, decode_image
+
+    huge = io.BytesIO()
+    Image.radial_gradient("L").resize((3000, 2000)).convert("RGB").save(huge, format="JPEG")
+    with zipfile.ZipFile(archive) as zf:
+        crops = sorted(n for n in zf.namelist() if n.startswith("crops/"))
+        kept = zf.read(crops[1])
+    crafted = _rewrite(archive, archive.with_name("huge.zip"), put={crops[0]: huge.getvalue()})
+    store = faiss(tmp_path / "fresh")
+    try:
+        import_archive(crafted, store)
+        stored = {ex.crop_jpeg for ex in store.examples("tg:1")}
+        sizes = sorted(decode_image(c).size for c in stored)
+        assert (CROP_MAX_SIDE * 3 // 2, CROP_MAX_SIDE) in sizes
+        assert all(min(size) <= CROP_MAX_SIDE for size in sizes) and kept in stored
+        again = import_archive(crafted, store)
+        assert (again.examples, again.skipped) == (0, store.count())
+    finally:
+        store.close()
