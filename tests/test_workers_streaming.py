@@ -100,7 +100,9 @@ def test_ask_and_caption_stream_their_text_through_a_worker(cluster) -> None:
         assert isinstance(final, Answer) and final.text
         assert all(isinstance(piece, str) for _, piece in pieces)
         assert "".join(piece for _, piece in pieces) == final.text
-        assert len(pieces) >= 3, len(pieces)  # several pieces, not the whole text at once
+        # More than one piece, not the whole text at once (a reader starved of CPU on a busy
+        # machine joins what piled up, so the count itself depends on load).
+        assert len(pieces) >= 2, len(pieces)
         first = pieces[0][0]
         assert finished - first >= 0.3, finished - first  # text shown while still generating
     assert asked[-1][1].text == whole.text  # the same answer as without streaming
