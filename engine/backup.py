@@ -772,7 +772,7 @@ class Archive:
             raise self._error(f"misses {missing[0]}" if missing else f"has {what} refers to")
         # Decoded like any upload (engine.images): JPEG magic followed by junk, a bomb or a
         # strip is refused here, before anything is written, not when a chat later uses it.
-        image_limits = ImageLimits(max_bytes=self.limits.max_crop_bytes)
+        image_limits = self.image_limits
         for row in range(n):
             name = name_of(row)
             try:
@@ -781,6 +781,11 @@ class Archive:
                 decode_image(self._jpeg(name), image_limits, min_side=1).close()
             except ImageError as error:
                 raise self._error(f"has a photo {name} that can't be read ({error})") from None
+
+    @property
+    def image_limits(self) -> ImageLimits:
+        """How the archive's crops and thumbnails are decoded: when checked, and when stored."""
+        return ImageLimits(max_bytes=self.limits.max_crop_bytes)
 
     def _jpeg(self, name: str) -> bytes:
         with self._reading():
@@ -973,7 +978,9 @@ def _vectors_for(
         images = []
         for row in range(start, min(start + _EMBED_BATCH, n)):
             try:
-                images.append(decode_image(archive.crop(row), min_side=CROP_MAX_SIDE))
+                images.append(
+                    decode_image(archive.crop(row), archive.image_limits, min_side=CROP_MAX_SIDE)
+                )
             except ImageError as error:
                 raise archive._error(
                     f"has a photo {_crop_name(row)} that can't be read ({error})"
@@ -1119,7 +1126,8 @@ def _write(
             tick()  # counted as it is taken up: written or skipped below
             example = archive.examples[row]
             source = import_source(archived.scope, target, example)
-            crop = bounded_crop_jpeg(archive.crop(row))  # as the live path stores crops
+            # As the live path stores crops; decoded under the limits it was checked with.
+            crop = bounded_crop_jpeg(archive.crop(row), archive.image_limits)
             holder = store.find_by_source(target, source)
             if holder is not None or _digest(crop) in known:
                 # Imported before; if since renamed, the rest of its photos still go to it.

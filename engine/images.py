@@ -249,8 +249,10 @@ def _load_checked(
     # Truncation raises here unless someone set ImageFile.LOAD_TRUNCATED_IMAGES globally.
     image.load()
     if wanted is not None and image.size != wanted:
-        # Not image.size's own aspect: EXIF rotation comes after, and keeps the short side.
-        image = image.resize(_smaller_size(image.size, min_side), Image.Resampling.LANCZOS)
+        # Draft mode rounds each side up on its own, so the short side may already be
+        # ``min_side`` while the long one is not yet: resize to ``wanted`` itself (stored
+        # orientation; EXIF rotation comes after and keeps the short side).
+        image = image.resize(wanted, Image.Resampling.LANCZOS)
     upright = _upright(image)
     rgb = _to_rgb(upright)
     if rgb is image and animated:

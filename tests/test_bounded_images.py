@@ -174,6 +174,17 @@ def test_min_side_decodes_a_large_jpeg_at_a_reduced_scale(monkeypatch) -> None:
     assert decode_image(data, min_side=5000).size == (3000, 4000)
 
 
+@pytest.mark.parametrize(
+    "size, min_side, expected",
+    [((2001, 1344), 672, (1000, 672)), ((3001, 2048), 1024, (1500, 1024)), ((100, 8), 1, (12, 1))],
+)
+def test_min_side_when_draft_mode_rounds_the_long_side_up(size, min_side, expected) -> None:
+    """The shorter side an exact 2, 4 or 8 times ``min_side`` and a long side that does not
+    divide: draft mode already gives the short side but rounds the long one up (before: the
+    resize got no size and a valid photo was refused as corrupt)."""
+    assert decode_image(_photo_jpeg(size), min_side=min_side).size == expected
+
+
 def test_the_generator_and_the_contact_sheet_get_small_crops(tmp_path: Path) -> None:
     from engine.contact_sheet import TILE, SheetTile, render_contact_sheet
     from engine.generator.rap import EXAMPLE_MIN_SIDE, example_image

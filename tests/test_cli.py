@@ -371,3 +371,29 @@ def test_forget_user_deletes_the_web_chats_kept_photos_of_that_user(cli, tmp_pat
         code, out, err = cli("--json", "forget-user", outside)
         assert code == 0 and json.loads(out)["files_deleted"] == 0, err
     assert sorted(p.relative_to(data) for p in data.rglob("*")) == before
+
+
+def test_forget_user_says_which_kept_folder_it_could_not_delete(cli, tmp_path, monkeypatch) -> None:
+    """A kept folder that cannot be deleted (permissions, a mount) is one line naming it, not
+    a traceback after the stores were cleared."""
+    import io
+    import shutil
+
+    from PIL import Image
+
+    from bots.web_adapter.files import PhotoFolder, photos_dir, source_of
+
+    photo = io.BytesIO()
+    Image.new("RGB", (16, 16), "red").save(photo, format="JPEG")
+    folder = photos_dir(tmp_path / "data", "ada")
+    PhotoFolder(folder).keep(source_of(photo.getvalue()), photo.getvalue())
+
+    def refuse(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(shutil, "rmtree", refuse)
+    code, _, err = cli("forget-user", "web:ada")
+    assert code == 1 and "Traceback" not in err
+    assert err.strip().splitlines() == [
+        f"rapbot: Could not delete {folder} (Permission denied); delete it by hand."
+    ]

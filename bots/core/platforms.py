@@ -20,6 +20,8 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from engine.errors import InvalidInputError
+
 # platform (scope prefix) -> "module:function" taking a source, True when it has the form the
 # platform's adapter makes (imported only when asked: the CLI needs no chat library otherwise).
 SOURCE_RULES: dict[str, str] = {
@@ -61,7 +63,12 @@ def forget_user_files(data_dir: Path, user: str) -> int:
     for folder in folders(Path(data_dir), user) if folders is not None else ():
         if folder.is_dir():
             removed += sum(1 for f in folder.rglob("*") if f.is_file())
-            shutil.rmtree(folder)
+            try:
+                shutil.rmtree(folder)
+            except OSError as error:  # the stores are already cleared: say what is left
+                raise InvalidInputError(
+                    f"Could not delete {folder} ({error.strerror or error}); delete it by hand."
+                ) from None
     return removed
 
 
