@@ -136,7 +136,7 @@ TELEGRAM_GESTURES = ("caption of a photo", "in reply to", "(caption or reply)")
 def test_help_and_usage_speak_the_terminal_not_telegram(tiny_engine, tmp_path) -> None:
     """/help's usage lines, a usage error and the missing-photo reply say '< PATH', never
     Telegram's caption or reply."""
-    out = chat(tiny_engine, ["/help", "/remember", "/ask", "/search"], tmp_path)
+    out = chat(tiny_engine, ["/help", "/remember", "/ask", "/search", "/concepts"], tmp_path)
     text = "\n".join(out[1:-1])
     assert "• /remember NAME | description — with '< PATH' at the end of the line" in text
     assert "• /who — with '< PATH' at the end of the line: who do I know in it?" in text
@@ -144,7 +144,14 @@ def test_help_and_usage_speak_the_terminal_not_telegram(tiny_engine, tmp_path) -
     assert "• /search TEXT — find photos of this chat; with '< PATH': more like it" in text
     assert "! Usage: /remember NAME | description — with '< PATH' at the end of the line" in out
     assert "! Usage: /ask QUESTION — about a photo ('< PATH') or about a name I know" in out
-    assert any(line.startswith("! Usage: /search TEXT — find photos of this chat; with '< PATH'") for line in out)
+    assert any(
+        line.startswith("! Usage: /search TEXT — find photos of this chat; with '< PATH'")
+        for line in out
+    )
+    assert (  # an empty chat's /concepts tells how to teach it, in the same words
+        "I don't remember anyone in this chat yet. Teach me with /remember NAME | description"
+        " — with '< PATH' at the end of the line" in out
+    )
     assert not any(gesture in text for gesture in TELEGRAM_GESTURES), text
 
 

@@ -53,10 +53,11 @@ def concept_list(concepts: list[Concept]) -> str:
     return concept_page(ConceptSheet(concepts, 1, 1, len(concepts)))
 
 
-def concept_page(sheet: ConceptSheet) -> str:
-    """The text of a /concepts page: the contact sheet's caption, or the list without it."""
+def concept_page(sheet: ConceptSheet, words: PhotoWords = PLAIN_WORDS) -> str:
+    """The text of a /concepts page: the contact sheet's caption, or the list without it;
+    ``words``: the surface's own way to give /remember its photo."""
     if not sheet.total:
-        return "I don't remember anyone in this chat yet. Teach me with " + usage("remember")
+        return "I don't remember anyone in this chat yet. Teach me with " + usage("remember", words)
     head = f"I remember {sheet.total} in this chat"
     if sheet.pages > 1:
         following = sheet.page + 1 if sheet.page < sheet.pages else 1

@@ -309,7 +309,9 @@ class CommandCore:
                 return Reply(answer.text, image, "answer.jpg", answer.concepts)
             case c.Concepts(page):
                 sheet = await gateway.concept_sheet(scope, page)
-                return Reply(replies.concept_page(sheet), sheet.image, "concepts.jpg")
+                return Reply(
+                    replies.concept_page(sheet, self.photo_words), sheet.image, "concepts.jpg"
+                )
             case c.Rename(name, new_name):
                 concept = await gateway.rename(scope, name, new_name, actor)
                 return Reply(replies.renamed(name, concept))
