@@ -106,7 +106,16 @@ def main() -> int:
         "RAPBOT_WORKER_READY_FILE": str(ready),
     }
     worker = subprocess.Popen(
-        [sys.executable, "-m", "rapbot.cli", "worker", "--concurrency", "2", "--loglevel", "warning"],
+        [
+            sys.executable,
+            "-m",
+            "rapbot.cli",
+            "worker",
+            "--concurrency",
+            "2",
+            "--loglevel",
+            "warning",
+        ],
         cwd=ROOT,
         env=worker_env,
     )

@@ -83,7 +83,9 @@ def main() -> int:
         )
     other = total - accounted
     print(f"{'other':<10}{1000 * other / len(totals):>10.1f}{'':>10}{100 * other / total:>8.1f}%")
-    print(f"{'total':<10}{1000 * statistics.mean(totals):>10.1f}{1000 * statistics.median(totals):>10.1f}")
+    print(
+        f"{'total':<10}{1000 * statistics.mean(totals):>10.1f}{1000 * statistics.median(totals):>10.1f}"
+    )
     models = sum(per_stage["detect"]) + sum(per_stage["embed"])
     outside = 100 * (total - models) / total
     print(f"outside the model forwards (decode+search+render+other): {outside:.1f}% (target < 15%)")

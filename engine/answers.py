@@ -154,9 +154,7 @@ def ask_sentence(
     for concept in named:
         rec = seen.get(concept.id)
         if rec is not None:
-            sentences.append(
-                f"Yes, {_named(rec, owners, asker)} is {rec.position or WHOLE_PHOTO}."
-            )
+            sentences.append(f"Yes, {_named(rec, owners, asker)} is {rec.position or WHOLE_PHOTO}.")
         else:
             sentences.append(f"I don't see {concept.name} in this photo.")
     others = [r for r in known if r.concept_id not in {c.id for c in named}]

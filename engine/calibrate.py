@@ -169,9 +169,7 @@ def score_photos(
     return out
 
 
-def calibrate(
-    settings, folder: str | Path, *, write: bool = True, progress=None
-) -> Calibration:
+def calibrate(settings, folder: str | Path, *, write: bool = True, progress=None) -> Calibration:
     """Measure the threshold for the configured embedding model on ``folder`` and (``write``)
     save it in the data folder for the engine to use."""
     from engine.engine import Engine

@@ -116,9 +116,7 @@ def test_no_module_opens_images_around_engine_images() -> None:
     offenders = []
     for path in REPO.rglob("*.py"):
         relative = path.relative_to(REPO)
-        if relative.parts[0] in {"tests", ".venv", "build"} or relative == Path(
-            "engine/images.py"
-        ):
+        if relative.parts[0] in {"tests", ".venv", "build"} or relative == Path("engine/images.py"):
             continue
         for number, line in enumerate(path.read_text("utf-8").splitlines(), 1):
             if pattern.search(line) and not line.lstrip().startswith("#"):

@@ -580,6 +580,7 @@ def test_cir_query_table(tiny_models, cir_folder, dreambooth) -> None:
         return v / np.linalg.norm(v)
 
     q = enc.embed_queries([photo], ["at night"])[0]
+
     def parts(*rows):
         return np.stack(rows)
 

@@ -182,9 +182,7 @@ def test_run_eval_and_scores_by_hand(tmp_path) -> None:
         ["scripted", "1.000", "0.500", "0.667", "1.000", "0.000", "0.500"],  # Table 4: fractions
         ["scripted", "1.000", "0.500", "0.667"],  # QA, lenient reading: bare letters agree
     ]
-    partial = run_eval(
-        eval_set, Scripted(), method="rec", tasks=["recognition"], limit=1
-    )
+    partial = run_eval(eval_set, Scripted(), method="rec", tasks=["recognition"], limit=1)
     assert len(partial["recognition"]) == 1 and "caption" not in partial
     with pytest.raises(InvalidInputError, match="Unknown task"):
         run_eval(eval_set, Scripted(), method="x", tasks=["vqa"])

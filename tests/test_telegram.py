@@ -747,7 +747,10 @@ def test_polling_finishes_work_in_flight_then_closes_the_gateway() -> None:
     methods = [c.method for c in request.calls]
     assert methods[:3] == ["getMe", "setMyCommands", "deleteWebhook"]
     menu = request.calls[1].params["commands"]
-    menu = {c["command"]: c["description"] for c in (json.loads(menu) if isinstance(menu, str) else menu)}
+    menu = {
+        c["command"]: c["description"]
+        for c in (json.loads(menu) if isinstance(menu, str) else menu)
+    }
     assert menu["remember"] == "as the caption of a photo, or in reply to one"  # Telegram's words
     sent = {c.params["chat_id"]: c for c in replies(request.calls)}
     assert sent[GROUP_A].text.startswith("I don't remember anyone in this chat yet")

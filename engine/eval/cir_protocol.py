@@ -120,9 +120,7 @@ def score(kind: str, rankings: Sequence[Sequence[str]], triplets) -> dict[str, f
     elif kind == "circo":
         gts = [t.positives or (t.target,) for t in triplets]
         result = {f"mAP@{k}": v for k, v in map_at_k(rankings, gts, CIRCO_KS).items()}
-        result.update(
-            {f"R@{k}": v for k, v in recall_at_k(rankings, targets, CIRCO_KS).items()}
-        )
+        result.update({f"R@{k}": v for k, v in recall_at_k(rankings, targets, CIRCO_KS).items()})
     elif kind == "shoes":
         result = {f"R@{k}": v for k, v in recall_at_k(rankings, targets, SHOES_KS).items()}
     else:
