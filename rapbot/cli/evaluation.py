@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import json
+from contextlib import ExitStack, closing
+from functools import partial
 from pathlib import Path
 
 from engine.errors import InvalidInputError
@@ -89,49 +91,33 @@ def run_eval_rap(args: argparse.Namespace) -> int:
             )
         eval_set = load_eval_set(args.set, args.images)
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-        if args.engine:
-            from engine.engine import Engine
+        with ExitStack() as stack:
+            if args.engine:
+                from engine.engine import Engine
 
-            engine = Engine.open(settings)
-            try:
+                engine = stack.enter_context(closing(Engine.open(settings)))
                 name = args.name or f"engine ({settings.profile})"
-                with progress_of(args, "eval rap") as progress:
-                    run = evaluate_engine(
-                        engine,
-                        eval_set,
-                        method=name,
-                        tasks=tasks,
-                        limit=args.limit,
-                        progress=progress,
-                    )
-            finally:
-                engine.close()
-        else:
-            from engine.generator.hf import Generator
-            from engine.generator.load import generator_location
-            from engine.weights import is_offline, models_dir
+                evaluate = partial(evaluate_engine, engine, eval_set)
+            else:
+                from engine.generator.hf import Generator
+                from engine.generator.load import generator_location
+                from engine.weights import is_offline, models_dir
 
-            generator = Generator.load(
-                generator_location(args.generator, settings) or args.generator,
-                device=args.device,
-                adapter=args.adapter,
-                cache_dir=models_dir(settings) / "hf",
-                local_files_only=is_offline(settings),
-                max_new_tokens=args.max_new_tokens,
-            )
-            answerer = GeneratorAnswerer(
-                generator, eval_set, k=args.k, distractors=not args.no_distractors
-            )
-            name = args.name or args.generator + (" + adapter" if args.adapter else "")
-            with progress_of(args, "eval rap") as progress:
-                run = run_eval(
-                    eval_set,
-                    answerer,
-                    method=name,
-                    tasks=tasks,
-                    limit=args.limit,
-                    progress=progress,
+                generator = Generator.load(
+                    generator_location(args.generator, settings) or args.generator,
+                    device=args.device,
+                    adapter=args.adapter,
+                    cache_dir=models_dir(settings) / "hf",
+                    local_files_only=is_offline(settings),
+                    max_new_tokens=args.max_new_tokens,
                 )
+                answerer = GeneratorAnswerer(
+                    generator, eval_set, k=args.k, distractors=not args.no_distractors
+                )
+                name = args.name or args.generator + (" + adapter" if args.adapter else "")
+                evaluate = partial(run_eval, eval_set, answerer)
+            with progress_of(args, "eval rap") as progress:
+                run = evaluate(method=name, tasks=tasks, limit=args.limit, progress=progress)
         if args.out:
             Path(args.out).expanduser().write_text(json.dumps(run, indent=1, ensure_ascii=False))
         runs = [run]
