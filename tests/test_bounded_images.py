@@ -66,6 +66,21 @@ def _png_declaring(width: int, height: int) -> bytes:
     )
 
 
+def _cat(store, name: str, crop: bytes, box: Box, embedding: list[int]):
+    """A cat concept of chat tg:1 with this one crop."""
+    vector = np.array(embedding, np.float32)
+    return store.add_concept(
+        "tg:1",
+        name=name,
+        description="",
+        category="cat",
+        owner="u1",
+        embedding=vector,
+        crop_jpeg=crop,
+        box=box,
+    )
+
+
 def test_crafted_crop_does_not_reach_the_generator(tmp_path: Path) -> None:
     """A stored crop declaring 65535×65535 pixels: the concept is shown without its image
     (before: Image.open raised DecompressionBombError, an internal error on /ask)."""
@@ -74,16 +89,7 @@ def test_crafted_crop_does_not_reach_the_generator(tmp_path: Path) -> None:
     with FaissConceptStore(tmp_path, "m", 4) as store:
         bomb = _png_declaring(65535, 65535)
         assert len(bomb) < 1000
-        mochi = store.add_concept(
-            "tg:1",
-            name="Mochi",
-            description="",
-            category="cat",
-            owner="u1",
-            embedding=np.array([1, 0, 0, 0], np.float32),
-            crop_jpeg=bomb,
-            box=Box(0, 0, 10, 10),
-        )
+        mochi = _cat(store, "Mochi", bomb, Box(0, 0, 10, 10), [1, 0, 0, 0])
         assert example_image(store, "tg:1", mochi.id) is None
         good = encode_jpeg(Image.new("RGB", (30, 20), (200, 10, 10)))
         store.add_example(
@@ -93,16 +99,7 @@ def test_crafted_crop_does_not_reach_the_generator(tmp_path: Path) -> None:
             crop_jpeg=good,
             box=Box(0, 0, 30, 20),
         )
-        other = store.add_concept(
-            "tg:1",
-            name="Bean",
-            description="",
-            category="cat",
-            owner="u1",
-            embedding=np.array([0, 0, 1, 0], np.float32),
-            crop_jpeg=good,
-            box=Box(0, 0, 30, 20),
-        )
+        other = _cat(store, "Bean", good, Box(0, 0, 30, 20), [0, 0, 1, 0])
         assert example_image(store, "tg:1", other.id).size == (30, 20)
         # Only the first crop is read (part 10): the good second one is not used instead.
         assert store.example_crops("tg:1", mochi.id, limit=1) == [bomb]
@@ -189,16 +186,7 @@ def test_the_generator_and_the_contact_sheet_get_small_crops(tmp_path: Path) -> 
 
     big = _photo_jpeg((3000, 2000))
     with FaissConceptStore(tmp_path, "m", 4) as store:
-        mochi = store.add_concept(
-            "tg:1",
-            name="Mochi",
-            description="",
-            category="cat",
-            owner="u1",
-            embedding=np.array([1, 0, 0, 0], np.float32),
-            crop_jpeg=big,
-            box=Box(0, 0, 3000, 2000),
-        )
+        mochi = _cat(store, "Mochi", big, Box(0, 0, 3000, 2000), [1, 0, 0, 0])
         shown = example_image(store, "tg:1", mochi.id)
     assert min(shown.size) == EXAMPLE_MIN_SIDE and shown.size[0] > shown.size[1]
     sheet = Image.open(io.BytesIO(render_contact_sheet([SheetTile("Mochi", "u1", big)])))
